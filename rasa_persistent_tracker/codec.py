@@ -1,0 +1,139 @@
+"""Serialisers: values to text and back, with a type tag on every payload.
+
+A serialiser is a tiny protocol (``dumps``/``loads``). ``JsonSerializer`` writes
+plain JSON (it always starts with ``{`` or ``[``); ``crypto.EncryptedSerializer``
+wraps it and writes ``rpt-enc:1:<key id>:<token>``. Readers dispatch on that
+prefix, so plaintext and encrypted payloads, and several key ids, coexist.
+
+Slot values that JSON cannot hold natively are stored faithfully:
+Decimal, date/datetime/time, UUID, set/frozenset and bytes carry a small type
+tag and come back as the same type; numpy scalars and arrays become the equal
+Python numbers/lists (Rasa issues #2265, #5215).
+"""
+import base64
+import datetime
+import decimal
+import json
+import uuid
+from typing import Any, Callable, Dict, Protocol
+
+from rasa_persistent_tracker.errors import CorruptRecordError
+
+TYPE_TAG = "__rpt_type__"
+
+
+class Serializer(Protocol):
+    """Turns JSON-like values into text and back."""
+
+    def dumps(self, value: Any) -> str:
+        """Serialise ``value``. Raises ``TypeError`` for unsupported types."""
+
+    def loads(self, text: str) -> Any:
+        """Deserialise ``text``. Raises ``CorruptRecordError`` if it cannot."""
+
+
+def _tag(name: str, value: Any) -> Dict[str, Any]:
+    return {TYPE_TAG: name, "value": value}
+
+
+def encode_extra(value: Any) -> Any:
+    """``json.dumps`` hook for the non-native types we support."""
+    if isinstance(value, decimal.Decimal):
+        return _tag("decimal", str(value))
+    if isinstance(value, datetime.datetime):
+        return _tag("datetime", value.isoformat())
+    if isinstance(value, datetime.date):
+        return _tag("date", value.isoformat())
+    if isinstance(value, datetime.time):
+        return _tag("time", value.isoformat())
+    if isinstance(value, uuid.UUID):
+        return _tag("uuid", str(value))
+    if isinstance(value, (set, frozenset)):
+        return _tag("set", sorted(value, key=repr))
+    if isinstance(value, (bytes, bytearray)):
+        return _tag("bytes", base64.b64encode(bytes(value)).decode("ascii"))
+    # numpy without importing it: scalars have .item(), arrays .tolist().
+    module = type(value).__module__
+    if module == "numpy":
+        if hasattr(value, "tolist"):
+            return value.tolist()
+    raise TypeError(f"{type(value).__module__}.{type(value).__qualname__}")
+
+
+_DECODERS: Dict[str, Callable[[Any], Any]] = {
+    "decimal": decimal.Decimal,
+    "datetime": datetime.datetime.fromisoformat,
+    "date": datetime.date.fromisoformat,
+    "time": datetime.time.fromisoformat,
+    "uuid": uuid.UUID,
+    "set": set,
+    "bytes": lambda v: base64.b64decode(v.encode("ascii")),
+}
+
+
+def _decode_extra(obj: Dict[str, Any]) -> Any:
+    if len(obj) == 2 and TYPE_TAG in obj and "value" in obj:
+        decoder = _DECODERS.get(obj[TYPE_TAG])
+        if decoder is None:
+            raise CorruptRecordError(f"unknown value type tag {obj[TYPE_TAG]!r}")
+        try:
+            return decoder(obj["value"])
+        except (TypeError, ValueError, decimal.InvalidOperation, AttributeError) as exc:
+            raise CorruptRecordError(f"bad {obj[TYPE_TAG]} value") from exc
+    return obj
+
+
+class JsonSerializer:
+    """Plain JSON with tagged extra types. The default serialiser."""
+
+    def dumps(self, value: Any) -> str:
+        """Serialise ``value`` to compact JSON text."""
+        return json.dumps(value, default=encode_extra, separators=(",", ":"))
+
+    def loads(self, text: str) -> Any:
+        """Parse JSON text; any malformation becomes ``CorruptRecordError``."""
+        try:
+            return json.loads(text, object_hook=_decode_extra)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise CorruptRecordError(f"invalid JSON ({type(exc).__name__})") from None
+
+
+class Codec:
+    """What the store encodes with: one serialiser for hot records and one
+    per event (encryption may apply to sensitive events only); one reader that
+    accepts every format ever written.
+
+    Args:
+        plain: serialiser for values that need no protection.
+        protected: serialiser for sensitive values (None: no encryption).
+        is_sensitive: decides per event dict whether ``protected`` applies.
+    """
+
+    def __init__(self, plain: Serializer, protected: "Serializer | None" = None,
+                 is_sensitive: Callable[[Dict[str, Any]], bool] = lambda _: True) -> None:
+        self._plain = plain
+        self._protected = protected
+        self._is_sensitive = is_sensitive
+
+    @property
+    def encrypting(self) -> bool:
+        return self._protected is not None
+
+    def dumps_record(self, record: Any) -> str:
+        """Serialise a hot record (always protected when encryption is on)."""
+        return (self._protected or self._plain).dumps(record)
+
+    def dumps_event(self, event: Dict[str, Any]) -> str:
+        """Serialise one event for the log."""
+        if self._protected is not None and self._is_sensitive(event):
+            return self._protected.dumps(event)
+        return self._plain.dumps(event)
+
+    def loads(self, text: str) -> Any:
+        """Read any payload: plain JSON, or ciphertext when a key is configured."""
+        if self._protected is not None and not text[:1] in ("{", "["):
+            return self._protected.loads(text)
+        if text[:1] not in ("{", "["):
+            raise CorruptRecordError("payload is neither JSON nor readable ciphertext "
+                                     "(encrypted data needs the encryption keys)")
+        return self._plain.loads(text)

@@ -1,0 +1,214 @@
+"""Store configuration: parsed once, validated, frozen, secrets masked.
+
+The keys arrive from the ``tracker_store`` block of Rasa's ``endpoints.yml``
+(Rasa passes ``url`` as ``host``). Every key the built-in ``type: redis`` store
+accepts is accepted here with the same meaning. Precedence for the two server
+addresses: an explicit key in endpoints.yml, then the environment
+(``REDIS_URL`` for the hot state, ``DATABASE_URL`` for the event log), then the
+embedded SQLite default.
+"""
+import dataclasses
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+from rasa_persistent_tracker.errors import ConfigError
+
+EMBEDDED = "embedded"
+DEFAULT_DIR = ".rasa_tracker"
+DEFAULT_RECORD_EXP = 86400.0
+DEFAULT_MAX_HISTORY = 20
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def mask_url(url: Optional[str]) -> Optional[str]:
+    """Return ``url`` with any password replaced by ``***``."""
+    if not url or "@" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """Validated settings of one ``PersistentTrackerStore``.
+
+    See the README's configuration table for every key, its default and meaning.
+    """
+
+    redis_url: str = EMBEDDED
+    sql_url: str = f"sqlite:///{DEFAULT_DIR}/events.sqlite3"
+    embedded_path: str = f"{DEFAULT_DIR}/hot.sqlite3"
+    record_exp: float = DEFAULT_RECORD_EXP
+    key_prefix: str = "rpt"
+    max_history: int = DEFAULT_MAX_HISTORY
+    quarantine_ttl: float = 30 * 86400.0
+    snapshot_resume_window: float = 0.0
+    redis_max_connections: int = 50
+    redis_socket_timeout: float = 5.0
+    sql_pool_size: int = 5
+    sql_workers: int = 2
+    outbox_batch_size: int = 200
+    outbox_scan_interval: float = 30.0
+    sentinel_service: Optional[str] = None
+    encryption_key_file: Optional[str] = None
+    encryption_keys_env: str = "RPT_ENCRYPTION_KEYS"
+    sensitive_slots: Tuple[str, ...] = ()
+    encrypt_user_text: Optional[bool] = None
+    # Rasa's redis keys, kept so a TLS set-up copied from `type: redis` works.
+    ssl_keyfile: Optional[str] = None
+    ssl_certfile: Optional[str] = None
+    ssl_ca_certs: Optional[str] = None
+
+    @property
+    def embedded(self) -> bool:
+        """True when the hot state lives in the embedded SQLite file."""
+        return self.redis_url == EMBEDDED
+
+    def __repr__(self) -> str:
+        fields = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("redis_url", "sql_url"):
+                value = mask_url(value)
+            fields.append(f"{f.name}={value!r}")
+        return f"StoreConfig({', '.join(fields)})"
+
+    __str__ = __repr__
+
+
+# Keys of Rasa's RedisTrackerStore that combine into `redis_url`.
+_REDIS_PARTS = ("port", "db", "username", "password", "use_ssl")
+# Keys Rasa itself passes to every store; never configuration of ours.
+_RASA_PASSED = ("domain", "event_broker", "type", "url")
+
+
+def _number(key: str, value: Any, kind: type, minimum: float) -> Any:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"Config key '{key}' must be a {kind.__name__}, got {value!r}."
+        ) from None
+    if converted < minimum:
+        raise ConfigError(f"Config key '{key}' must be >= {minimum}, got {value!r}.")
+    return converted
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise ConfigError(f"Config key '{key}' must be true or false, got {value!r}.")
+
+
+def _redis_url(host: Optional[str], parts: Dict[str, Any]) -> Optional[str]:
+    """Combine Rasa-style host/port/db/... keys into one redis URL."""
+    if host is None:
+        if parts:
+            raise ConfigError(
+                f"Config keys {sorted(parts)} need 'url' (or 'host') to be set."
+            )
+        return None
+    if "://" in host or host == EMBEDDED:
+        if parts:
+            raise ConfigError(
+                f"Config keys {sorted(parts)} cannot be combined with the full URL "
+                f"{mask_url(host)!r}: put them into the URL."
+            )
+        return host
+    if not re.match(r"^[A-Za-z0-9_.\-:\[\]]+$", host):
+        raise ConfigError(f"Config key 'url' is not a host name or URL: {host!r}.")
+    scheme = "rediss" if _boolean("use_ssl", parts.get("use_ssl", False)) else "redis"
+    port = _number("port", parts.get("port", 6379), int, 1)
+    db = _number("db", parts.get("db", 0), int, 0)
+    auth = ""
+    if parts.get("username") or parts.get("password"):
+        auth = f"{parts.get('username') or ''}:{parts.get('password') or ''}@"
+    return f"{scheme}://{auth}{host}:{port}/{db}"
+
+
+def _sql_url(url: str) -> str:
+    # Heroku-style DATABASE_URL values say postgres://, which SQLAlchemy 1.4 rejects.
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    if "://" not in url:
+        raise ConfigError(f"Config key 'sql_url' is not a database URL: {mask_url(url)!r}.")
+    return url
+
+
+def parse_config(
+    kwargs: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
+) -> StoreConfig:
+    """Parse the endpoint keys into a ``StoreConfig``.
+
+    Args:
+        kwargs: the ``tracker_store`` keys as Rasa passes them (``host`` is the
+            endpoint's ``url``).
+        environ: environment to read ``REDIS_URL`` / ``DATABASE_URL`` from
+            (default ``os.environ``).
+
+    Raises:
+        ConfigError: a key is unknown or a value is invalid; the message names
+            the key and the value (passwords masked).
+    """
+    env = os.environ if environ is None else environ
+    given = {k: v for k, v in kwargs.items() if k not in _RASA_PASSED and v is not None}
+    host = given.pop("host", None)
+    parts = {k: given.pop(k) for k in _REDIS_PARTS if k in given}
+    if "encryption_keys" in given:
+        raise ConfigError(
+            "Config key 'encryption_keys' is not accepted inline: keys must not sit in "
+            "endpoints.yml. Set them in the environment variable named by "
+            "'encryption_keys_env' or in the file named by 'encryption_key_file'."
+        )
+    known = {f.name for f in dataclasses.fields(StoreConfig)} - {"redis_url"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(
+            f"Unknown config key(s) {unknown} for rasa_persistent_tracker; known keys: "
+            f"{sorted(known | {'url', 'host', *_REDIS_PARTS})}."
+        )
+
+    values: Dict[str, Any] = {}
+    values["redis_url"] = _redis_url(host, parts) or env.get("REDIS_URL") or EMBEDDED
+    values["sql_url"] = _sql_url(
+        str(given.pop("sql_url", None) or env.get("DATABASE_URL") or StoreConfig.sql_url)
+    )
+    floats = {"record_exp": 1.0, "quarantine_ttl": 1.0, "redis_socket_timeout": 0.01,
+              "outbox_scan_interval": 0.05, "snapshot_resume_window": 0.0}
+    ints = {"max_history": 1, "redis_max_connections": 1, "sql_pool_size": 1,
+            "sql_workers": 1, "outbox_batch_size": 1}
+    for key, value in given.items():
+        if key in floats:
+            values[key] = _number(key, value, float, floats[key])
+        elif key in ints:
+            values[key] = _number(key, value, int, ints[key])
+        elif key == "encrypt_user_text":
+            values[key] = _boolean(key, value)
+        elif key == "sensitive_slots":
+            if isinstance(value, str) or not all(isinstance(s, str) for s in value):
+                raise ConfigError(
+                    f"Config key 'sensitive_slots' must be a list of slot names, "
+                    f"got {value!r}."
+                )
+            values[key] = tuple(value)
+        elif key == "key_prefix":
+            if not isinstance(value, str) or not _PREFIX_RE.match(value):
+                raise ConfigError(
+                    f"Config key 'key_prefix' must be letters, digits, '_', '.' or "
+                    f"'-', got {value!r}."
+                )
+            values[key] = value
+        else:
+            if not isinstance(value, str):
+                raise ConfigError(f"Config key '{key}' must be a string, got {value!r}.")
+            values[key] = value
+    return StoreConfig(**values)

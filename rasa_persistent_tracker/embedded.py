@@ -1,0 +1,200 @@
+"""Embedded hot state: ``HotState`` on a local SQLite file, no server needed.
+
+The default when no Redis is configured (the demo runs on it). Same contract as
+``RedisHotState``: versioned records with a sliding expiry, an outbox written in
+the same transaction, quarantine for unreadable values. Expired rows count as
+absent and are purged lazily. Calls run on a worker thread; one connection
+guarded by a lock is plenty for one bot process (WAL lets several processes share
+the file).
+"""
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from typing import Any, AsyncIterator, Callable, List, Optional, TypeVar
+
+from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateUnavailable
+from rasa_persistent_tracker.hot_state import HotEntry, Pending, entry_seq
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rpt_hot (
+  conversation_id TEXT PRIMARY KEY, version INTEGER NOT NULL,
+  payload BLOB, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rpt_outbox (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL,
+  last_seq INTEGER NOT NULL, entry TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_rpt_outbox_conversation ON rpt_outbox (conversation_id, id);
+CREATE TABLE IF NOT EXISTS rpt_quarantine (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL,
+  payload BLOB, created_at REAL NOT NULL, expires_at REAL NOT NULL);
+"""
+
+
+class SQLiteHotState:
+    """``HotState`` stored in a SQLite file at ``path``."""
+
+    def __init__(self, path: str, outbox_ttl: float, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._outbox_ttl = outbox_ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30,
+                                         isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise HotStateUnavailable(f"Embedded hot state at {path} cannot be opened: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"SQLiteHotState({self.path!r})"
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        def locked() -> T:
+            with self._lock:
+                try:
+                    return fn(*args)
+                except sqlite3.OperationalError as exc:
+                    raise HotStateUnavailable(f"Embedded hot state at {self.path}: {exc}") from exc
+        return await asyncio.get_running_loop().run_in_executor(None, locked)
+
+    def _row(self, cid: str) -> Optional[tuple]:
+        return self._conn.execute(
+            "SELECT version, payload FROM rpt_hot WHERE conversation_id=? AND expires_at>?",
+            (cid, self._clock())).fetchone()
+
+    def _outbox_seq(self, cid: str) -> int:
+        row = self._conn.execute("SELECT MAX(last_seq) FROM rpt_outbox WHERE conversation_id=?",
+                                 (cid,)).fetchone()
+        return int(row[0] or 0)
+
+    async def load(self, conversation_id: str) -> HotEntry:
+        def load() -> HotEntry:
+            row = self._row(conversation_id)
+            seq = self._outbox_seq(conversation_id)
+            if row is None:
+                return HotEntry(outbox_seq=seq)
+            version, payload = row
+            if not isinstance(version, int):
+                return HotEntry(problem="version field unreadable", outbox_seq=seq)
+            if isinstance(payload, bytes):
+                try:
+                    payload = payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    return HotEntry(version=version, problem="payload is not UTF-8", outbox_seq=seq)
+            if not isinstance(payload, str):
+                return HotEntry(version=version, problem="payload field missing", outbox_seq=seq)
+            return HotEntry(version=version, payload=payload, outbox_seq=seq)
+        return await self._run(load)
+
+    async def commit(self, conversation_id: str, expected_version: Optional[int],
+                     payload: str, ttl: float, outbox_entry: Optional[str]) -> int:
+        def commit() -> int:
+            now = self._clock()
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._row(conversation_id)
+                current = row[0] if row else 0
+                if expected_version is not None and row and current != expected_version:
+                    raise ConcurrentSaveError(conversation_id, expected_version, current)
+                if expected_version is not None and not row:
+                    current = expected_version
+                new = int(current) + 1
+                self._conn.execute(
+                    "INSERT INTO rpt_hot VALUES (?,?,?,?) ON CONFLICT(conversation_id) DO UPDATE "
+                    "SET version=excluded.version, payload=excluded.payload, "
+                    "expires_at=excluded.expires_at", (conversation_id, new, payload, now + ttl))
+                if outbox_entry:
+                    self._conn.execute(
+                        "INSERT INTO rpt_outbox (conversation_id, last_seq, entry, expires_at) "
+                        "VALUES (?,?,?,?)", (conversation_id, entry_seq(outbox_entry),
+                                             outbox_entry, now + self._outbox_ttl))
+                self._conn.execute("COMMIT")
+                return new
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return await self._run(commit)
+
+    async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:
+        def move() -> Optional[str]:
+            now = self._clock()
+            row = self._conn.execute("SELECT payload FROM rpt_hot WHERE conversation_id=?",
+                                     (conversation_id,)).fetchone()
+            if row is None:
+                return None
+            cur = self._conn.execute(
+                "INSERT INTO rpt_quarantine (conversation_id, payload, created_at, expires_at) "
+                "VALUES (?,?,?,?)", (conversation_id, row[0], now, now + ttl))
+            self._conn.execute("DELETE FROM rpt_hot WHERE conversation_id=?", (conversation_id,))
+            return f"{self.path}#rpt_quarantine/{cur.lastrowid}"
+        return await self._run(move)
+
+    async def quarantine_entry(self, conversation_id: str, entry: str, ttl: float) -> str:
+        def keep() -> str:
+            now = self._clock()
+            cur = self._conn.execute(
+                "INSERT INTO rpt_quarantine (conversation_id, payload, created_at, expires_at) "
+                "VALUES (?,?,?,?)", (conversation_id, entry, now, now + ttl))
+            return f"{self.path}#rpt_quarantine/{cur.lastrowid}"
+        return await self._run(keep)
+
+    async def pending(self, conversation_id: str, limit: int) -> Pending:
+        def pending() -> Pending:
+            entries = [r[0] for r in self._conn.execute(
+                "SELECT entry FROM rpt_outbox WHERE conversation_id=? ORDER BY id LIMIT ?",
+                (conversation_id, limit))]
+            row = self._row(conversation_id)
+            payload = row[1] if row else None
+            if isinstance(payload, bytes):
+                payload = payload.decode("utf-8", errors="replace")
+            return Pending(entries=entries, payload=payload, version=row[0] if row else 0,
+                           complete=len(entries) < limit)
+        return await self._run(pending)
+
+    async def ack(self, conversation_id: str, upto_seq: int) -> int:
+        def ack() -> int:
+            ids: List[int] = []
+            for row_id, entry in self._conn.execute(
+                    "SELECT id, entry FROM rpt_outbox WHERE conversation_id=? ORDER BY id",
+                    (conversation_id,)):
+                try:
+                    if entry_seq(entry) > upto_seq:
+                        break
+                except ValueError:
+                    pass  # unreadable header: drop it with the delivered ones
+                ids.append(row_id)
+            self._conn.executemany("DELETE FROM rpt_outbox WHERE id=?", [(i,) for i in ids])
+            return len(ids)
+        return await self._run(ack)
+
+    async def touch(self, conversation_id: str, ttl: float) -> None:
+        await self._run(lambda: self._conn.execute(
+            "UPDATE rpt_hot SET expires_at=? WHERE conversation_id=?",
+            (self._clock() + ttl, conversation_id)))
+
+    async def delete(self, conversation_id: str) -> None:
+        await self._run(lambda: self._conn.execute(
+            "DELETE FROM rpt_hot WHERE conversation_id=?", (conversation_id,)))
+
+    async def _ids(self, sql: str) -> AsyncIterator[str]:
+        for (cid,) in await self._run(lambda: self._conn.execute(sql, (self._clock(),)).fetchall()):
+            yield cid
+
+    def conversations(self) -> AsyncIterator[str]:
+        return self._ids("SELECT conversation_id FROM rpt_hot WHERE expires_at>?")
+
+    def outboxes(self) -> AsyncIterator[str]:
+        return self._ids("SELECT DISTINCT conversation_id FROM rpt_outbox WHERE expires_at>?")
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,222 @@
+"""The SQL event log: every event, append-only, plus the latest snapshot.
+
+``SQLEventLog`` is synchronous SQLAlchemy 1.4 Core; ``AsyncEventLog`` runs it on
+a small thread pool so the event loop never blocks on SQL, and translates
+driver errors into ``EventLogUnavailable``. Appends are idempotent: a row whose
+``(conversation_id, seq)`` already exists is skipped, so replaying an outbox
+entry after a crash writes each event exactly once.
+"""
+import asyncio
+import dataclasses
+import functools
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_errors
+from sqlalchemy.dialects import postgresql, sqlite
+
+from rasa_persistent_tracker.config import mask_url
+from rasa_persistent_tracker.errors import EventLogUnavailable
+from rasa_persistent_tracker.migrations import migrate
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_meta = sa.MetaData()
+EVENTS = sa.Table(
+    "rpt_events", _meta,
+    sa.Column("id", sa.BigInteger, primary_key=True),
+    sa.Column("conversation_id", sa.String(255)),
+    sa.Column("seq", sa.BigInteger),
+    sa.Column("type_name", sa.String(64)),
+    sa.Column("timestamp", sa.Float),
+    sa.Column("intent_name", sa.String(255)),
+    sa.Column("action_name", sa.String(255)),
+    sa.Column("data", sa.Text),
+)
+SNAPSHOTS = sa.Table(
+    "rpt_snapshots", _meta,
+    sa.Column("conversation_id", sa.String(255), primary_key=True),
+    sa.Column("next_seq", sa.BigInteger),
+    sa.Column("version", sa.BigInteger),
+    sa.Column("saved_at", sa.Float),
+    sa.Column("payload", sa.Text),
+)
+
+
+@dataclasses.dataclass
+class LogRow:
+    """One event as stored: ``data`` is serialiser output (JSON or ciphertext)."""
+
+    seq: int
+    type_name: str
+    timestamp: Optional[float]
+    intent_name: Optional[str]
+    action_name: Optional[str]
+    data: str
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """The latest hot record of a conversation, kept in SQL."""
+
+    next_seq: int
+    version: int
+    saved_at: float
+    payload: str
+
+
+def make_engine(url: str, pool_size: int) -> sa.engine.Engine:
+    """Create the engine; SQLite gets WAL and a busy timeout for many writers."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                            pool_pre_ping=True, pool_timeout=10)
+
+
+class SQLEventLog:
+    """Synchronous access to the event log tables. See the module docstring."""
+
+    def __init__(self, engine: sa.engine.Engine) -> None:
+        self.engine = engine
+        dialect = engine.dialect.name
+        self._insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+
+    def __repr__(self) -> str:
+        return f"SQLEventLog({mask_url(str(self.engine.url))})"
+
+    def migrate(self) -> List[int]:
+        return migrate(self.engine)
+
+    def append(self, rows: Dict[str, Sequence[LogRow]], snapshots: Dict[str, Snapshot]) -> None:
+        """Insert rows and upsert snapshots of many conversations in one transaction."""
+        values = [dict(r.as_dict(), conversation_id=cid) for cid, rs in rows.items() for r in rs]
+        with self.engine.begin() as conn:
+            if values:
+                conn.execute(self._insert_ignoring_duplicates(conn, values))
+            for cid, snap in snapshots.items():
+                self._upsert_snapshot(conn, cid, snap)
+
+    def _insert_ignoring_duplicates(self, conn: Any, values: List[Dict[str, Any]]) -> Any:
+        if self._insert is not None:
+            return self._insert(EVENTS).values(values).on_conflict_do_nothing(
+                index_elements=["conversation_id", "seq"])
+        # Other databases: drop rows that are already there, then insert.
+        existing = set()
+        for cid in {v["conversation_id"] for v in values}:
+            seqs = [v["seq"] for v in values if v["conversation_id"] == cid]
+            existing |= {(cid, s) for (s,) in conn.execute(
+                sa.select(EVENTS.c.seq).where(EVENTS.c.conversation_id == cid,
+                                              EVENTS.c.seq.in_(seqs)))}
+        fresh = [v for v in values if (v["conversation_id"], v["seq"]) not in existing]
+        return EVENTS.insert().values(fresh) if fresh else sa.select(sa.literal(1))
+
+    def _upsert_snapshot(self, conn: Any, cid: str, snap: Snapshot) -> None:
+        values = dict(dataclasses.asdict(snap), conversation_id=cid)
+        if self._insert is not None:
+            stmt = self._insert(SNAPSHOTS).values(values)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["conversation_id"],
+                set_={k: stmt.excluded[k] for k in ("next_seq", "version", "saved_at", "payload")},
+                where=SNAPSHOTS.c.next_seq <= stmt.excluded.next_seq,
+            ))
+            return
+        updated = conn.execute(SNAPSHOTS.update().where(
+            SNAPSHOTS.c.conversation_id == cid, SNAPSHOTS.c.next_seq <= snap.next_seq,
+        ).values(values)).rowcount
+        if not updated and not conn.execute(sa.select(SNAPSHOTS.c.conversation_id).where(
+                SNAPSHOTS.c.conversation_id == cid)).first():
+            conn.execute(SNAPSHOTS.insert().values(values))
+
+    def read(self, conversation_id: str, after_seq: int = 0) -> List[LogRow]:
+        """All rows of one conversation with ``seq > after_seq``, in order."""
+        query = sa.select(EVENTS.c.seq, EVENTS.c.type_name, EVENTS.c.timestamp,
+                          EVENTS.c.intent_name, EVENTS.c.action_name, EVENTS.c.data).where(
+            EVENTS.c.conversation_id == conversation_id, EVENTS.c.seq > after_seq,
+        ).order_by(EVENTS.c.seq)
+        with self.engine.connect() as conn:
+            return [LogRow(*row) for row in conn.execute(query)]
+
+    def next_seq(self, conversation_id: str) -> int:
+        """One past the highest logged sequence number (1 for a new conversation)."""
+        with self.engine.connect() as conn:
+            top = conn.execute(sa.select(sa.func.max(EVENTS.c.seq)).where(
+                EVENTS.c.conversation_id == conversation_id)).scalar()
+        return (top or 0) + 1
+
+    def conversation_ids(self) -> List[str]:
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(sa.select(EVENTS.c.conversation_id).distinct())]
+
+    def snapshot(self, conversation_id: str) -> Optional[Snapshot]:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(
+                SNAPSHOTS.c.next_seq, SNAPSHOTS.c.version, SNAPSHOTS.c.saved_at,
+                SNAPSHOTS.c.payload).where(SNAPSHOTS.c.conversation_id == conversation_id)).first()
+        return Snapshot(*row) if row else None
+
+    def replace_data(self, conversation_id: str, updates: Dict[int, str]) -> None:
+        """Rewrite the ``data`` of some rows (key rotation only)."""
+        with self.engine.begin() as conn:
+            for seq, data in updates.items():
+                conn.execute(EVENTS.update().where(
+                    EVENTS.c.conversation_id == conversation_id, EVENTS.c.seq == seq,
+                ).values(data=data))
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+
+_UNAVAILABLE = (sa_errors.OperationalError, sa_errors.InterfaceError,
+                sa_errors.TimeoutError, sa_errors.DisconnectionError)
+
+
+class AsyncEventLog:
+    """Runs ``SQLEventLog`` calls on a bounded thread pool; translates errors."""
+
+    def __init__(self, log: SQLEventLog, workers: int) -> None:
+        self.sync = log
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpt-sql")
+
+    def __repr__(self) -> str:
+        return f"Async{self.sync!r}"
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+        except _UNAVAILABLE as exc:
+            raise EventLogUnavailable(
+                f"SQL event log at {mask_url(str(self.sync.engine.url))} is unavailable "
+                f"({type(exc).__name__})."
+            ) from exc
+        except sa_errors.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise EventLogUnavailable(
+                    f"SQL event log at {mask_url(str(self.sync.engine.url))} dropped the "
+                    f"connection."
+                ) from exc
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.sync.engine.dispose()

@@ -1,0 +1,335 @@
+"""Hot state: one small record per conversation, versioned, with a TTL.
+
+``HotState`` is the boundary the store talks to; ``RedisHotState`` implements
+it on redis-py's asyncio client (standalone, Sentinel or Cluster), and
+``embedded.SQLiteHotState`` on a local file. Per conversation there are three
+keys, all sharing the hash tag ``{<conversation id>}`` so the Lua scripts touch
+one cluster slot:
+
+* ``<prefix>:h:{id}`` hash ``v`` (version) + ``d`` (record payload), TTL
+  ``record_exp``, refreshed on every save;
+* ``<prefix>:o:{id}`` list, the outbox: log rows written atomically with the
+  record and removed once they are in SQL;
+* ``<prefix>:q:{id}:<ms>`` quarantined copies of unreadable values.
+"""
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Callable, List, Optional, Protocol
+
+from redis import exceptions as redis_errors
+
+from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class UnusableValue(Exception):
+    """A key holds a value the scripts cannot update in place (wrong type).
+
+    Internal to the package: the store quarantines the value and retries.
+    """
+
+
+@dataclasses.dataclass
+class HotEntry:
+    """What ``load`` found for a conversation.
+
+    ``payload`` is None when no record exists; ``problem`` names why a present
+    value is unusable (wrong Redis type, unreadable version) and is None when fine.
+    ``outbox_seq`` is the highest sequence number still waiting in the outbox.
+    """
+
+    version: int = 0
+    payload: Optional[str] = None
+    problem: Optional[str] = None
+    outbox_seq: int = 0
+
+
+@dataclasses.dataclass
+class Pending:
+    """Outbox entries of one conversation and the record they lead to."""
+
+    entries: List[str]
+    payload: Optional[str]
+    version: int
+    complete: bool
+
+
+class HotState(Protocol):
+    """Versioned, expiring per-conversation records plus an outbox."""
+
+    async def load(self, conversation_id: str) -> HotEntry:
+        """Read the record and the outbox position. Raises HotStateUnavailable."""
+
+    async def commit(self, conversation_id: str, expected_version: Optional[int],
+                     payload: str, ttl: float, outbox_entry: Optional[str]) -> int:
+        """Write ``payload`` if the stored version is ``expected_version`` (None:
+        any) and append ``outbox_entry``, atomically. Returns the new version.
+        Raises ConcurrentSaveError, HotStateUnavailable."""
+
+    async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:
+        """Move the current value aside under a quarantine key; return its name."""
+
+    async def quarantine_entry(self, conversation_id: str, entry: str, ttl: float) -> str:
+        """Keep one unreadable outbox entry under a quarantine key."""
+
+    async def pending(self, conversation_id: str, limit: int) -> Pending:
+        """Oldest ``limit`` outbox entries and the current record."""
+
+    async def ack(self, conversation_id: str, upto_seq: int) -> int:
+        """Drop outbox entries whose last sequence number is <= ``upto_seq``."""
+
+    async def touch(self, conversation_id: str, ttl: float) -> None:
+        """Refresh the record's TTL."""
+
+    async def delete(self, conversation_id: str) -> None:
+        """Remove the record (not the outbox or quarantine)."""
+
+    def conversations(self) -> AsyncIterator[str]:
+        """Ids of all conversations with a record (SCAN, never KEYS)."""
+
+    def outboxes(self) -> AsyncIterator[str]:
+        """Ids of all conversations with a non-empty outbox."""
+
+    async def ping(self) -> None:
+        """Raise HotStateUnavailable unless the server answers."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def entry_seq(entry: str) -> int:
+    """The last sequence number an outbox entry carries (``<seq>|<rows>``)."""
+    return int(entry.split("|", 1)[0])
+
+
+_LOAD = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+local ok, last = pcall(redis.call, 'LINDEX', KEYS[2], -1)
+local seq = '0'
+if ok and last then seq = string.match(last, '^(%d+)|') or '0' end
+if t ~= 'hash' then return {t, false, false, seq} end
+local r = redis.call('HMGET', KEYS[1], 'v', 'd')
+return {t, r[1], r[2], seq}
+"""
+
+_COMMIT = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'none' and t ~= 'hash' then return {-2, t} end
+local cur = 0
+if t == 'hash' then
+  cur = tonumber(redis.call('HGET', KEYS[1], 'v'))
+  if cur == nil then return {-3, 'version'} end
+end
+if ARGV[1] ~= '' then
+  local expected = tonumber(ARGV[1])
+  if t == 'hash' and cur ~= expected then return {-1, cur} end
+  if t == 'none' then cur = expected end
+end
+local ot = redis.call('TYPE', KEYS[2])['ok']
+if ARGV[4] ~= '' and ot ~= 'none' and ot ~= 'list' then return {-2, 'outbox ' .. ot} end
+local new = cur + 1
+redis.call('HSET', KEYS[1], 'v', new, 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+return {new, 'ok'}
+"""
+
+_QUARANTINE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+_ACK = """
+local n = 0
+while true do
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  if not head then break end
+  local seq = tonumber(string.match(head, '^(%d+)|') or '')
+  if seq ~= nil and seq > tonumber(ARGV[1]) then break end
+  redis.call('LPOP', KEYS[1])
+  n = n + 1
+end
+return n
+"""
+
+_PENDING = """
+local ok, entries = pcall(redis.call, 'LRANGE', KEYS[2], 0, tonumber(ARGV[1]))
+if not ok then entries = {} end
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'hash' then return {entries, false, false} end
+local r = redis.call('HMGET', KEYS[1], 'v', 'd')
+return {entries, r[1], r[2]}
+"""
+
+_TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError,
+              redis_errors.BusyLoadingError, OSError, asyncio.TimeoutError)
+# Failover in progress (replica answering, cluster resharding): also transient.
+_RETRYABLE_RESPONSES = ("READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _decode(value: object) -> Optional[str]:
+    if value is None or value is False:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+class RedisHotState:
+    """``HotState`` on Redis (standalone, Sentinel or Cluster).
+
+    Args:
+        client_factory: returns a redis.asyncio client; called once per event
+            loop, because asyncio connections are bound to the loop that made them.
+        prefix: key prefix (``key_prefix`` config).
+        outbox_ttl: seconds an undelivered outbox survives.
+        description: what to name in errors (URL with the password masked).
+    """
+
+    def __init__(self, client_factory: Callable[[], object], prefix: str,
+                 outbox_ttl: float, description: str = "redis") -> None:
+        self._factory = client_factory
+        self._prefix = prefix
+        self._outbox_ttl_ms = int(outbox_ttl * 1000)
+        self._description = description
+        self._clients: dict = {}
+
+    def __repr__(self) -> str:
+        return f"RedisHotState({self._description}, prefix={self._prefix!r})"
+
+    def _client(self):
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            # Forget clients of closed loops: their connections are unusable.
+            self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
+            client = self._clients[loop] = self._factory()
+        return client
+
+    def _keys(self, conversation_id: str) -> List[str]:
+        tag = "{" + conversation_id + "}"
+        return [f"{self._prefix}:h:{tag}", f"{self._prefix}:o:{tag}"]
+
+    async def _call(self, script: str, keys: List[str], *args: object):
+        try:
+            client = self._client()
+            return await client.eval(script, len(keys), *keys, *args)
+        except _TRANSIENT as exc:
+            raise HotStateUnavailable(
+                f"Redis at {self._description} is unreachable ({type(exc).__name__})."
+            ) from exc
+        except redis_errors.ResponseError as exc:
+            if str(exc).startswith(_RETRYABLE_RESPONSES):
+                raise HotStateUnavailable(
+                    f"Redis at {self._description} cannot take writes now: {exc}"
+                ) from exc
+            raise
+
+    async def load(self, conversation_id: str) -> HotEntry:
+        kind, version, payload, seq = await self._call(_LOAD, self._keys(conversation_id))
+        kind = _decode(kind)
+        outbox_seq = int(_decode(seq) or 0)
+        if kind == "none":
+            return HotEntry(outbox_seq=outbox_seq)
+        if kind != "hash":
+            return HotEntry(problem=f"value has Redis type {kind}", outbox_seq=outbox_seq)
+        text = _decode(version)
+        if text is None or not text.isdigit():
+            return HotEntry(problem="version field unreadable", outbox_seq=outbox_seq)
+        if payload is None:
+            return HotEntry(version=int(text), problem="payload field missing",
+                            outbox_seq=outbox_seq)
+        try:
+            body = payload.decode("utf-8") if isinstance(payload, bytes) else str(payload)
+        except UnicodeDecodeError:
+            return HotEntry(version=int(text), problem="payload is not UTF-8",
+                            outbox_seq=outbox_seq)
+        return HotEntry(version=int(text), payload=body, outbox_seq=outbox_seq)
+
+    async def commit(self, conversation_id: str, expected_version: Optional[int],
+                     payload: str, ttl: float, outbox_entry: Optional[str]) -> int:
+        result = await self._call(
+            _COMMIT, self._keys(conversation_id),
+            "" if expected_version is None else expected_version, payload,
+            max(1, int(ttl * 1000)), outbox_entry or "", self._outbox_ttl_ms,
+        )
+        code = int(result[0])
+        if code > 0:
+            return code
+        if code == -1:
+            raise ConcurrentSaveError(conversation_id, expected_version or 0, int(result[1]))
+        raise UnusableValue(_decode(result[1]) or "unknown")
+
+    async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:
+        hot = self._keys(conversation_id)[0]
+        target = self._quarantine_key(conversation_id)
+        moved = await self._call(_QUARANTINE, [hot, target], int(ttl * 1000))
+        return target if int(moved) else None
+
+    async def quarantine_entry(self, conversation_id: str, entry: str, ttl: float) -> str:
+        target = self._quarantine_key(conversation_id)
+        await self._call("redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])",
+                         [target], entry, int(ttl * 1000))
+        return target
+
+    def _quarantine_key(self, conversation_id: str) -> str:
+        stamp = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:6]}"
+        return f"{self._prefix}:q:{{{conversation_id}}}:{stamp}"
+
+    async def pending(self, conversation_id: str, limit: int) -> Pending:
+        hot, outbox = self._keys(conversation_id)
+        entries, version, payload = await self._call(_PENDING, [hot, outbox], limit - 1)
+        texts = [_decode(e) or "" for e in entries]
+        text_version = _decode(version)
+        return Pending(
+            entries=texts,
+            payload=_decode(payload),
+            version=int(text_version) if text_version and text_version.isdigit() else 0,
+            complete=len(texts) < limit,
+        )
+
+    async def ack(self, conversation_id: str, upto_seq: int) -> int:
+        return int(await self._call(_ACK, [self._keys(conversation_id)[1]], upto_seq))
+
+    async def touch(self, conversation_id: str, ttl: float) -> None:
+        await self._call("return redis.call('PEXPIRE', KEYS[1], ARGV[1])",
+                         [self._keys(conversation_id)[0]], max(1, int(ttl * 1000)))
+
+    async def delete(self, conversation_id: str) -> None:
+        await self._call("return redis.call('DEL', KEYS[1])", [self._keys(conversation_id)[0]])
+
+    async def _scan(self, kind: str) -> AsyncIterator[str]:
+        head = f"{self._prefix}:{kind}:{{"
+        try:
+            async for key in self._client().scan_iter(match=head + "*", count=1000):
+                name = _decode(key) or ""
+                if name.startswith(head) and name.endswith("}"):
+                    yield name[len(head):-1]
+        except _TRANSIENT as exc:
+            raise HotStateUnavailable(
+                f"Redis at {self._description} is unreachable ({type(exc).__name__})."
+            ) from exc
+
+    def conversations(self) -> AsyncIterator[str]:
+        return self._scan("h")
+
+    def outboxes(self) -> AsyncIterator[str]:
+        return self._scan("o")
+
+    async def ping(self) -> None:
+        await self._call("return 1", [f"{self._prefix}:ping"])
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        for loop, client in clients.items():
+            if loop is asyncio.get_running_loop():
+                await client.close()

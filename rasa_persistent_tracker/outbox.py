@@ -1,0 +1,179 @@
+"""Delivers outbox entries from the hot state into the SQL log.
+
+``save`` commits the hot record and an outbox entry (the turn's log rows) in
+one atomic step, then returns; this flusher moves entries into SQL in batches
+across conversations, in sequence order per conversation, together with the
+latest snapshot, and only then removes them from the outbox. If SQL is down,
+entries wait (durably, in Redis) and are retried with backoff; a periodic scan
+picks up entries left by a process that died. Inserts skip existing
+``(conversation_id, seq)`` pairs, so every event lands exactly once.
+
+Entry format: ``<last seq>|<saved_at>|<JSON list of LogRow dicts>``.
+"""
+import asyncio
+import json
+import logging
+import time
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from rasa_persistent_tracker.errors import EventLogUnavailable, HotStateUnavailable
+from rasa_persistent_tracker.event_log import AsyncEventLog, LogRow, Snapshot
+from rasa_persistent_tracker.hot_state import HotState
+
+logger = logging.getLogger(__name__)
+
+
+def make_entry(rows: List[LogRow], saved_at: float) -> str:
+    """Serialise one turn's rows into an outbox entry."""
+    return f"{rows[-1].seq}|{saved_at!r}|" + json.dumps(
+        [r.as_dict() for r in rows], separators=(",", ":"))
+
+
+def parse_entry(entry: str) -> Tuple[float, List[LogRow]]:
+    """Inverse of ``make_entry``. Raises ValueError/TypeError/KeyError if malformed."""
+    last, saved_at, body = entry.split("|", 2)
+    rows = [LogRow(**item) for item in json.loads(body)]
+    if not rows or rows[-1].seq != int(last):
+        raise ValueError("entry header does not match its rows")
+    return float(saved_at), rows
+
+
+class Outbox:
+    """Background delivery of outbox entries. One per store and event loop."""
+
+    def __init__(self, hot: HotState, log: AsyncEventLog, batch_size: int,
+                 scan_interval: float, quarantine_ttl: float) -> None:
+        self._hot = hot
+        self._log = log
+        self._batch_size = batch_size
+        self._scan_interval = scan_interval
+        self._quarantine_ttl = quarantine_ttl
+        self._dirty: Set[str] = set()
+        self._wake: Optional[asyncio.Event] = None
+        self._task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._outage_logged = False
+        self.delivered = 0
+
+    def notify(self, conversation_id: str) -> None:
+        """Mark a conversation as having fresh entries and start delivery."""
+        self._dirty.add(conversation_id)
+        self._ensure_running()
+        if self._wake is not None:
+            self._wake.set()
+
+    def _ensure_running(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is not None and self._loop is loop and not self._task.done():
+            return
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._task = loop.create_task(self._run(), name="rpt-outbox")
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        next_scan = 0.0
+        while True:
+            try:
+                if time.monotonic() >= next_scan:
+                    await self._scan()
+                    next_scan = time.monotonic() + self._scan_interval
+                if self._dirty:
+                    await self.deliver(list(self._dirty))
+                backoff = 0.1
+                if self._outage_logged:
+                    logger.warning("Event log reachable again; outbox delivery resumed.")
+                    self._outage_logged = False
+                if not self._dirty:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=self._scan_interval)
+                    except asyncio.TimeoutError:
+                        pass
+            except (EventLogUnavailable, HotStateUnavailable) as exc:
+                if not self._outage_logged:
+                    logger.warning("Outbox delivery paused, will retry: %s", exc)
+                    self._outage_logged = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not silently stop delivery forever
+                logger.exception("Unexpected error in outbox delivery; retrying.")
+                await asyncio.sleep(1.0)
+
+    async def _scan(self) -> None:
+        async for conversation_id in self._hot.outboxes():
+            self._dirty.add(conversation_id)
+
+    async def deliver(self, conversation_ids: Iterable[str]) -> int:
+        """Move pending entries of these conversations into SQL; return rows moved.
+
+        Raises EventLogUnavailable / HotStateUnavailable (entries stay queued).
+        """
+        ids = list(conversation_ids)
+        moved = 0
+        for start in range(0, len(ids), 50):
+            moved += await self._deliver_batch(ids[start:start + 50])
+        return moved
+
+    async def _deliver_batch(self, ids: List[str]) -> int:
+        rows: Dict[str, List[LogRow]] = {}
+        snapshots: Dict[str, Snapshot] = {}
+        upto: Dict[str, int] = {}
+        unfinished: List[str] = []
+        for cid in ids:
+            pending = await self._hot.pending(cid, self._batch_size)
+            good: List[LogRow] = []
+            saved_at = 0.0
+            for entry in pending.entries:
+                try:
+                    saved_at, entry_rows = parse_entry(entry)
+                except (ValueError, TypeError, KeyError):
+                    key = await self._hot.quarantine_entry(cid, entry, self._quarantine_ttl)
+                    logger.warning("Conversation '%s': unreadable outbox entry moved to %s.",
+                                   cid, key)
+                    # Pop it (its header may be unreadable too) so delivery goes on.
+                    await self._hot.ack(cid, good[-1].seq if good else 0)
+                    unfinished.append(cid)
+                    break
+                good.extend(entry_rows)
+            if not good:
+                continue
+            rows[cid] = good
+            upto[cid] = good[-1].seq
+            if pending.complete and pending.payload is not None and cid not in unfinished:
+                snapshots[cid] = Snapshot(next_seq=good[-1].seq + 1, version=pending.version,
+                                          saved_at=saved_at, payload=pending.payload)
+            elif not pending.complete:
+                unfinished.append(cid)
+        if rows:
+            await self._log.run(self._log.sync.append, rows, snapshots)
+            for cid, seq in upto.items():
+                await self._hot.ack(cid, seq)
+        for cid in ids:
+            if cid not in unfinished:
+                self._dirty.discard(cid)
+        moved = sum(len(r) for r in rows.values())
+        self.delivered += moved
+        return moved
+
+    async def drain(self) -> None:
+        """Deliver everything this process knows of, plus a scan; used by close()."""
+        await self._scan()
+        while self._dirty:
+            before = set(self._dirty)
+            await self.deliver(before)
+            if self._dirty == before:
+                # Nothing could be moved: an entry keeps failing to parse.
+                break
+
+    async def stop(self) -> None:
+        """Cancel the background task (entries stay safe in the outbox)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._task = None

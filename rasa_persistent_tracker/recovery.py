@@ -1,0 +1,225 @@
+"""Everything off the happy path: bad bytes, lost records, outages, merges.
+
+* ``load`` retries a flapping hot state briefly and returns None if it stays
+  down (the store then reads the SQL snapshot instead: degraded, never fresh).
+* ``quarantined`` moves an unreadable value aside, logs one WARNING (id and
+  reason, never the payload) and resumes from the snapshot or a fresh tracker.
+* ``missing`` restores a record lost with Redis (restart, FLUSHALL, failover)
+  from the snapshot, unless the conversation expired through inactivity.
+* ``merge_base`` finds a tracker's new events when it did not come from this
+  store, merging instead of overwriting.
+"""
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from rasa.shared.core.events import Event
+from rasa.shared.core.trackers import DialogueStateTracker
+
+from rasa_persistent_tracker import window
+from rasa_persistent_tracker.errors import (
+    CorruptRecordError,
+    EventLogUnavailable,
+    HotStateUnavailable,
+)
+from rasa_persistent_tracker.event_log import LogRow, Snapshot
+from rasa_persistent_tracker.hot_state import HotEntry
+from rasa_persistent_tracker.outbox import parse_entry
+
+if TYPE_CHECKING:
+    from rasa_persistent_tracker.store import PersistentTrackerStore
+
+logger = logging.getLogger("rasa_persistent_tracker.store")
+_RETRY_DELAYS = (0.05, 0.2, 0.5)
+
+
+class Recovery:
+    """Recovery paths of one store (see the module docstring)."""
+
+    def __init__(self, store: "PersistentTrackerStore") -> None:
+        self._store = store
+
+    @property
+    def _hot(self):
+        return self._store._hot
+
+    @property
+    def _log(self):
+        return self._store._log
+
+    async def load(self, sender_id: str) -> Optional[HotEntry]:
+        """The hot entry, or None if the hot state stayed unreachable."""
+        for delay in _RETRY_DELAYS + (None,):
+            try:
+                return await self._hot.load(sender_id)
+            except HotStateUnavailable as exc:
+                if delay is None:
+                    logger.error("Conversation '%s': %s Reading the SQL snapshot instead.",
+                                 sender_id, exc)
+                    return None
+                await asyncio.sleep(delay)
+        return None
+
+    async def quarantine(self, sender_id: str, reason: str) -> Optional[str]:
+        where = await self._hot.quarantine(sender_id, self._store.config.quarantine_ttl)
+        logger.warning("Conversation '%s': stored hot state is unreadable (%s); kept as %s.",
+                       sender_id, reason, where or "nothing (already gone)")
+        return where
+
+    async def quarantined(self, sender_id: str, reason: str) -> DialogueStateTracker:
+        """Quarantine the value, then resume from the snapshot or start afresh."""
+        await self.quarantine(sender_id, reason)
+        tracker = await self.from_snapshot(sender_id, refill=True)
+        if tracker is not None:
+            logger.warning("Conversation '%s' resumed from its SQL snapshot.", sender_id)
+            return tracker
+        tracker = self._store.init_tracker(sender_id)
+        self._store._mark(tracker, 0, await self._next_seq(sender_id, 0), {})
+        logger.warning("Conversation '%s' has no usable snapshot: starting a fresh session.",
+                       sender_id)
+        return tracker
+
+    async def missing(self, sender_id: str, outbox_seq: int) -> Optional[DialogueStateTracker]:
+        """No record: restore it unless the conversation expired."""
+        snapshot = await self._snapshot(sender_id)
+        if snapshot is None:
+            return None
+        config = self._store.config
+        idle = time.time() - snapshot.saved_at
+        if idle > max(config.record_exp, config.snapshot_resume_window):
+            return None  # expired through inactivity: a new session, as Rasa would
+        tracker = await self.from_snapshot(sender_id, refill=True, snapshot=snapshot)
+        if tracker is not None:
+            logger.warning("Conversation '%s': hot record was lost; restored from the SQL "
+                           "snapshot.", sender_id)
+        return tracker
+
+    async def _snapshot(self, sender_id: str) -> Optional[Snapshot]:
+        return await self._log.run(self._log.sync.snapshot, sender_id)
+
+    async def from_snapshot(self, sender_id: str, refill: bool,
+                            snapshot: Optional[Snapshot] = None) -> Optional[DialogueStateTracker]:
+        """Snapshot + the log after it, optionally written back to the hot state.
+
+        Raises HotStateUnavailable if the snapshot is needed but SQL is down too.
+        """
+        try:
+            snapshot = snapshot or await self._snapshot(sender_id)
+            if snapshot is None:
+                return None
+            tail = await self._log.run(self._log.sync.read, sender_id, snapshot.next_seq - 1)
+        except EventLogUnavailable as exc:
+            raise HotStateUnavailable(
+                f"Conversation '{sender_id}': the hot state is unusable and the SQL snapshot "
+                f"is unreachable ({exc})") from exc
+        try:
+            record = window.validate_record(self._store._codec.loads(snapshot.payload), sender_id)
+            tracker, cache = self._store._rebuild(record)
+        except CorruptRecordError as exc:
+            logger.warning("Conversation '%s': SQL snapshot is unreadable too (%s).", sender_id, exc)
+            return None
+        for event in self.decode_rows(sender_id, tail):
+            tracker.update(event)
+        next_seq = max(record["next_seq"], (tail[-1].seq + 1) if tail else 0)
+        version = snapshot.version
+        if refill:
+            new_record, cache = window.build_record(
+                tracker, self._store.domain.slots, self._store.config.max_history, next_seq, cache)
+            version = await self._hot.commit(
+                sender_id, snapshot.version, self._store._codec.dumps_record(new_record),
+                self._store.config.record_exp, None)
+        self._store._mark(tracker, version, next_seq, cache)
+        return tracker
+
+    async def merge_base(self, tracker: DialogueStateTracker) -> Tuple[
+            DialogueStateTracker, List[Event], int, int, Dict]:
+        """For a tracker this store did not hand out: (state, new events,
+        expected version, next seq, event cache)."""
+        sender_id = tracker.sender_id
+        entry = await self._hot.load(sender_id)
+        events = list(tracker.events)
+        record = None
+        if entry.problem:
+            await self.quarantine(sender_id, entry.problem)
+        elif entry.payload is not None:
+            try:
+                record = window.validate_record(self._store._codec.loads(entry.payload), sender_id)
+                stored, cache = self._store._rebuild(record)
+            except CorruptRecordError as exc:
+                await self.quarantine(sender_id, str(exc))
+                record = None
+        if record is not None:
+            new = self._after_fingerprint(events, record["last_event"])
+            if new is None:
+                known = {window.fingerprint(d) for d in record["events"]}
+                new = [e for e in events if window.fingerprint(e.as_dict()) not in known]
+            for event in new:
+                stored.update(event)
+            return stored, new, entry.version, record["next_seq"], cache
+        next_seq = await self._next_seq(sender_id, entry.outbox_seq)
+        new = events
+        if next_seq > 1:
+            last = await self._last_logged(sender_id, next_seq - 1)
+            if last is not None:
+                after = self._after_fingerprint(events, window.fingerprint(last))
+                new = events if after is None else after
+        return tracker, new, 0, next_seq, {}
+
+    @staticmethod
+    def _after_fingerprint(events: List[Event], mark: Optional[str]) -> Optional[List[Event]]:
+        for i in range(len(events) - 1, -1, -1):
+            if window.fingerprint(events[i].as_dict()) == mark:
+                return events[i + 1:]
+        return None
+
+    async def _next_seq(self, sender_id: str, outbox_seq: int) -> int:
+        logged = await self._log.run(self._log.sync.next_seq, sender_id)
+        return max(logged, outbox_seq + 1)
+
+    async def _last_logged(self, sender_id: str, seq: int) -> Optional[Dict[str, Any]]:
+        rows = [r for r in await self.all_rows(sender_id, after_seq=seq - 1) if r.seq == seq]
+        if not rows:
+            return None
+        try:
+            return self._store._codec.loads(rows[0].data)
+        except CorruptRecordError:
+            return None
+
+    async def all_rows(self, sender_id: str, after_seq: int = 0) -> List[LogRow]:
+        """Log rows plus outbox rows not delivered yet, in sequence order."""
+        # Outbox first, log second: an entry delivered between the two reads is
+        # then in the log, never in neither.
+        undelivered: Dict[int, LogRow] = {}
+        try:
+            pending = await self._hot.pending(sender_id, 100_000)
+            for entry in pending.entries:
+                try:
+                    undelivered.update((r.seq, r) for r in parse_entry(entry)[1])
+                except (ValueError, TypeError, KeyError):
+                    logger.warning("Conversation '%s': skipped an unreadable outbox entry.",
+                                   sender_id)
+        except HotStateUnavailable:
+            logger.warning("Conversation '%s': hot state unreachable; undelivered events "
+                           "are missing from this read.", sender_id)
+        rows = await self._log.run(self._log.sync.read, sender_id, after_seq)
+        logged = {r.seq for r in rows}
+        rows.extend(r for seq, r in sorted(undelivered.items())
+                    if seq > after_seq and seq not in logged)
+        rows.sort(key=lambda r: r.seq)
+        return rows
+
+    def decode_rows(self, sender_id: str, rows: List[LogRow]) -> List[Event]:
+        """Events of ``rows``; corrupt rows are skipped with a warning naming them."""
+        events: List[Event] = []
+        for row in rows:
+            try:
+                event = Event.from_parameters(self._store._codec.loads(row.data))
+                if event is None:
+                    raise CorruptRecordError("unknown event type")
+            except (CorruptRecordError, *window.EVENT_ERRORS) as exc:
+                logger.warning("Conversation '%s': skipped corrupt log row seq=%d (%s).",
+                               sender_id, row.seq, exc)
+                continue
+            events.append(event)
+        return events

@@ -1,0 +1,242 @@
+"""``PersistentTrackerStore``: Rasa's ``TrackerStore`` on a hot state + SQL log.
+
+This module only orchestrates: the hot record format is in ``window``, storage
+in ``hot_state`` / ``embedded`` / ``event_log``, delivery to SQL in ``outbox``,
+encoding in ``codec`` / ``crypto``, recovery in ``recovery``.
+"""
+import logging
+import time
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from rasa.core.brokers.broker import EventBroker
+from rasa.core.tracker_store import TrackerStore
+from rasa.shared.core.domain import Domain
+from rasa.shared.core.events import Event, SlotSet, UserUttered, ActionExecuted
+from rasa.shared.core.trackers import DialogueStateTracker
+
+from rasa_persistent_tracker import window
+from rasa_persistent_tracker.backends import Backends, open_backends
+from rasa_persistent_tracker.errors import (
+    CorruptRecordError,
+    PersistentTrackerError,
+    SlotValueError,
+)
+from rasa_persistent_tracker.event_log import LogRow
+from rasa_persistent_tracker.hot_state import UnusableValue
+from rasa_persistent_tracker.outbox import make_entry
+from rasa_persistent_tracker.recovery import Recovery
+
+logger = logging.getLogger(__name__)
+
+# Attribute under which a tracker carries what the store knows about it.
+MARK = "_rpt_loaded"
+
+
+class PersistentTrackerStore(TrackerStore):
+    """Tracker store with a bounded hot state and an append-only SQL event log.
+
+    Configured from the ``tracker_store`` block of ``endpoints.yml`` (see the
+    README's configuration table). ``retrieve`` reads one small record, never
+    the log; ``save`` commits the turn's new events and the new record
+    atomically (optimistic lock) and the log catches up in the background.
+
+    Args:
+        domain: the assistant's domain (Rasa sets ``store.domain`` later if None).
+        host: the endpoint's ``url`` (Rasa passes it as ``host``).
+        event_broker: optional broker; new events are streamed to it.
+        backends: pre-built storage (tests); replaces ``url``/``sql_url``.
+        environ: environment for ``REDIS_URL`` / ``DATABASE_URL`` (default os.environ).
+        **kwargs: the remaining configuration keys.
+
+    Raises:
+        ConfigError: unknown or invalid configuration key.
+        StorageUnavailable: a server is unreachable at start-up.
+    """
+
+    def __init__(
+        self,
+        domain: Optional[Domain] = None,
+        host: Optional[str] = None,
+        event_broker: Optional[EventBroker] = None,
+        backends: Optional[Backends] = None,
+        environ: Optional[Dict[str, str]] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(domain, event_broker)
+        self._backends = backends or open_backends({"host": host, **kwargs}, environ)
+        self.config = self._backends.config
+        self._hot = self._backends.hot
+        self._log = self._backends.log
+        self._codec = self._backends.codec
+        self._outbox = self._backends.outbox
+        self._recovery = Recovery(self)
+        if self._backends.announce:
+            logger.info(self._backends.announce)
+
+    def __repr__(self) -> str:
+        return f"PersistentTrackerStore({self.config!r})"
+
+    # ---------------------------------------------------------------- reading
+
+    async def retrieve(self, sender_id: str) -> Optional[DialogueStateTracker]:
+        """Rebuild the current session of ``sender_id`` from its hot record.
+
+        Unreadable records are quarantined and the conversation resumes from the
+        SQL snapshot (plus the log after it) or, without one, from a fresh
+        tracker; a missing record is restored from the snapshot unless the
+        conversation expired. Returns None for unknown or expired conversations.
+
+        Raises:
+            HotStateUnavailable: the hot state and the SQL snapshot are both
+                unreachable (never a silent fresh tracker).
+        """
+        entry = await self._recovery.load(sender_id)
+        if entry is None:  # hot state down: degraded read from the snapshot
+            return await self._recovery.from_snapshot(sender_id, refill=False)
+        if entry.problem:
+            return await self._recovery.quarantined(sender_id, entry.problem)
+        if entry.payload is None:
+            return await self._recovery.missing(sender_id, entry.outbox_seq)
+        try:
+            record = window.validate_record(self._codec.loads(entry.payload), sender_id)
+            tracker, cache = self._rebuild(record)
+        except CorruptRecordError as exc:
+            return await self._recovery.quarantined(sender_id, str(exc))
+        self._mark(tracker, entry.version, record["next_seq"], cache)
+        return tracker
+
+    def _rebuild(self, record: Dict[str, Any]) -> Tuple[DialogueStateTracker, Dict]:
+        return window.rebuild_tracker(record, self.domain.slots, self.max_event_history)
+
+    def _mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
+              cache: Dict) -> None:
+        last = tracker.events[-1] if tracker.events else None
+        setattr(tracker, MARK, window.Loaded(tracker.sender_id, version, next_seq, last, cache))
+
+    async def retrieve_full_tracker(self, conversation_id: str) -> Optional[DialogueStateTracker]:
+        """Every event of every session, from the SQL log (plus undelivered ones).
+
+        Corrupt rows are skipped with a warning naming the conversation and seq.
+
+        Raises:
+            EventLogUnavailable: the SQL log is unreachable.
+        """
+        entry = await self._recovery.load(conversation_id)
+        rows = await self._recovery.all_rows(conversation_id)
+        if not rows:
+            return None
+        events = self._recovery.decode_rows(conversation_id, rows)
+        tracker = DialogueStateTracker.from_events(
+            conversation_id, events, self.domain.slots, self.max_event_history)
+        version = entry.version if entry and entry.payload else 0
+        self._mark(tracker, version, rows[-1].seq + 1, {})
+        return tracker
+
+    async def keys(self) -> Iterable[str]:
+        """Conversation ids with a hot record or any logged event (SCAN, not KEYS)."""
+        ids = {cid async for cid in self._hot.conversations()}
+        ids.update(await self._log.run(self._log.sync.conversation_ids))
+        return sorted(ids)
+
+    async def exists(self, conversation_id: str) -> bool:
+        """True if the conversation has a hot record or logged events."""
+        entry = await self._hot.load(conversation_id)
+        if entry.payload is not None or entry.problem or entry.outbox_seq:
+            return True
+        return await self._log.run(self._log.sync.next_seq, conversation_id) > 1
+
+    # ---------------------------------------------------------------- writing
+
+    async def save(self, tracker: DialogueStateTracker) -> None:
+        """Append the tracker's new events to the log and commit its hot record.
+
+        New events are found without reading the log: after the last event this
+        store returned (trackers from ``retrieve``), else after the stored last
+        event, else by merging (a fresh tracker never overwrites a conversation).
+
+        Raises:
+            ConcurrentSaveError: the conversation changed since this tracker was
+                read; nothing was written.
+            SlotValueError: a slot value cannot be stored; nothing was written.
+            HotStateUnavailable: the hot state is unreachable; nothing was written.
+        """
+        sender_id = tracker.sender_id
+        marker = getattr(tracker, MARK, None)
+        new: Optional[List[Event]] = None
+        if marker is not None and marker.sender_id == sender_id:
+            new = window.new_events_after(list(tracker.events), marker)
+        if new is not None:
+            state, expected, next_seq, cache = tracker, marker.version, marker.next_seq, marker.cache
+        else:
+            state, new, expected, next_seq, cache = await self._recovery.merge_base(tracker)
+        if not new:
+            if expected:
+                await self._hot.touch(sender_id, self.config.record_exp)
+            return
+        rows, dicts = self._rows(sender_id, new, next_seq)
+        for event, as_dict in zip(new, dicts):
+            cache[id(event)] = (event, as_dict)
+        record, kept = window.build_record(
+            state, self.domain.slots, self.config.max_history, next_seq + len(new), cache)
+        payload = self._encode_record(record)
+        entry = make_entry(rows, time.time())
+        try:
+            version = await self._hot.commit(sender_id, expected, payload,
+                                             self.config.record_exp, entry)
+        except UnusableValue as exc:
+            await self._recovery.quarantine(sender_id, str(exc))
+            version = await self._hot.commit(sender_id, expected, payload,
+                                             self.config.record_exp, entry)
+        self._mark(tracker, version, next_seq + len(new), kept)
+        self._outbox.notify(sender_id)
+        if self.event_broker is not None:
+            await self._stream_new_events(self.event_broker, new, sender_id)
+
+    def _rows(self, sender_id: str, events: List[Event], first_seq: int) -> Tuple[List[LogRow], List[Dict]]:
+        rows: List[LogRow] = []
+        dicts: List[Dict] = []
+        for offset, event in enumerate(events):
+            as_dict = event.as_dict()
+            try:
+                data = self._codec.dumps_event(as_dict)
+            except TypeError as exc:
+                if isinstance(event, SlotSet):
+                    raise SlotValueError(event.key, str(exc)) from None
+                raise PersistentTrackerError(
+                    f"Event '{event.type_name}' of conversation '{sender_id}' holds a value "
+                    f"of type {exc} that cannot be stored. Nothing was saved.") from None
+            intent = event.intent_name if isinstance(event, UserUttered) else None
+            action = event.action_name if isinstance(event, ActionExecuted) else None
+            rows.append(LogRow(first_seq + offset, event.type_name, event.timestamp,
+                               intent, action, data))
+            dicts.append(as_dict)
+        return rows, dicts
+
+    def _encode_record(self, record: Dict[str, Any]) -> str:
+        try:
+            return self._codec.dumps_record(record)
+        except TypeError as exc:
+            for name, value in {**record["state"]["slots"],
+                                **(record["base"].get("slots") or {})}.items():
+                try:
+                    self._codec.dumps_record({"v": value})
+                except TypeError:
+                    raise SlotValueError(name, str(exc)) from None
+            raise PersistentTrackerError(
+                f"The state of conversation '{record['sender_id']}' holds a value of type "
+                f"{exc} that cannot be stored. Nothing was saved.") from None
+
+    # --------------------------------------------------------------- lifecycle
+
+    async def flush(self) -> None:
+        """Deliver every pending log write now (tests, shutdown, exports)."""
+        await self._outbox.drain()
+
+    async def close(self) -> None:
+        """Flush pending log writes and release connections."""
+        try:
+            await self._outbox.drain()
+        finally:
+            await self._outbox.stop()
+            await self._hot.close()
+            self._log.close()

@@ -1,0 +1,280 @@
+"""The hot record: what a conversation needs to resume, bounded in size.
+
+A record holds the current session only, compacted to
+
+* ``base``: the dialogue state where the window begins (slot values, the active
+  loop with its flags, the paused flag), replayed as synthetic events;
+* ``events``: the recent events verbatim, at least ``max_history + 1`` actions
+  (so the last ``max_history`` dialogue states are exactly those of the full
+  history), cut only at an ``action_listen`` boundary, always including the
+  latest user message (Rasa's session expiry reads its timestamp) and, while a
+  form is active, reaching back to the form's activation;
+* ``state``: the resulting slots / active loop / requested slot / latest action
+  / followup / paused / last user message time, checked against the replay on
+  load (a mismatch means the record is corrupt).
+
+Record layout (schema 1) as documented in the README's "Storage" section.
+"""
+import dataclasses
+import hashlib
+import json
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from rasa.shared.core.constants import ACTION_LISTEN_NAME, ACTION_SESSION_START_NAME
+from rasa.shared.core.events import (
+    ActionExecuted,
+    ActiveLoop,
+    ConversationPaused,
+    Event,
+    SlotSet,
+    UserUttered,
+)
+from rasa.shared.core.slots import Slot
+from rasa.shared.core.trackers import DialogueStateTracker, TrackerActiveLoop
+from rasa.shared.exceptions import RasaException
+
+from rasa_persistent_tracker.codec import encode_extra
+from rasa_persistent_tracker.errors import CorruptRecordError
+
+SCHEMA_VERSION = 1
+# While a form is active the window reaches back to its activation, up to this
+# many times the normal window; beyond that the normal cut applies.
+LOOP_REACH_FACTOR = 4
+EVENT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RasaException)
+
+
+def _canonical(value: Any) -> Any:
+    try:
+        return encode_extra(value)
+    except TypeError:
+        return repr(value)
+
+
+def fingerprint(event_dict: Dict[str, Any]) -> str:
+    """Stable identity of one event (type, timestamp and content).
+
+    Computed on the stored form, so an event and its copy read back from
+    storage (numpy values become lists, etc.) have the same fingerprint.
+    """
+    raw = json.dumps(event_dict, sort_keys=True, default=_canonical, separators=(",", ":"))
+    return hashlib.blake2b(raw.encode("utf-8"), digest_size=12).hexdigest()
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What the store remembers on a tracker it returned or saved.
+
+    ``version`` is the hot-record version the tracker was read at (0: none
+    existed), ``next_seq`` the sequence number of the next new event, and
+    ``last_event`` the last event already stored (found again by identity).
+    """
+
+    sender_id: str
+    version: int
+    next_seq: int
+    last_event: Optional[Event]
+    cache: Dict[int, Tuple[Event, Dict[str, Any]]] = dataclasses.field(default_factory=dict)
+
+
+def _loop_dict(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
+    return dataclasses.asdict(tracker.active_loop) if tracker.active_loop else None
+
+
+def _is_action(event: Event, name: Optional[str] = None) -> bool:
+    return isinstance(event, ActionExecuted) and (name is None or event.action_name == name)
+
+
+def _session_start(events: Sequence[Event]) -> int:
+    for i in range(len(events) - 1, -1, -1):
+        if _is_action(events[i], ACTION_SESSION_START_NAME):
+            return i
+    return 0
+
+
+def _cut_index(events: Sequence[Event], start: int, max_history: int, loop: Optional[str]) -> int:
+    """Where the verbatim window begins (``start`` keeps the whole session)."""
+    last_user = next(
+        (i for i in range(len(events) - 1, start - 1, -1) if isinstance(events[i], UserUttered)),
+        None,
+    )
+    limit = len(events) if last_user is None else last_user
+    needed = max_history + 1
+    actions = 0
+    cut = start
+    for i in range(len(events) - 1, start, -1):
+        if isinstance(events[i], ActionExecuted):
+            actions += 1
+            if i <= limit and events[i].action_name == ACTION_LISTEN_NAME and actions >= needed:
+                cut = i
+                break
+    if cut == start or not loop:
+        return cut
+    # Keep a running form's activation inside the window: Rasa collapses a
+    # form's happy-path turns in `applied_events`, so the turns before the cut
+    # would otherwise change the states the policies see.
+    activation = next(
+        (i for i in range(cut - 1, start - 1, -1)
+         if isinstance(events[i], ActiveLoop) and events[i].name == loop),
+        None,
+    )
+    if activation is None:
+        return cut
+    budget = needed * LOOP_REACH_FACTOR
+    actions = 0
+    for i in range(len(events) - 1, start, -1):
+        if isinstance(events[i], ActionExecuted):
+            actions += 1
+            if actions > budget:
+                return cut
+            if i <= activation and events[i].action_name == ACTION_LISTEN_NAME:
+                return i
+    return start
+
+
+def build_record(
+    tracker: DialogueStateTracker,
+    slots: Iterable[Slot],
+    max_history: int,
+    next_seq: int,
+    cache: Optional[Dict[int, Tuple[Event, Dict[str, Any]]]] = None,
+) -> Tuple[Dict[str, Any], Dict[int, Tuple[Event, Dict[str, Any]]]]:
+    """Compact ``tracker`` into a hot record (a JSON-ready dict).
+
+    Args:
+        tracker: the conversation state after the turn.
+        slots: the domain's slots (to replay the state at the window's start).
+        max_history: dialogue states the policies look back on.
+        next_seq: sequence number the next logged event will get.
+        cache: ``id(event) -> (event, event.as_dict())`` for events whose dicts
+            are known, so unchanged events are not serialised again.
+
+    Returns:
+        The record and the cache for the events it keeps.
+    """
+    events = list(tracker.events)
+    start = _session_start(events)
+    cut = _cut_index(events, start, max_history, tracker.active_loop_name)
+    slot_list = list(slots)
+    known = {s.name for s in slot_list}
+    if cut > start and any(
+        isinstance(e, SlotSet) and e.key not in known for e in events[start:cut]
+    ):
+        # Replaying without the slot's declaration would drop its value: keep
+        # the whole session verbatim rather than lose state.
+        cut = start
+    base: Dict[str, Any] = {}
+    if cut > start:
+        before = DialogueStateTracker.from_events(tracker.sender_id, events[start:cut], slot_list)
+        base = {
+            "slots": {n: s.value for n, s in before.slots.items() if s.value != s.initial_value},
+            "active_loop": _loop_dict(before),
+            "paused": before.is_paused(),
+        }
+    known_dicts = cache or {}
+    kept: Dict[int, Tuple[Event, Dict[str, Any]]] = {}
+    window = []
+    for event in events[cut:]:
+        hit = known_dicts.get(id(event))
+        as_dict = hit[1] if hit and hit[0] is event else event.as_dict()
+        kept[id(event)] = (event, as_dict)
+        window.append(as_dict)
+    last_user = tracker.get_last_event_for(UserUttered)
+    record = {
+        "schema": SCHEMA_VERSION,
+        "sender_id": tracker.sender_id,
+        "next_seq": next_seq,
+        "base": base,
+        "events": window,
+        "state": {
+            "slots": {n: s.value for n, s in tracker.slots.items() if s.value != s.initial_value},
+            "active_loop": _loop_dict(tracker),
+            "latest_action": dict(tracker.latest_action or {}),
+            "followup_action": tracker.followup_action,
+            "paused": tracker.is_paused(),
+            "latest_message_at": last_user.timestamp if last_user else None,
+        },
+        "last_event": fingerprint(window[-1]) if window else None,
+    }
+    return record, kept
+
+
+def _require(record: Dict[str, Any], key: str, kinds: Any) -> Any:
+    value = record.get(key)
+    if not isinstance(value, kinds) or isinstance(value, bool) and kinds is int:
+        raise CorruptRecordError(f"field '{key}' missing or of type {type(value).__name__}")
+    return value
+
+
+def validate_record(record: Any, sender_id: str) -> Dict[str, Any]:
+    """Check the shape of a decoded record. Raises ``CorruptRecordError``."""
+    if not isinstance(record, dict):
+        raise CorruptRecordError(f"record is a {type(record).__name__}, not an object")
+    schema = record.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise CorruptRecordError(f"unsupported schema version {schema!r}")
+    if record.get("sender_id") != sender_id:
+        raise CorruptRecordError("record belongs to another conversation")
+    if _require(record, "next_seq", int) < 1:
+        raise CorruptRecordError("field 'next_seq' is not positive")
+    base = _require(record, "base", dict)
+    if base and not (isinstance(base.get("slots"), dict) and isinstance(base.get("paused"), bool)
+                     and isinstance(base.get("active_loop"), (dict, type(None)))):
+        raise CorruptRecordError("field 'base' is malformed")
+    events = _require(record, "events", list)
+    if not events or not all(isinstance(e, dict) for e in events):
+        raise CorruptRecordError("field 'events' is empty or holds non-objects")
+    state = _require(record, "state", dict)
+    if not isinstance(state.get("slots"), dict):
+        raise CorruptRecordError("field 'state.slots' is malformed")
+    if record.get("last_event") != fingerprint(events[-1]):
+        raise CorruptRecordError("last event fingerprint does not match")
+    return record
+
+
+def rebuild_tracker(
+    record: Dict[str, Any],
+    slots: Iterable[Slot],
+    max_event_history: Optional[int],
+) -> Tuple[DialogueStateTracker, Dict[int, Tuple[Event, Dict[str, Any]]]]:
+    """Rebuild a tracker from a validated record.
+
+    Returns the tracker and the ``id(event) -> dict`` cache for ``build_record``.
+    Raises ``CorruptRecordError`` if an event cannot be parsed or the replayed
+    slots disagree with the recorded state.
+    """
+    slot_list = list(slots)
+    tracker = DialogueStateTracker(record["sender_id"], slot_list, max_event_history)
+    base = record["base"]
+    try:
+        for name, value in (base.get("slots") or {}).items():
+            tracker.update(SlotSet(name, value))
+        if base.get("active_loop"):
+            tracker.update(ActiveLoop(base["active_loop"].get("name")))
+            tracker.active_loop = TrackerActiveLoop(**base["active_loop"])
+        if base.get("paused"):
+            tracker.update(ConversationPaused())
+        cache: Dict[int, Tuple[Event, Dict[str, Any]]] = {}
+        for event_dict in record["events"]:
+            event = Event.from_parameters(event_dict)
+            if event is None:
+                raise CorruptRecordError(f"unknown event type {event_dict.get('event')!r}")
+            tracker.update(event)
+            cache[id(event)] = (event, event_dict)
+    except EVENT_ERRORS as exc:
+        raise CorruptRecordError(f"event cannot be parsed ({type(exc).__name__})") from None
+    known = {s.name for s in slot_list}
+    expected = {k: v for k, v in record["state"]["slots"].items() if k in known}
+    actual = {n: s.value for n, s in tracker.slots.items() if s.value != s.initial_value}
+    if expected != actual:
+        raise CorruptRecordError("replayed slots do not match the recorded state")
+    return tracker, cache
+
+
+def new_events_after(events: List[Event], marker: Loaded) -> Optional[List[Event]]:
+    """Events appended after the last loaded one (by identity); None if lost."""
+    if marker.last_event is None:
+        return list(events)
+    for i in range(len(events) - 1, -1, -1):
+        if events[i] is marker.last_event:
+            return events[i + 1:]
+    return None
