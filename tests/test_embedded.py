@@ -1,0 +1,75 @@
+"""The embedded hot state (no servers): same contract, and it survives restarts."""
+import asyncio
+
+import pytest
+from rasa.shared.core.events import ActionExecuted, SlotSet, UserUttered
+
+from rasa_persistent_tracker import ConcurrentSaveError, PersistentTrackerStore
+
+
+def make(tmp_path, domain, **keys):
+    return PersistentTrackerStore(domain, embedded_path=str(tmp_path / "hot.sqlite3"),
+                                  sql_url=f"sqlite:///{tmp_path}/events.sqlite3",
+                                  environ={}, **keys)
+
+
+def turn(tracker, i):
+    tracker.update(UserUttered(f"hi {i}", {"name": "inform", "confidence": 1.0}))
+    tracker.update(SlotSet("name", f"n{i}"))
+    tracker.update(ActionExecuted("action_listen"))
+
+
+async def test_state_survives_a_restart_of_the_bot(tmp_path, domain):
+    store = make(tmp_path, domain)
+    tracker = await store.get_or_create_tracker("u")
+    for i in range(30):
+        tracker = await store.retrieve("u")
+        turn(tracker, i)
+        await store.save(tracker)
+    await store.close()
+
+    again = make(tmp_path, domain)  # a new process would do exactly this
+    loaded = await again.retrieve("u")
+    assert loaded.get_slot("name") == "n29"
+    assert len((await again.retrieve_full_tracker("u")).events) == 1 + 30 * 3
+    assert await again.keys() == ["u"]
+    await again.close()
+
+
+async def test_conflicting_saves_are_rejected(tmp_path, domain):
+    store = make(tmp_path, domain)
+    await store.get_or_create_tracker("c")
+    first, second = await store.retrieve("c"), await store.retrieve("c")
+    turn(first, 1)
+    await store.save(first)
+    turn(second, 2)
+    with pytest.raises(ConcurrentSaveError):
+        await store.save(second)
+    await store.close()
+
+
+async def test_expiry_starts_a_fresh_session(tmp_path, domain):
+    store = make(tmp_path, domain, record_exp=1)
+    tracker = await store.get_or_create_tracker("e")
+    turn(tracker, 1)
+    await store.save(tracker)
+    await store.flush()
+    await asyncio.sleep(1.2)
+    assert await store.retrieve("e") is None
+    await store.close()
+
+
+async def test_corrupt_embedded_record_is_quarantined(tmp_path, domain, caplog):
+    store = make(tmp_path, domain)
+    tracker = await store.get_or_create_tracker("x")
+    turn(tracker, 1)
+    await store.save(tracker)
+    await store.flush()
+    store._hot._conn.execute("UPDATE rpt_hot SET payload=? WHERE conversation_id='x'",
+                             (b"\x00garbage",))
+    loaded = await store.retrieve("x")
+    assert loaded.get_slot("name") == "n1"
+    assert "unreadable" in caplog.text
+    count = store._hot._conn.execute("SELECT COUNT(*) FROM rpt_quarantine").fetchone()[0]
+    assert count == 1
+    await store.close()
