@@ -13,6 +13,7 @@ Python numbers/lists (Rasa issues #2265, #5215).
 import base64
 import datetime
 import decimal
+import hashlib
 import json
 import uuid
 from typing import Any, Callable, Dict, Protocol
@@ -98,6 +99,13 @@ class JsonSerializer:
             raise CorruptRecordError(f"invalid JSON ({type(exc).__name__})") from None
 
 
+CHECKSUM_MARK = "\n#"
+
+
+def _checksum(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=10).hexdigest()
+
+
 class Codec:
     """What the store encodes with: one serialiser for hot records and one
     per event (encryption may apply to sensitive events only); one reader that
@@ -120,8 +128,21 @@ class Codec:
         return self._protected is not None
 
     def dumps_record(self, record: Any) -> str:
-        """Serialise a hot record (always protected when encryption is on)."""
-        return (self._protected or self._plain).dumps(record)
+        """Serialise a hot record: encrypted (AEAD) when encryption is on,
+        else JSON followed by a checksum, so any flipped bit is detected."""
+        if self._protected is not None:
+            return self._protected.dumps(record)
+        text = self._plain.dumps(record)
+        return f"{text}{CHECKSUM_MARK}{_checksum(text)}"
+
+    def loads_record(self, text: str) -> Any:
+        """Read a hot record written by ``dumps_record`` (any key, or plain)."""
+        if text[:1] in ("{", "["):
+            body, mark, digest = text.rpartition(CHECKSUM_MARK)
+            if not mark or _checksum(body) != digest:
+                raise CorruptRecordError("record checksum does not match")
+            return self._plain.loads(body)
+        return self.loads(text)
 
     def dumps_event(self, event: Dict[str, Any]) -> str:
         """Serialise one event for the log."""

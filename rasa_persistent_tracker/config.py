@@ -48,6 +48,7 @@ class StoreConfig:
     max_history: int = DEFAULT_MAX_HISTORY
     quarantine_ttl: float = 30 * 86400.0
     snapshot_resume_window: float = 0.0
+    sync_log: bool = False
     redis_max_connections: int = 50
     redis_socket_timeout: float = 5.0
     sql_pool_size: int = 5
@@ -191,7 +192,7 @@ def parse_config(
             values[key] = _number(key, value, float, floats[key])
         elif key in ints:
             values[key] = _number(key, value, int, ints[key])
-        elif key == "encrypt_user_text":
+        elif key in ("encrypt_user_text", "sync_log"):
             values[key] = _boolean(key, value)
         elif key == "sensitive_slots":
             if isinstance(value, str) or not all(isinstance(s, str) for s in value):

@@ -97,8 +97,8 @@ class SQLEventLog:
 
     def __init__(self, engine: sa.engine.Engine) -> None:
         self.engine = engine
-        dialect = engine.dialect.name
-        self._insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+        self._insert = {"postgresql": postgresql.insert,
+                        "sqlite": sqlite.insert}.get(engine.dialect.name)
 
     def __repr__(self) -> str:
         return f"SQLEventLog({mask_url(str(self.engine.url))})"
@@ -106,28 +106,60 @@ class SQLEventLog:
     def migrate(self) -> List[int]:
         return migrate(self.engine)
 
-    def append(self, rows: Dict[str, Sequence[LogRow]], snapshots: Dict[str, Snapshot]) -> None:
-        """Insert rows and upsert snapshots of many conversations in one transaction."""
-        values = [dict(r.as_dict(), conversation_id=cid) for cid, rs in rows.items() for r in rs]
+    def append(self, rows: Dict[str, Sequence[LogRow]], snapshots: Dict[str, Snapshot]) -> int:
+        """Insert rows and upsert snapshots of many conversations in one transaction.
+
+        Idempotent: a row already present with the same data is skipped (an
+        outbox entry delivered twice). A row whose sequence number is taken by
+        *different* data (numbered while SQL was unreachable, without knowing
+        the log's end) is appended after the conversation's last row instead,
+        in order: nothing is dropped. Returns the number of rows re-sequenced.
+        """
+        for attempt in range(3):
+            try:
+                repaired = self._append_once(rows, snapshots)
+                break
+            except sa_errors.IntegrityError:
+                # Another process delivered the same rows between our read and
+                # our insert; the next attempt sees them as already there.
+                if attempt == 2:
+                    raise
+        if repaired:
+            logger.warning("Event log: %d event(s) numbered while the log was unreachable "
+                           "were re-sequenced after the existing history.", repaired)
+        return repaired
+
+    def _append_once(self, rows: Dict[str, Sequence[LogRow]], snapshots: Dict[str, Snapshot]) -> int:
+        repaired = 0
         with self.engine.begin() as conn:
+            values: List[Dict[str, Any]] = []
+            for cid, conv_rows in rows.items():
+                fresh, moved = self._place(conn, cid, conv_rows)
+                values.extend(fresh)
+                repaired += moved
             if values:
-                conn.execute(self._insert_ignoring_duplicates(conn, values))
+                conn.execute(EVENTS.insert(), values)
             for cid, snap in snapshots.items():
                 self._upsert_snapshot(conn, cid, snap)
+        return repaired
 
-    def _insert_ignoring_duplicates(self, conn: Any, values: List[Dict[str, Any]]) -> Any:
-        if self._insert is not None:
-            return self._insert(EVENTS).values(values).on_conflict_do_nothing(
-                index_elements=["conversation_id", "seq"])
-        # Other databases: drop rows that are already there, then insert.
-        existing = set()
-        for cid in {v["conversation_id"] for v in values}:
-            seqs = [v["seq"] for v in values if v["conversation_id"] == cid]
-            existing |= {(cid, s) for (s,) in conn.execute(
-                sa.select(EVENTS.c.seq).where(EVENTS.c.conversation_id == cid,
-                                              EVENTS.c.seq.in_(seqs)))}
-        fresh = [v for v in values if (v["conversation_id"], v["seq"]) not in existing]
-        return EVENTS.insert().values(fresh) if fresh else sa.select(sa.literal(1))
+    @staticmethod
+    def _place(conn: Any, cid: str, conv_rows: Sequence[LogRow]) -> "tuple[List[Dict[str, Any]], int]":
+        seqs = [r.seq for r in conv_rows]
+        existing = {seq: data for seq, data in conn.execute(
+            sa.select(EVENTS.c.seq, EVENTS.c.data).where(
+                EVENTS.c.conversation_id == cid,
+                EVENTS.c.seq >= min(seqs), EVENTS.c.seq <= max(seqs)))}
+        clashing = [r for r in conv_rows if r.seq in existing and existing[r.seq] != r.data]
+        fresh = [r for r in conv_rows if r.seq not in existing]
+        if not clashing:
+            return [dict(r.as_dict(), conversation_id=cid) for r in fresh], 0
+        top = conn.execute(sa.select(sa.func.max(EVENTS.c.seq)).where(
+            EVENTS.c.conversation_id == cid)).scalar() or 0
+        placed = []
+        for offset, row in enumerate(sorted(clashing + fresh, key=lambda r: r.seq), 1):
+            placed.append(dict(row.as_dict(), seq=top + offset, conversation_id=cid))
+        return placed, len(clashing)
 
     def _upsert_snapshot(self, conn: Any, cid: str, snap: Snapshot) -> None:
         values = dict(dataclasses.asdict(snap), conversation_id=cid)

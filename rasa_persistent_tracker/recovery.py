@@ -82,7 +82,12 @@ class Recovery:
 
     async def missing(self, sender_id: str, outbox_seq: int) -> Optional[DialogueStateTracker]:
         """No record: restore it unless the conversation expired."""
-        snapshot = await self._snapshot(sender_id)
+        try:
+            snapshot = await self._snapshot(sender_id)
+        except EventLogUnavailable as exc:
+            logger.warning("Conversation '%s' has no hot record and its snapshot cannot be read "
+                           "(%s): treating it as a new session.", sender_id, exc)
+            return None
         if snapshot is None:
             return None
         config = self._store.config
@@ -114,7 +119,7 @@ class Recovery:
                 f"Conversation '{sender_id}': the hot state is unusable and the SQL snapshot "
                 f"is unreachable ({exc})") from exc
         try:
-            record = window.validate_record(self._store._codec.loads(snapshot.payload), sender_id)
+            record = window.validate_record(self._store._codec.loads_record(snapshot.payload), sender_id)
             tracker, cache = self._store._rebuild(record)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': SQL snapshot is unreadable too (%s).", sender_id, exc)
@@ -144,7 +149,7 @@ class Recovery:
             await self.quarantine(sender_id, entry.problem)
         elif entry.payload is not None:
             try:
-                record = window.validate_record(self._store._codec.loads(entry.payload), sender_id)
+                record = window.validate_record(self._store._codec.loads_record(entry.payload), sender_id)
                 stored, cache = self._store._rebuild(record)
             except CorruptRecordError as exc:
                 await self.quarantine(sender_id, str(exc))
@@ -160,7 +165,10 @@ class Recovery:
         next_seq = await self._next_seq(sender_id, entry.outbox_seq)
         new = events
         if next_seq > 1:
-            last = await self._last_logged(sender_id, next_seq - 1)
+            try:
+                last = await self._last_logged(sender_id, next_seq - 1)
+            except EventLogUnavailable:
+                last = None
             if last is not None:
                 after = self._after_fingerprint(events, window.fingerprint(last))
                 new = events if after is None else after
@@ -174,7 +182,13 @@ class Recovery:
         return None
 
     async def _next_seq(self, sender_id: str, outbox_seq: int) -> int:
-        logged = await self._log.run(self._log.sync.next_seq, sender_id)
+        try:
+            logged = await self._log.run(self._log.sync.next_seq, sender_id)
+        except EventLogUnavailable:
+            # Number provisionally; delivery re-sequences on collision (event_log.append).
+            logger.warning("Conversation '%s': event log unreachable, numbering new events "
+                           "provisionally.", sender_id)
+            logged = 1
         return max(logged, outbox_seq + 1)
 
     async def _last_logged(self, sender_id: str, seq: int) -> Optional[Dict[str, Any]]:

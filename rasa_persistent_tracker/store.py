@@ -18,6 +18,7 @@ from rasa_persistent_tracker import window
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
+    EventLogUnavailable,
     PersistentTrackerError,
     SlotValueError,
 )
@@ -98,7 +99,7 @@ class PersistentTrackerStore(TrackerStore):
         if entry.payload is None:
             return await self._recovery.missing(sender_id, entry.outbox_seq)
         try:
-            record = window.validate_record(self._codec.loads(entry.payload), sender_id)
+            record = window.validate_record(self._codec.loads_record(entry.payload), sender_id)
             tracker, cache = self._rebuild(record)
         except CorruptRecordError as exc:
             return await self._recovery.quarantined(sender_id, str(exc))
@@ -189,8 +190,19 @@ class PersistentTrackerStore(TrackerStore):
                                              self.config.record_exp, entry)
         self._mark(tracker, version, next_seq + len(new), kept)
         self._outbox.notify(sender_id)
+        if self.config.sync_log:
+            await self._deliver_now(sender_id)
         if self.event_broker is not None:
             await self._stream_new_events(self.event_broker, new, sender_id)
+
+    async def _deliver_now(self, sender_id: str) -> None:
+        # Write-through: the turn is in SQL before save returns. If SQL is
+        # down the turn still succeeds; its rows wait safely in the outbox.
+        try:
+            await self._outbox.deliver([sender_id])
+        except EventLogUnavailable as exc:
+            logger.warning("Conversation '%s': event log unreachable, rows kept in the outbox "
+                           "for delivery later (%s).", sender_id, exc)
 
     def _rows(self, sender_id: str, events: List[Event], first_seq: int) -> Tuple[List[LogRow], List[Dict]]:
         rows: List[LogRow] = []

@@ -2,8 +2,9 @@
 
 A record holds the current session only, compacted to
 
-* ``base``: the dialogue state where the window begins (slot values, the active
-  loop with its flags, the paused flag), replayed as synthetic events;
+* ``base``: the dialogue state where the window begins (the session's slot
+  events in order, the active loop with its flags, the paused flag), replayed as
+  synthetic events;
 * ``events``: the recent events verbatim, at least ``max_history + 1`` actions
   (so the last ``max_history`` dialogue states are exactly those of the full
   history), cut only at an ``action_listen`` boundary, always including the
@@ -74,6 +75,26 @@ class Loaded:
     next_seq: int
     last_event: Optional[Event]
     cache: Dict[int, Tuple[Event, Dict[str, Any]]] = dataclasses.field(default_factory=dict)
+
+
+def slot_cap(max_history: int) -> int:
+    """How many slot events the base keeps before dropping superseded ones."""
+    return 8 * (max_history + 1)
+
+
+def _slot_history(tracker: DialogueStateTracker, cap: int) -> List[Dict[str, Any]]:
+    """The session's applied slot events, in order.
+
+    Rasa carries slots into a new session by replaying exactly these events
+    (``ActionSessionStart``), so keeping them keeps the log identical to
+    Rasa's. Past ``cap`` events, values later overwritten are dropped (the state
+    stays exact; only a session-start carry-over would list fewer events).
+    """
+    events = [e for e in tracker.applied_events() if isinstance(e, SlotSet)]
+    if len(events) > cap:
+        last = {e.key: i for i, e in enumerate(events)}
+        events = [e for i, e in enumerate(events) if last[e.key] == i]
+    return [e.as_dict() for e in events]
 
 
 def _loop_dict(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
@@ -166,7 +187,7 @@ def build_record(
     if cut > start:
         before = DialogueStateTracker.from_events(tracker.sender_id, events[start:cut], slot_list)
         base = {
-            "slots": {n: s.value for n, s in before.slots.items() if s.value != s.initial_value},
+            "slot_events": _slot_history(before, slot_cap(max_history)),
             "active_loop": _loop_dict(before),
             "paused": before.is_paused(),
         }
@@ -217,7 +238,9 @@ def validate_record(record: Any, sender_id: str) -> Dict[str, Any]:
     if _require(record, "next_seq", int) < 1:
         raise CorruptRecordError("field 'next_seq' is not positive")
     base = _require(record, "base", dict)
-    if base and not (isinstance(base.get("slots"), dict) and isinstance(base.get("paused"), bool)
+    if base and not (isinstance(base.get("slot_events"), list)
+                     and all(isinstance(e, dict) for e in base["slot_events"])
+                     and isinstance(base.get("paused"), bool)
                      and isinstance(base.get("active_loop"), (dict, type(None)))):
         raise CorruptRecordError("field 'base' is malformed")
     events = _require(record, "events", list)
@@ -246,8 +269,11 @@ def rebuild_tracker(
     tracker = DialogueStateTracker(record["sender_id"], slot_list, max_event_history)
     base = record["base"]
     try:
-        for name, value in (base.get("slots") or {}).items():
-            tracker.update(SlotSet(name, value))
+        for event_dict in base.get("slot_events") or []:
+            event = Event.from_parameters(event_dict)
+            if not isinstance(event, SlotSet):
+                raise CorruptRecordError("base holds a non-slot event")
+            tracker.update(event)
         if base.get("active_loop"):
             tracker.update(ActiveLoop(base["active_loop"].get("name")))
             tracker.active_loop = TrackerActiveLoop(**base["active_loop"])

@@ -8,7 +8,7 @@ from rasa.utils.endpoints import EndpointConfig
 
 from rasa_persistent_tracker import PersistentTrackerStore
 from rasa_persistent_tracker.errors import HotStateUnavailable
-from tests.conftest import real_urls
+from tests.conftest import Backend, real_urls
 
 TYPE = "rasa_persistent_tracker.PersistentTrackerStore"
 
@@ -33,9 +33,11 @@ async def test_created_from_endpoint_on_embedded_default(tmp_path, domain, monke
 
 
 @pytest.mark.real
-async def test_created_from_endpoint_on_real_servers(domain):
-    urls = real_urls()
-    store = create(urls["redis"], sql_url=urls["sql"], key_prefix="endpointtest", record_exp=60)
+async def test_created_from_endpoint_on_real_servers(domain, tmp_path):
+    real_urls()
+    pair = Backend("real", str(tmp_path))  # own key prefix and PostgreSQL schema
+    store = create(pair.redis_url, sql_url=pair.sql_url, key_prefix=pair.prefix, record_exp=60)
+    pair.stores.append(store)
     store.domain = domain
     try:
         await store.get_or_create_tracker("endpoint-user")
@@ -43,8 +45,7 @@ async def test_created_from_endpoint_on_real_servers(domain):
         await store.flush()
         assert len((await store.retrieve_full_tracker("endpoint-user")).events) == 1
     finally:
-        await store._hot.delete("endpoint-user")
-        await store.close()
+        await pair.cleanup()
 
 
 def test_unreachable_redis_fails_fast_naming_the_url(tmp_path):

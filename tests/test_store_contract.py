@@ -168,14 +168,19 @@ async def test_ttl_is_set_and_refreshed(make_store, backend):
 
 async def test_hot_record_does_not_grow_with_history(make_store, backend):
     store = make_store(max_history=5)
-    await run_turns(store, "g1", 20)
     client = backend.redis_client()
-    small = len(client.hget(f"{backend.prefix}:h:{{g1}}", "d"))
-    await run_turns(store, "g1", 200)
-    large = len(client.hget(f"{backend.prefix}:h:{{g1}}", "d"))
-    assert abs(large - small) < 0.1 * small, (small, large)
+    tracker = await store.get_or_create_tracker("g1")
+    sizes = []
+    for i in range(240):
+        tracker = await store.retrieve("g1")
+        turn(tracker, i)
+        await store.save(tracker)
+        sizes.append(len(client.hget(f"{backend.prefix}:h:{{g1}}", "d")))
+    # Bounded: the largest record of turns 120-240 is no larger than that of
+    # turns 40-120 (it saw-tooths as superseded slot events are dropped).
+    assert max(sizes[120:]) <= max(sizes[40:120]) * 1.02, (max(sizes[40:120]), max(sizes[120:]))
     loaded = await store.retrieve("g1")
-    assert len(loaded.events) < 40
+    assert len(loaded.events) < 80
 
 
 async def test_non_json_slot_values_round_trip(make_store):
