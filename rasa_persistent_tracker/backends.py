@@ -16,6 +16,7 @@ from rasa_persistent_tracker.connect import redis_client_factory, run_blocking
 from rasa_persistent_tracker.crypto import build_protected
 from rasa_persistent_tracker.embedded import SQLiteHotState
 from rasa_persistent_tracker.errors import (
+    CorruptRecordError,
     EventLogUnavailable,
     HotStateUnavailable,
     StorageUnavailable,
@@ -23,6 +24,7 @@ from rasa_persistent_tracker.errors import (
 from rasa_persistent_tracker.event_log import AsyncEventLog, SQLEventLog, make_engine
 from rasa_persistent_tracker.hot_state import HotState, RedisHotState
 from rasa_persistent_tracker.outbox import Outbox
+from rasa_persistent_tracker.window import validate_record
 
 STARTUP_TIMEOUT = 15.0
 
@@ -83,8 +85,15 @@ def assemble(config: StoreConfig, hot: HotState, log: SQLEventLog,
     """Wire already-open storage together (tests use this with fakes)."""
     codec = Codec(JsonSerializer(), *build_protected(config, environ))
     async_log = AsyncEventLog(log, config.sql_workers)
+    def snapshot_ok(conversation_id: str, payload: str) -> bool:
+        try:
+            validate_record(codec.loads_record(payload), conversation_id)
+            return True
+        except CorruptRecordError:
+            return False
+
     outbox = Outbox(hot, async_log, config.outbox_batch_size, config.outbox_scan_interval,
-                    config.quarantine_ttl)
+                    config.quarantine_ttl, snapshot_ok)
     return Backends(config, hot, async_log, codec, outbox)
 
 

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from rasa_persistent_tracker.errors import EventLogUnavailable, HotStateUnavailable
 from rasa_persistent_tracker.event_log import AsyncEventLog, LogRow, Snapshot
@@ -42,8 +42,10 @@ class Outbox:
     """Background delivery of outbox entries. One per store and event loop."""
 
     def __init__(self, hot: HotState, log: AsyncEventLog, batch_size: int,
-                 scan_interval: float, quarantine_ttl: float) -> None:
+                 scan_interval: float, quarantine_ttl: float,
+                 snapshot_ok: Callable[[str, str], bool] = lambda _cid, _payload: True) -> None:
         self._hot = hot
+        self._snapshot_ok = snapshot_ok
         self._log = log
         self._batch_size = batch_size
         self._scan_interval = scan_interval
@@ -142,7 +144,9 @@ class Outbox:
                 continue
             rows[cid] = good
             upto[cid] = good[-1].seq
-            if pending.complete and pending.payload is not None and cid not in unfinished:
+            # Never let an unreadable hot value replace the last good snapshot.
+            if (pending.complete and pending.payload is not None and cid not in unfinished
+                    and self._snapshot_ok(cid, pending.payload)):
                 snapshots[cid] = Snapshot(next_seq=good[-1].seq + 1, version=pending.version,
                                           saved_at=saved_at, payload=pending.payload)
             elif not pending.complete:

@@ -68,11 +68,12 @@ class Recovery:
         return where
 
     async def quarantined(self, sender_id: str, reason: str) -> DialogueStateTracker:
-        """Quarantine the value, then resume from the snapshot or start afresh."""
+        """Quarantine the value, then resume from the snapshot (or the log) or
+        start afresh."""
         await self.quarantine(sender_id, reason)
         tracker = await self.from_snapshot(sender_id, refill=True)
         if tracker is not None:
-            logger.warning("Conversation '%s' resumed from its SQL snapshot.", sender_id)
+            logger.warning("Conversation '%s' resumed from its SQL snapshot and log.", sender_id)
             return tracker
         tracker = self._store.init_tracker(sender_id)
         self._store._mark(tracker, 0, await self._next_seq(sender_id, 0), {})
@@ -105,37 +106,58 @@ class Recovery:
 
     async def from_snapshot(self, sender_id: str, refill: bool,
                             snapshot: Optional[Snapshot] = None) -> Optional[DialogueStateTracker]:
-        """Snapshot + the log after it, optionally written back to the hot state.
+        """Snapshot + every event after it (log and outbox), optionally written
+        back to the hot state. Without a usable snapshot, the log's last session
+        is replayed instead. None if there is nothing to resume from.
 
-        Raises HotStateUnavailable if the snapshot is needed but SQL is down too.
+        Raises HotStateUnavailable if SQL is needed but down too.
         """
         try:
             snapshot = snapshot or await self._snapshot(sender_id)
-            if snapshot is None:
-                return None
-            tail = await self._log.run(self._log.sync.read, sender_id, snapshot.next_seq - 1)
+            after = snapshot.next_seq - 1 if snapshot else 0
+            tail = await self.all_rows(sender_id, after_seq=after)
         except EventLogUnavailable as exc:
             raise HotStateUnavailable(
                 f"Conversation '{sender_id}': the hot state is unusable and the SQL snapshot "
                 f"is unreachable ({exc})") from exc
-        try:
-            record = window.validate_record(self._store._codec.loads_record(snapshot.payload), sender_id)
-            tracker, cache = self._store._rebuild(record)
-        except CorruptRecordError as exc:
-            logger.warning("Conversation '%s': SQL snapshot is unreadable too (%s).", sender_id, exc)
-            return None
+        restored = self._restore(sender_id, snapshot)
+        from_log = restored is None
+        if from_log:
+            if snapshot is not None:  # unusable snapshot: replay the whole log
+                tail = await self.all_rows(sender_id)
+            if not tail:
+                return None
+            restored = (self._store.init_tracker(sender_id), {}, 1)
+        tracker, cache, next_seq = restored
         for event in self.decode_rows(sender_id, tail):
             tracker.update(event)
-        next_seq = max(record["next_seq"], (tail[-1].seq + 1) if tail else 0)
-        version = snapshot.version
+        if tail:
+            next_seq = max(next_seq, tail[-1].seq + 1)
+        if from_log:
+            tracker = window.last_session(tracker)
+        version = snapshot.version if snapshot else 0
         if refill:
             new_record, cache = window.build_record(
                 tracker, self._store.domain.slots, self._store.config.max_history, next_seq, cache)
             version = await self._hot.commit(
-                sender_id, snapshot.version, self._store._codec.dumps_record(new_record),
+                sender_id, version, self._store._codec.dumps_record(new_record),
                 self._store.config.record_exp, None)
         self._store._mark(tracker, version, next_seq, cache)
         return tracker
+
+    def _restore(self, sender_id: str, snapshot: Optional[Snapshot]) -> Optional[Tuple]:
+        """(tracker, event cache, next seq) from a snapshot; None if unusable."""
+        if snapshot is None:
+            return None
+        try:
+            record = window.validate_record(
+                self._store._codec.loads_record(snapshot.payload), sender_id)
+            tracker, cache = self._store._rebuild(record)
+        except CorruptRecordError as exc:
+            logger.warning("Conversation '%s': SQL snapshot is unreadable too (%s); "
+                           "replaying the log instead.", sender_id, exc)
+            return None
+        return tracker, cache, record["next_seq"]
 
     async def merge_base(self, tracker: DialogueStateTracker) -> Tuple[
             DialogueStateTracker, List[Event], int, int, Dict]:

@@ -226,6 +226,14 @@ def _require(record: Dict[str, Any], key: str, kinds: Any) -> Any:
     return value
 
 
+def _well_formed(event: Any) -> bool:
+    """An event dict with a string type and a numeric timestamp."""
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return False
+    stamp = event.get("timestamp")
+    return isinstance(stamp, (int, float)) and not isinstance(stamp, bool)
+
+
 def validate_record(record: Any, sender_id: str) -> Dict[str, Any]:
     """Check the shape of a decoded record. Raises ``CorruptRecordError``."""
     if not isinstance(record, dict):
@@ -239,13 +247,14 @@ def validate_record(record: Any, sender_id: str) -> Dict[str, Any]:
         raise CorruptRecordError("field 'next_seq' is not positive")
     base = _require(record, "base", dict)
     if base and not (isinstance(base.get("slot_events"), list)
-                     and all(isinstance(e, dict) for e in base["slot_events"])
                      and isinstance(base.get("paused"), bool)
                      and isinstance(base.get("active_loop"), (dict, type(None)))):
         raise CorruptRecordError("field 'base' is malformed")
     events = _require(record, "events", list)
-    if not events or not all(isinstance(e, dict) for e in events):
-        raise CorruptRecordError("field 'events' is empty or holds non-objects")
+    if not events or not all(_well_formed(e) for e in events):
+        raise CorruptRecordError("field 'events' is empty or holds malformed events")
+    if base and not all(_well_formed(e) for e in base["slot_events"]):
+        raise CorruptRecordError("field 'base.slot_events' holds malformed events")
     state = _require(record, "state", dict)
     if not isinstance(state.get("slots"), dict):
         raise CorruptRecordError("field 'state.slots' is malformed")
@@ -294,6 +303,17 @@ def rebuild_tracker(
     if expected != actual:
         raise CorruptRecordError("replayed slots do not match the recorded state")
     return tracker, cache
+
+
+def last_session(tracker: DialogueStateTracker) -> DialogueStateTracker:
+    """A tracker holding only the events of ``tracker``'s last session."""
+    events = list(tracker.events)
+    start = _session_start(events)
+    if start == 0:
+        return tracker
+    return DialogueStateTracker.from_events(
+        tracker.sender_id, events[start:], tracker.slots.values(),
+        max_event_history=tracker._max_event_history)
 
 
 def new_events_after(events: List[Event], marker: Loaded) -> Optional[List[Event]]:

@@ -1,0 +1,332 @@
+"""Never lose a turn: fuzzed corruption, racing writers, Redis loss, outages."""
+import asyncio
+import json
+import logging
+import random
+import threading
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from rasa.shared.core.events import ActionExecuted, SlotSet, UserUttered
+
+from rasa_persistent_tracker import ConcurrentSaveError, HotStateUnavailable, PersistentTrackerStore
+from rasa_persistent_tracker.codec import CHECKSUM_MARK, _checksum
+from tests.conftest import Backend, real_urls
+from tests.servers import throwaway_postgres, throwaway_redis  # noqa: F401 (fixtures)
+
+
+def turn(tracker, marker):
+    tracker.update(UserUttered(f"message {marker}", {"name": "inform", "confidence": 1.0}))
+    tracker.update(ActionExecuted("utter_greet"))
+    tracker.update(SlotSet("name", marker))
+    tracker.update(ActionExecuted("action_listen"))
+
+
+def log_rows(engine, conversation_id):
+    with engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT seq, type_name, data FROM rpt_events WHERE conversation_id=:c ORDER BY seq"),
+            {"c": conversation_id}).fetchall()
+
+
+def assert_gap_free(rows):
+    seqs = [r[0] for r in rows]
+    assert seqs == list(range(1, len(seqs) + 1)), f"sequence has gaps/duplicates: {seqs[:20]}..."
+
+
+# ------------------------------------------------------------------ corruption
+
+def _mutate_record(payload: bytes, rng: random.Random) -> bytes:
+    """Schema-valid JSON with a wrong value, re-framed with a valid checksum."""
+    body = payload.decode().rpartition(CHECKSUM_MARK)[0]
+    record = json.loads(body)
+    choice = rng.randrange(9)
+    if choice == 0:
+        record["schema"] = 2
+    elif choice == 1:
+        record["next_seq"] = rng.choice([-1, 0, "7", None])
+    elif choice == 2:
+        del record[rng.choice(["events", "state", "base", "next_seq", "sender_id"])]
+    elif choice == 3:
+        record["events"] = []
+    elif choice == 4:
+        record["events"][-1]["event"] = "no_such_event"
+    elif choice == 5:
+        record["state"]["slots"]["name"] = rng.choice([42, "someone else", None, [1]])
+    elif choice == 6:
+        record["sender_id"] = "another-conversation"
+    elif choice == 7:
+        record["base"] = {"slot_events": "x", "paused": 3}
+    else:
+        record["events"][0] = {"event": "slot", "name": "name", "value": "x", "timestamp": "t"}
+    text = json.dumps(record, separators=(",", ":"))
+    return f"{text}{CHECKSUM_MARK}{_checksum(text)}".encode()
+
+
+def corrupt(client, key: str, rng: random.Random) -> str:
+    """Write one generated corruption into the hot record; return its kind."""
+    payload = client.hget(key, "d") or b"{}"
+    kind = rng.choice(["random", "bitflip", "truncate", "schema", "schema", "type",
+                       "version", "missing"])
+    if kind == "random":
+        client.hset(key, "d", bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300))))
+    elif kind == "bitflip":
+        data = bytearray(payload)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        client.hset(key, "d", bytes(data))
+    elif kind == "truncate":
+        client.hset(key, "d", payload[:rng.randrange(len(payload))])
+    elif kind == "schema":
+        client.hset(key, "d", _mutate_record(payload, rng))
+    elif kind == "type":
+        client.delete(key)
+        rng.choice([lambda: client.set(key, payload), lambda: client.rpush(key, payload),
+                    lambda: client.sadd(key, payload)])()
+    elif kind == "version":
+        client.hset(key, "v", rng.choice([b"abc", b"", b"-", b"1.5"]))
+    else:
+        client.hdel(key, "d")
+    return kind
+
+
+async def test_fuzzed_corruptions_never_crash_and_are_all_quarantined(make_store, backend, caplog):
+    rng = random.Random(20261125)
+    store = make_store(max_history=4)
+    client = backend.redis_client()
+    conversations = [f"fuzz-{i}" for i in range(5)]
+    for cid in conversations:
+        tracker = await store.get_or_create_tracker(cid)
+        turn(tracker, "start")
+        await store.save(tracker)
+    total = 1000
+    kinds = {}
+    caplog.set_level(logging.WARNING, logger="rasa_persistent_tracker")
+    for i in range(total):
+        cid = conversations[i % len(conversations)]
+        kind = corrupt(client, f"{backend.prefix}:h:{{{cid}}}", rng)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        tracker = await store.retrieve(cid)  # must never raise
+        assert tracker is not None, f"corruption #{i} ({kind}) gave no tracker"
+        turn(tracker, f"after-{i}")
+        await store.save(tracker)  # the conversation goes on
+        assert (await store.retrieve(cid)).get_slot("name") == f"after-{i}"
+    quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:*", count=1000))
+    assert len(quarantined) == total, kinds
+    warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == total
+    await store.flush()
+    engine = backend.engine()
+    for cid in conversations:
+        rows = log_rows(engine, cid)
+        assert_gap_free(rows)
+        # every turn after every corruption is in the log exactly once
+        names = [json.loads(d)["value"] for _, t, d in rows if t == "slot"]
+        assert names == ["start"] + [f"after-{i}" for i in range(total) if
+                                      conversations[i % len(conversations)] == cid]
+    engine.dispose()
+
+
+async def test_corrupt_log_rows_are_skipped_with_a_warning(make_store, backend, caplog):
+    store = make_store()
+    tracker = await store.get_or_create_tracker("rows")
+    for i in range(3):
+        turn(tracker, i)
+        await store.save(tracker)
+    await store.flush()
+    engine = backend.engine()
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE rpt_events SET data='{broken' WHERE conversation_id='rows' "
+                             "AND seq=3"))
+    caplog.set_level(logging.WARNING, logger="rasa_persistent_tracker")
+    full = await store.retrieve_full_tracker("rows")
+    assert len(full.events) == 1 + 3 * 4 - 1
+    assert "seq=3" in caplog.text and "rows" in caplog.text
+    engine.dispose()
+
+
+# --------------------------------------------------------------------- races
+
+async def test_racing_writers_lose_no_update_and_keep_the_log_gap_free(make_store, backend):
+    workers, turns_each = 4, 15
+    conversations = ["race-a", "race-b"]
+    seed = make_store()
+    for cid in conversations:
+        await seed.get_or_create_tracker(cid)
+    stores = [make_store() for _ in range(workers)]
+    conflicts = [0] * workers
+
+    async def work(w: int) -> None:
+        store = stores[w]
+        for i in range(turns_each):
+            for cid in conversations:
+                while True:
+                    tracker = await store.retrieve(cid)
+                    turn(tracker, f"w{w}-{i}")
+                    await asyncio.sleep(0)  # let the others interleave
+                    try:
+                        await store.save(tracker)
+                        break
+                    except ConcurrentSaveError:
+                        conflicts[w] += 1
+        await store.flush()
+
+    # On real Redis half the writers run in threads with their own event loops
+    # (parallel connections); fakeredis cannot be shared across loops, so there
+    # all writers race as tasks on this loop (each save still awaits I/O).
+    threaded = 2 if backend.kind == "real" else 0
+    threads = [threading.Thread(target=lambda w=w: asyncio.run(work(w))) for w in range(threaded)]
+    for thread in threads:
+        thread.start()
+    await asyncio.gather(*(work(w) for w in range(threaded, workers)))
+    for thread in threads:
+        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+    await seed.flush()
+    assert sum(conflicts) > 0, "the writers never actually raced"
+    engine = backend.engine()
+    for cid in conversations:
+        rows = log_rows(engine, cid)
+        assert_gap_free(rows)
+        markers = [json.loads(d)["value"] for _, t, d in rows if t == "slot"]
+        expected = {f"w{w}-{i}" for w in range(workers) for i in range(turns_each)}
+        assert sorted(markers) == sorted(expected), "lost or duplicated updates"
+        assert (await seed.retrieve(cid)).get_slot("name") == markers[-1]
+    engine.dispose()
+
+
+# ------------------------------------------------------------- Redis forgets
+
+async def test_flushall_mid_conversation_loses_no_conversation(domain, tmp_path):
+    pair = Backend("fake", str(tmp_path))  # the real variant owns a server, below
+    try:
+        await _flushall_scenario(pair, domain)
+    finally:
+        await pair.cleanup()
+
+
+@pytest.mark.servers
+async def test_flushall_on_a_real_redis(throwaway_redis, domain, tmp_path):  # noqa: F811
+    real_urls()
+    pair = Backend("real", str(tmp_path))
+    pair.redis_url = throwaway_redis.url
+    try:
+        await _flushall_scenario(pair, domain)
+    finally:
+        await pair.cleanup()
+
+
+async def _flushall_scenario(pair: Backend, domain) -> None:
+    """20 conversations, FLUSHALL mid-way, all continue; write-through loses no turn."""
+    store = pair.make_store(domain, sync_log=True)
+    conversations = [f"flush-{i}" for i in range(20)]
+    for cid in conversations:
+        tracker = await store.get_or_create_tracker(cid)
+        for i in range(3):
+            tracker = await store.retrieve(cid)
+            turn(tracker, f"{cid}-{i}")
+            await store.save(tracker)
+    pair.redis_client().flushall()
+    lost = 0
+    for cid in conversations:
+        tracker = await store.retrieve(cid)
+        if tracker is None or tracker.get_slot("name") != f"{cid}-2":
+            lost += 1
+            continue
+        turn(tracker, f"{cid}-3")
+        await store.save(tracker)
+    assert lost == 0
+    await store.flush()
+    engine = pair.engine()
+    for cid in conversations:
+        rows = log_rows(engine, cid)
+        assert_gap_free(rows)
+        assert len(rows) == 1 + 4 * 4
+    engine.dispose()
+
+
+# ------------------------------------------------------------------- outages
+
+@pytest.mark.servers
+async def test_postgres_down_turns_succeed_and_the_log_catches_up(throwaway_postgres, domain,  # noqa: F811
+                                                                   tmp_path):
+    urls = real_urls()
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    store = PersistentTrackerStore(domain, host=urls["redis"], key_prefix=prefix,
+                                   sql_url=throwaway_postgres.url, environ={},
+                                   outbox_scan_interval=0.5)
+    conversations = [f"pg-{i}" for i in range(10)]
+    failed = 0
+    try:
+        for cid in conversations[:5]:
+            tracker = await store.get_or_create_tracker(cid)
+            turn(tracker, f"{cid}-before")
+            await store.save(tracker)
+        await store.flush()
+        throwaway_postgres.stop()
+        for round_ in range(3):
+            for cid in conversations:  # 5 ongoing + 5 brand-new conversations
+                try:
+                    tracker = await store.get_or_create_tracker(cid)
+                    turn(tracker, f"{cid}-down-{round_}")
+                    await store.save(tracker)
+                except Exception:  # any failure is a failed turn
+                    failed += 1
+        assert failed == 0
+        throwaway_postgres.start()
+        # No new messages: the background delivery must catch up on its own.
+        engine = sa.create_engine(throwaway_postgres.url)
+        for _ in range(100):
+            with engine.connect() as conn:
+                count = conn.execute(sa.text("SELECT COUNT(*) FROM rpt_events")).scalar()
+            if count == 5 * (1 + 4) + 5 * 3 * 4 + 5 * (1 + 3 * 4):
+                break
+            await asyncio.sleep(0.2)
+        for i, cid in enumerate(conversations):
+            rows = log_rows(engine, cid)
+            assert_gap_free(rows)
+            markers = [json.loads(d)["value"] for _, t, d in rows if t == "slot"]
+            before = [f"{cid}-before"] if i < 5 else []
+            assert markers == before + [f"{cid}-down-{r}" for r in range(3)]
+        engine.dispose()
+    finally:
+        await store.close()
+        client = __import__("redis").Redis.from_url(urls["redis"])
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.delete(key)
+
+
+@pytest.mark.servers
+async def test_redis_down_never_gives_a_fresh_tracker_and_recovers(throwaway_redis, domain,  # noqa: F811
+                                                                   tmp_path):
+    real_urls()
+    pair = Backend("real", str(tmp_path))
+    pair.redis_url = throwaway_redis.url
+    store = pair.make_store(domain, redis_socket_timeout=0.5)
+    try:
+        tracker = await store.get_or_create_tracker("r1")
+        for i in range(3):
+            tracker = await store.retrieve("r1")
+            turn(tracker, f"r1-{i}")
+            await store.save(tracker)
+        await store.flush()
+        throwaway_redis.stop()
+        degraded = await store.retrieve("r1")  # read from the SQL snapshot
+        assert degraded is not None and degraded.get_slot("name") == "r1-2"
+        turn(degraded, "lost-while-down")
+        with pytest.raises(HotStateUnavailable):
+            await store.save(degraded)
+        throwaway_redis.start()  # comes back empty (no persistence)
+        tracker = await store.retrieve("r1")
+        assert tracker.get_slot("name") == "r1-2"
+        turn(tracker, "r1-3")
+        await store.save(tracker)
+        await store.flush()
+        engine = pair.engine()
+        rows = log_rows(engine, "r1")
+        assert_gap_free(rows)
+        assert [json.loads(d)["value"] for _, t, d in rows if t == "slot"] == [
+            "r1-0", "r1-1", "r1-2", "r1-3"]
+        engine.dispose()
+    finally:
+        await pair.cleanup()
