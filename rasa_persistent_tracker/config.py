@@ -18,7 +18,7 @@ from rasa_persistent_tracker.errors import ConfigError
 EMBEDDED = "embedded"
 DEFAULT_DIR = ".rasa_tracker"
 DEFAULT_RECORD_EXP = 86400.0
-DEFAULT_MAX_HISTORY = 20
+DEFAULT_MAX_HISTORY = 10
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 

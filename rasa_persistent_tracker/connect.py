@@ -10,8 +10,10 @@ Redis URL forms:
 """
 import asyncio
 import concurrent.futures
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
 
 from rasa_persistent_tracker.config import StoreConfig, mask_url
 from rasa_persistent_tracker.errors import ConfigError, StorageUnavailable
@@ -39,18 +41,43 @@ def _tls(config: StoreConfig) -> Dict[str, Any]:
                               ("ssl_ca_certs", config.ssl_ca_certs)) if v}
 
 
+class _OwningRedis(aioredis.Redis):
+    """A client that closes the pool it was given when it is closed."""
+
+    async def close(self, close_connection_pool: Optional[bool] = None) -> None:
+        await super().close(close_connection_pool=True)
+
+
+class _SentinelMaster(aioredis.Redis):
+    """Master client of a Sentinel set whose ``close`` releases every connection.
+
+    redis-py leaves a pool it did not create open on ``close``, and never closes
+    the clients it keeps for the sentinels themselves.
+    """
+
+    async def close(self, close_connection_pool: Optional[bool] = None) -> None:
+        await super().close(close_connection_pool=True)
+        for sentinel in self.connection_pool.sentinel_manager.sentinels:
+            await sentinel.close()
+
+
 def redis_client_factory(config: StoreConfig) -> Callable[[], Any]:
     """Return a function creating a redis.asyncio client for ``config.redis_url``."""
-    import redis.asyncio as aioredis
-
     url = config.redis_url
     common = {"socket_timeout": config.redis_socket_timeout,
               "socket_connect_timeout": config.redis_socket_timeout}
     parts = urlsplit(url)
     if parts.scheme in ("redis", "rediss", "unix"):
         tls = _tls(config) if parts.scheme == "rediss" else {}
-        return lambda: aioredis.from_url(url, max_connections=config.redis_max_connections,
-                                         **common, **tls)
+
+        def standalone_client() -> Any:
+            # A blocking pool: with more turns in flight than connections, a
+            # turn waits for a free connection instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=config.redis_max_connections,
+                timeout=max(config.redis_socket_timeout, 1.0), **common, **tls)
+            return _OwningRedis(connection_pool=pool)
+        return standalone_client
     if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
         from redis.asyncio.sentinel import Sentinel
 
@@ -65,7 +92,8 @@ def redis_client_factory(config: StoreConfig) -> Callable[[], Any]:
 
         def sentinel_client() -> Any:
             sentinel = Sentinel(nodes, sentinel_kwargs={**common}, **common)
-            return sentinel.master_for(service, db=db, max_connections=config.redis_max_connections,
+            return sentinel.master_for(service, redis_class=_SentinelMaster, db=db,
+                                       max_connections=config.redis_max_connections,
                                        **auth, **ssl)
         return sentinel_client
     if parts.scheme in ("redis+cluster", "rediss+cluster"):

@@ -66,8 +66,11 @@ def parse_keys(text: str, source: str) -> Keyring:
             raise ConfigError(f"Encryption key #{position} in {source} must look like "
                               f"'<key id>:<base64 key>' with a key id of letters, digits, "
                               f"'_' or '-'.")
+        material = material.strip()
         try:
-            key = base64.urlsafe_b64decode(material.strip() + "=" * (-len(material.strip()) % 4))
+            # validate=True: stray characters are an error, not silently dropped.
+            key = base64.b64decode(material.replace("-", "+").replace("_", "/")
+                                   + "=" * (-len(material) % 4), validate=True)
         except (binascii.Error, ValueError):
             raise ConfigError(f"Encryption key '{kid}' in {source} is not valid base64.") from None
         if len(key) != 32:

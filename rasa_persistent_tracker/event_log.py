@@ -138,6 +138,9 @@ class SQLEventLog:
                 values.extend(fresh)
                 repaired += moved
             if values:
+                # Key order: concurrent writers lock index entries in the same
+                # order, so they wait for each other instead of deadlocking.
+                values.sort(key=lambda v: (v["conversation_id"], v["seq"]))
                 conn.execute(EVENTS.insert(), values)
             for cid, snap in snapshots.items():
                 self._upsert_snapshot(conn, cid, snap)

@@ -54,6 +54,8 @@ class Outbox:
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._lock: Optional[asyncio.Lock] = None
+        self._stopping = False
         self._outage_logged = False
         self.delivered = 0
 
@@ -61,21 +63,24 @@ class Outbox:
         """Mark a conversation as having fresh entries and start delivery."""
         self._dirty.add(conversation_id)
         self._ensure_running()
-        if self._wake is not None:
-            self._wake.set()
+        self._wake.set()
 
     def _ensure_running(self) -> None:
         loop = asyncio.get_running_loop()
         if self._task is not None and self._loop is loop and not self._task.done():
             return
         self._loop = loop
+        self._stopping = False
         self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
         self._task = loop.create_task(self._run(), name="rpt-outbox")
 
     async def _run(self) -> None:
         backoff = 0.1
         next_scan = 0.0
-        while True:
+        while not self._stopping:
+            # Cleared before delivering: a save during delivery sets it again.
+            self._wake.clear()
             try:
                 if time.monotonic() >= next_scan:
                     await self._scan()
@@ -87,22 +92,24 @@ class Outbox:
                     logger.warning("Event log reachable again; outbox delivery resumed.")
                     self._outage_logged = False
                 if not self._dirty:
-                    self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout=self._scan_interval)
-                    except asyncio.TimeoutError:
-                        pass
+                    await self._sleep(self._scan_interval)
             except (EventLogUnavailable, HotStateUnavailable) as exc:
                 if not self._outage_logged:
                     logger.warning("Outbox delivery paused, will retry: %s", exc)
                     self._outage_logged = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-            except asyncio.CancelledError:
-                raise
             except Exception:  # a bug must not silently stop delivery forever
                 logger.exception("Unexpected error in outbox delivery; retrying.")
                 await asyncio.sleep(1.0)
+
+    async def _sleep(self, timeout: float) -> None:
+        # Not asyncio.wait_for: on Python 3.10 it can swallow a cancellation.
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            waiter.cancel()
 
     async def _scan(self) -> None:
         async for conversation_id in self._hot.outboxes():
@@ -114,12 +121,27 @@ class Outbox:
         Raises EventLogUnavailable / HotStateUnavailable (entries stay queued).
         """
         ids = list(conversation_ids)
+        if self._lock is None or self._loop is not asyncio.get_running_loop():
+            self._ensure_running()
         moved = 0
-        for start in range(0, len(ids), 50):
-            moved += await self._deliver_batch(ids[start:start + 50])
+        # One delivery at a time per process: concurrent deliveries of the same
+        # rows would only contend (and deadlock) in the database.
+        async with self._lock:
+            for start in range(0, len(ids), 50):
+                moved += await self._deliver_batch(ids[start:start + 50])
         return moved
 
     async def _deliver_batch(self, ids: List[str]) -> int:
+        # Taken now, so a save made while this batch is in flight marks its
+        # conversation dirty again instead of being forgotten.
+        self._dirty.difference_update(ids)
+        try:
+            return await self._deliver_taken(ids)
+        except BaseException:
+            self._dirty.update(ids)
+            raise
+
+    async def _deliver_taken(self, ids: List[str]) -> int:
         rows: Dict[str, List[LogRow]] = {}
         snapshots: Dict[str, Snapshot] = {}
         upto: Dict[str, int] = {}
@@ -155,9 +177,7 @@ class Outbox:
             await self._log.run(self._log.sync.append, rows, snapshots)
             for cid, seq in upto.items():
                 await self._hot.ack(cid, seq)
-        for cid in ids:
-            if cid not in unfinished:
-                self._dirty.discard(cid)
+        self._dirty.update(unfinished)
         moved = sum(len(r) for r in rows.values())
         self.delivered += moved
         return moved
@@ -173,11 +193,13 @@ class Outbox:
                 break
 
     async def stop(self) -> None:
-        """Cancel the background task (entries stay safe in the outbox)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._task = None
+        """Stop the background task (entries stay safe in the outbox)."""
+        task, self._task = self._task, None
+        self._stopping = True
+        if task is None or task.done():
+            return
+        if task.get_loop() is not asyncio.get_running_loop():
+            return  # its loop is gone or elsewhere; nothing to wait for here
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("rasa_persistent_tracker.store")
 _RETRY_DELAYS = (0.05, 0.2, 0.5)
+# After the hot state failed (a failover, a restart), records may have lost
+# their latest writes for a while; during this window retrieve also checks the
+# SQL snapshot and restores a newer one.
+SUSPECT_SECONDS = 120.0
 
 
 class Recovery:
@@ -39,6 +43,30 @@ class Recovery:
 
     def __init__(self, store: "PersistentTrackerStore") -> None:
         self._store = store
+        self._suspect_until = 0.0
+
+    def suspect(self) -> None:
+        """The hot state just failed: check records against SQL for a while."""
+        self._suspect_until = time.monotonic() + SUSPECT_SECONDS
+
+    @property
+    def suspecting(self) -> bool:
+        return time.monotonic() < self._suspect_until
+
+    async def newer_snapshot(self, sender_id: str, next_seq: int,
+                             version: int) -> Optional[DialogueStateTracker]:
+        """A tracker from SQL if its snapshot is ahead of the hot record, else None."""
+        try:
+            snapshot = await self._snapshot(sender_id)
+        except EventLogUnavailable:
+            return None
+        if snapshot is None or snapshot.next_seq <= next_seq:
+            return None
+        logger.warning("Conversation '%s': hot record is behind the SQL snapshot (a write was "
+                       "lost, e.g. in a failover); restoring from the snapshot and log.",
+                       sender_id)
+        return await self.from_snapshot(sender_id, refill=True, snapshot=snapshot,
+                                        expected=version)
 
     @property
     def _hot(self):
@@ -54,6 +82,7 @@ class Recovery:
             try:
                 return await self._hot.load(sender_id)
             except HotStateUnavailable as exc:
+                self.suspect()
                 if delay is None:
                     logger.error("Conversation '%s': %s Reading the SQL snapshot instead.",
                                  sender_id, exc)
@@ -105,7 +134,8 @@ class Recovery:
         return await self._log.run(self._log.sync.snapshot, sender_id)
 
     async def from_snapshot(self, sender_id: str, refill: bool,
-                            snapshot: Optional[Snapshot] = None) -> Optional[DialogueStateTracker]:
+                            snapshot: Optional[Snapshot] = None,
+                            expected: Optional[int] = None) -> Optional[DialogueStateTracker]:
         """Snapshot + every event after it (log and outbox), optionally written
         back to the hot state. Without a usable snapshot, the log's last session
         is replayed instead. None if there is nothing to resume from.
@@ -127,22 +157,31 @@ class Recovery:
                 tail = await self.all_rows(sender_id)
             if not tail:
                 return None
-            restored = (self._store.init_tracker(sender_id), {}, 1)
-        tracker, cache, next_seq = restored
-        for event in self.decode_rows(sender_id, tail):
+            restored = (self._store.init_tracker(sender_id), {}, 1, None)
+        tracker, cache, next_seq, previous = restored
+        events = self.decode_rows(sender_id, tail)
+        if len(events) < len(tail):
+            # Resuming from a replay with holes could bring back an older value
+            # as if it were current (and write it back): refuse it.
+            logger.warning("Conversation '%s': %d event(s) after the snapshot are unreadable; "
+                           "not resuming from an incomplete history.", sender_id,
+                           len(tail) - len(events))
+            return None
+        for event in events:
             tracker.update(event)
         if tail:
             next_seq = max(next_seq, tail[-1].seq + 1)
         if from_log:
-            tracker = window.last_session(tracker)
-        version = snapshot.version if snapshot else 0
+            tracker, previous = window.last_session(tracker), None
+        version = expected if expected is not None else (snapshot.version if snapshot else 0)
         if refill:
-            new_record, cache = window.build_record(
-                tracker, self._store.domain.slots, self._store.config.max_history, next_seq, cache)
+            new_record, cache, previous = window.build_record(
+                tracker, self._store.domain.slots, self._store.config.max_history, next_seq, cache,
+                previous)
             version = await self._hot.commit(
                 sender_id, version, self._store._codec.dumps_record(new_record),
                 self._store.config.record_exp, None)
-        self._store._mark(tracker, version, next_seq, cache)
+        self._store._mark(tracker, version, next_seq, cache, previous)
         return tracker
 
     def _restore(self, sender_id: str, snapshot: Optional[Snapshot]) -> Optional[Tuple]:
@@ -152,17 +191,18 @@ class Recovery:
         try:
             record = window.validate_record(
                 self._store._codec.loads_record(snapshot.payload), sender_id)
-            tracker, cache = self._store._rebuild(record)
+            tracker, cache, previous = self._store._rebuild(record)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': SQL snapshot is unreadable too (%s); "
                            "replaying the log instead.", sender_id, exc)
             return None
-        return tracker, cache, record["next_seq"]
+        # The log tail is replayed on top, so the base cannot be reused as is.
+        return tracker, cache, record["next_seq"], previous
 
     async def merge_base(self, tracker: DialogueStateTracker) -> Tuple[
-            DialogueStateTracker, List[Event], int, int, Dict]:
+            DialogueStateTracker, List[Event], int, int, Dict, Optional[window.Previous]]:
         """For a tracker this store did not hand out: (state, new events,
-        expected version, next seq, event cache)."""
+        expected version, next seq, event cache, previous base)."""
         sender_id = tracker.sender_id
         entry = await self._hot.load(sender_id)
         events = list(tracker.events)
@@ -172,7 +212,7 @@ class Recovery:
         elif entry.payload is not None:
             try:
                 record = window.validate_record(self._store._codec.loads_record(entry.payload), sender_id)
-                stored, cache = self._store._rebuild(record)
+                stored, cache, previous = self._store._rebuild(record)
             except CorruptRecordError as exc:
                 await self.quarantine(sender_id, str(exc))
                 record = None
@@ -183,7 +223,7 @@ class Recovery:
                 new = [e for e in events if window.fingerprint(e.as_dict()) not in known]
             for event in new:
                 stored.update(event)
-            return stored, new, entry.version, record["next_seq"], cache
+            return stored, new, entry.version, record["next_seq"], cache, previous
         next_seq = await self._next_seq(sender_id, entry.outbox_seq)
         new = events
         if next_seq > 1:
@@ -194,7 +234,7 @@ class Recovery:
             if last is not None:
                 after = self._after_fingerprint(events, window.fingerprint(last))
                 new = events if after is None else after
-        return tracker, new, 0, next_seq, {}
+        return tracker, new, 0, next_seq, {}, None
 
     @staticmethod
     def _after_fingerprint(events: List[Event], mark: Optional[str]) -> Optional[List[Event]]:
@@ -250,7 +290,7 @@ class Recovery:
         events: List[Event] = []
         for row in rows:
             try:
-                event = Event.from_parameters(self._store._codec.loads(row.data))
+                event = window.parse_event(self._store._codec.loads(row.data))
                 if event is None:
                     raise CorruptRecordError("unknown event type")
             except (CorruptRecordError, *window.EVENT_ERRORS) as exc:

@@ -19,6 +19,7 @@ from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     EventLogUnavailable,
+    HotStateUnavailable,
     PersistentTrackerError,
     SlotValueError,
 )
@@ -100,19 +101,25 @@ class PersistentTrackerStore(TrackerStore):
             return await self._recovery.missing(sender_id, entry.outbox_seq)
         try:
             record = window.validate_record(self._codec.loads_record(entry.payload), sender_id)
-            tracker, cache = self._rebuild(record)
+            tracker, cache, previous = self._rebuild(record)
         except CorruptRecordError as exc:
             return await self._recovery.quarantined(sender_id, str(exc))
-        self._mark(tracker, entry.version, record["next_seq"], cache)
+        if self._recovery.suspecting:
+            newer = await self._recovery.newer_snapshot(
+                sender_id, record["next_seq"], entry.version)
+            if newer is not None:
+                return newer
+        self._mark(tracker, entry.version, record["next_seq"], cache, previous)
         return tracker
 
-    def _rebuild(self, record: Dict[str, Any]) -> Tuple[DialogueStateTracker, Dict]:
+    def _rebuild(self, record: Dict[str, Any]) -> Tuple[DialogueStateTracker, Dict, Any]:
         return window.rebuild_tracker(record, self.domain.slots, self.max_event_history)
 
     def _mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
-              cache: Dict) -> None:
+              cache: Dict, previous: Optional[window.Previous] = None) -> None:
         last = tracker.events[-1] if tracker.events else None
-        setattr(tracker, MARK, window.Loaded(tracker.sender_id, version, next_seq, last, cache))
+        setattr(tracker, MARK, window.Loaded(tracker.sender_id, version, next_seq, last, cache,
+                                              previous))
 
     async def retrieve_full_tracker(self, conversation_id: str) -> Optional[DialogueStateTracker]:
         """Every event of every session, from the SQL log (plus undelivered ones).
@@ -167,9 +174,11 @@ class PersistentTrackerStore(TrackerStore):
         if marker is not None and marker.sender_id == sender_id:
             new = window.new_events_after(list(tracker.events), marker)
         if new is not None:
-            state, expected, next_seq, cache = tracker, marker.version, marker.next_seq, marker.cache
+            state, expected, next_seq = tracker, marker.version, marker.next_seq
+            cache, previous = marker.cache, marker.previous
         else:
-            state, new, expected, next_seq, cache = await self._recovery.merge_base(tracker)
+            state, new, expected, next_seq, cache, previous = await self._recovery.merge_base(
+                tracker)
         if not new:
             if expected:
                 await self._hot.touch(sender_id, self.config.record_exp)
@@ -177,18 +186,23 @@ class PersistentTrackerStore(TrackerStore):
         rows, dicts = self._rows(sender_id, new, next_seq)
         for event, as_dict in zip(new, dicts):
             cache[id(event)] = (event, as_dict)
-        record, kept = window.build_record(
-            state, self.domain.slots, self.config.max_history, next_seq + len(new), cache)
+        record, kept, previous = window.build_record(
+            state, self.domain.slots, self.config.max_history, next_seq + len(new), cache,
+            previous)
         payload = self._encode_record(record)
         entry = make_entry(rows, time.time())
         try:
             version = await self._hot.commit(sender_id, expected, payload,
                                              self.config.record_exp, entry)
+        except HotStateUnavailable:
+            self._recovery.suspect()
+            raise
         except UnusableValue as exc:
             await self._recovery.quarantine(sender_id, str(exc))
             version = await self._hot.commit(sender_id, expected, payload,
                                              self.config.record_exp, entry)
-        self._mark(tracker, version, next_seq + len(new), kept)
+        self._mark(tracker, version, next_seq + len(new), kept,
+                   previous if state is tracker else None)
         self._outbox.notify(sender_id)
         if self.config.sync_log:
             await self._deliver_now(sender_id)

@@ -24,15 +24,21 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from rasa.shared.core.constants import ACTION_LISTEN_NAME, ACTION_SESSION_START_NAME
 from rasa.shared.core.events import (
     ActionExecuted,
+    ActionReverted,
     ActiveLoop,
+    AllSlotsReset,
     ConversationPaused,
     Event,
     SlotSet,
+    Restarted,
+    SessionStarted,
     UserUttered,
+    UserUtteranceReverted,
 )
 from rasa.shared.core.slots import Slot
 from rasa.shared.core.trackers import DialogueStateTracker, TrackerActiveLoop
 from rasa.shared.exceptions import RasaException
+from rasa.shared.utils.common import all_subclasses
 
 from rasa_persistent_tracker.codec import encode_extra
 from rasa_persistent_tracker.errors import CorruptRecordError
@@ -49,6 +55,26 @@ def _canonical(value: Any) -> Any:
         return encode_extra(value)
     except TypeError:
         return repr(value)
+
+
+_EVENT_TYPES: Dict[str, type] = {}
+
+
+def parse_event(event_dict: Dict[str, Any]) -> Optional[Event]:
+    """``Event.from_parameters`` without its per-call class-tree walk.
+
+    Rasa resolves the event class by scanning every subclass of ``Event`` for
+    each event (the biggest cost of rebuilding a tracker); the map is built
+    once, keeping Rasa's first-match order, and unknown names (custom events
+    defined later, legacy names) still go through Rasa's own resolution.
+    """
+    if not _EVENT_TYPES:
+        for cls in all_subclasses(Event):
+            _EVENT_TYPES.setdefault(cls.type_name, cls)
+    cls = _EVENT_TYPES.get(event_dict.get("event"))
+    if cls is None:
+        return Event.from_parameters(event_dict)
+    return cls._from_parameters(event_dict)
 
 
 def fingerprint(event_dict: Dict[str, Any]) -> str:
@@ -75,14 +101,19 @@ class Loaded:
     next_seq: int
     last_event: Optional[Event]
     cache: Dict[int, Tuple[Event, Dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    previous: Optional["Previous"] = None
 
 
 def slot_cap(max_history: int) -> int:
     """How many slot events the base keeps before dropping superseded ones."""
-    return 8 * (max_history + 1)
+    return 4 * (max_history + 1)
 
 
-def _slot_history(tracker: DialogueStateTracker, cap: int) -> List[Dict[str, Any]]:
+_UNDOING = (ActionReverted, UserUtteranceReverted, Restarted, SessionStarted, AllSlotsReset)
+
+
+def _slot_history(tracker: DialogueStateTracker, dropped: List[Event],
+                  cap: int) -> List[Dict[str, Any]]:
     """The session's applied slot events, in order.
 
     Rasa carries slots into a new session by replaying exactly these events
@@ -90,7 +121,10 @@ def _slot_history(tracker: DialogueStateTracker, cap: int) -> List[Dict[str, Any
     Rasa's. Past ``cap`` events, values later overwritten are dropped (the state
     stays exact; only a session-start carry-over would list fewer events).
     """
-    events = [e for e in tracker.applied_events() if isinstance(e, SlotSet)]
+    if any(isinstance(e, _UNDOING) for e in dropped):
+        events = [e for e in tracker.applied_events() if isinstance(e, SlotSet)]
+    else:  # nothing undone: the applied slot events are simply all of them
+        events = [e for e in dropped if isinstance(e, SlotSet)]
     if len(events) > cap:
         last = {e.key: i for i, e in enumerate(events)}
         events = [e for i, e in enumerate(events) if last[e.key] == i]
@@ -152,14 +186,70 @@ def _cut_index(events: Sequence[Event], start: int, max_history: int, loop: Opti
     return start
 
 
+@dataclasses.dataclass
+class Previous:
+    """The base a tracker was rebuilt from and how many events it occupies."""
+
+    base: Dict[str, Any]
+    length: int
+    first: Optional[Event]
+
+
+def slack(max_history: int) -> int:
+    """Extra actions the window may hold before it is compacted again."""
+    return max(3, (max_history + 1) // 2)
+
+
+def _reusable_base(events: List[Event], previous: Optional[Previous],
+                   max_history: int) -> Optional[Tuple[Dict[str, Any], int]]:
+    if previous is None or len(events) < previous.length:
+        return None
+    if previous.length and events[0] is not previous.first:
+        return None  # events were dropped (max_event_history): compact afresh
+    window = events[previous.length:]
+    if any(_is_action(e, ACTION_SESSION_START_NAME) for e in window):
+        return None
+    actions = sum(isinstance(e, ActionExecuted) for e in window)
+    if actions > max_history + 1 + slack(max_history):
+        return None
+    return previous.base, previous.length
+
+
+def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List[Slot],
+             max_history: int) -> Tuple[Dict[str, Any], int]:
+    start = _session_start(events)
+    cut = _cut_index(events, start, max_history, tracker.active_loop_name)
+    known = {s.name for s in slot_list}
+    if cut > start and any(
+        isinstance(e, SlotSet) and e.key not in known for e in events[start:cut]
+    ):
+        # Replaying without the slot's declaration would drop its value: keep
+        # the whole session verbatim rather than lose state.
+        cut = start
+    if cut == start:
+        return {}, cut
+    dropped = events[start:cut]
+    before = DialogueStateTracker.from_events(tracker.sender_id, dropped, slot_list)
+    return {
+        "slot_events": _slot_history(before, dropped, slot_cap(max_history)),
+        "active_loop": _loop_dict(before),
+        "paused": before.is_paused(),
+    }, cut
+
+
 def build_record(
     tracker: DialogueStateTracker,
     slots: Iterable[Slot],
     max_history: int,
     next_seq: int,
     cache: Optional[Dict[int, Tuple[Event, Dict[str, Any]]]] = None,
-) -> Tuple[Dict[str, Any], Dict[int, Tuple[Event, Dict[str, Any]]]]:
+    previous: Optional["Previous"] = None,
+) -> Tuple[Dict[str, Any], Dict[int, Tuple[Event, Dict[str, Any]]], Optional["Previous"]]:
     """Compact ``tracker`` into a hot record (a JSON-ready dict).
+
+    Compaction (replaying the dropped events into a new base) runs only when
+    the window has grown ``slack(max_history)`` actions past what the policies
+    need; in between, the previous base is kept as it was.
 
     Args:
         tracker: the conversation state after the turn.
@@ -168,29 +258,18 @@ def build_record(
         next_seq: sequence number the next logged event will get.
         cache: ``id(event) -> (event, event.as_dict())`` for events whose dicts
             are known, so unchanged events are not serialised again.
+        previous: the base the tracker was rebuilt from, if any.
 
     Returns:
-        The record and the cache for the events it keeps.
+        The record, the cache for the events it keeps, and the ``Previous`` to
+        use for this same tracker next time (None after a compaction).
     """
     events = list(tracker.events)
-    start = _session_start(events)
-    cut = _cut_index(events, start, max_history, tracker.active_loop_name)
-    slot_list = list(slots)
-    known = {s.name for s in slot_list}
-    if cut > start and any(
-        isinstance(e, SlotSet) and e.key not in known for e in events[start:cut]
-    ):
-        # Replaying without the slot's declaration would drop its value: keep
-        # the whole session verbatim rather than lose state.
-        cut = start
-    base: Dict[str, Any] = {}
-    if cut > start:
-        before = DialogueStateTracker.from_events(tracker.sender_id, events[start:cut], slot_list)
-        base = {
-            "slot_events": _slot_history(before, slot_cap(max_history)),
-            "active_loop": _loop_dict(before),
-            "paused": before.is_paused(),
-        }
+    reused = _reusable_base(events, previous, max_history)
+    if reused is not None:
+        base, cut = reused
+    else:
+        base, cut = _compact(tracker, events, list(slots), max_history)
     known_dicts = cache or {}
     kept: Dict[int, Tuple[Event, Dict[str, Any]]] = {}
     window = []
@@ -199,7 +278,7 @@ def build_record(
         as_dict = hit[1] if hit and hit[0] is event else event.as_dict()
         kept[id(event)] = (event, as_dict)
         window.append(as_dict)
-    last_user = tracker.get_last_event_for(UserUttered)
+    last_user = next((e for e in reversed(events) if isinstance(e, UserUttered)), None)
     record = {
         "schema": SCHEMA_VERSION,
         "sender_id": tracker.sender_id,
@@ -216,7 +295,7 @@ def build_record(
         },
         "last_event": fingerprint(window[-1]) if window else None,
     }
-    return record, kept
+    return record, kept, previous if reused is not None else None
 
 
 def _require(record: Dict[str, Any], key: str, kinds: Any) -> Any:
@@ -267,10 +346,11 @@ def rebuild_tracker(
     record: Dict[str, Any],
     slots: Iterable[Slot],
     max_event_history: Optional[int],
-) -> Tuple[DialogueStateTracker, Dict[int, Tuple[Event, Dict[str, Any]]]]:
+) -> Tuple[DialogueStateTracker, Dict[int, Tuple[Event, Dict[str, Any]]], Previous]:
     """Rebuild a tracker from a validated record.
 
-    Returns the tracker and the ``id(event) -> dict`` cache for ``build_record``.
+    Returns the tracker, the ``id(event) -> (event, dict)`` cache and the
+    ``Previous`` base, both for ``build_record``.
     Raises ``CorruptRecordError`` if an event cannot be parsed or the replayed
     slots disagree with the recorded state.
     """
@@ -279,7 +359,7 @@ def rebuild_tracker(
     base = record["base"]
     try:
         for event_dict in base.get("slot_events") or []:
-            event = Event.from_parameters(event_dict)
+            event = parse_event(event_dict)
             if not isinstance(event, SlotSet):
                 raise CorruptRecordError("base holds a non-slot event")
             tracker.update(event)
@@ -288,9 +368,10 @@ def rebuild_tracker(
             tracker.active_loop = TrackerActiveLoop(**base["active_loop"])
         if base.get("paused"):
             tracker.update(ConversationPaused())
+        previous = Previous(base, len(tracker.events), tracker.events[0] if tracker.events else None)
         cache: Dict[int, Tuple[Event, Dict[str, Any]]] = {}
         for event_dict in record["events"]:
-            event = Event.from_parameters(event_dict)
+            event = parse_event(event_dict)
             if event is None:
                 raise CorruptRecordError(f"unknown event type {event_dict.get('event')!r}")
             tracker.update(event)
@@ -302,7 +383,7 @@ def rebuild_tracker(
     actual = {n: s.value for n, s in tracker.slots.items() if s.value != s.initial_value}
     if expected != actual:
         raise CorruptRecordError("replayed slots do not match the recorded state")
-    return tracker, cache
+    return tracker, cache, previous
 
 
 def last_session(tracker: DialogueStateTracker) -> DialogueStateTracker:

@@ -21,6 +21,13 @@ from rasa_persistent_tracker.backends import assemble
 from rasa_persistent_tracker.config import parse_config
 from rasa_persistent_tracker.event_log import SQLEventLog, make_engine
 from rasa_persistent_tracker.hot_state import RedisHotState
+from tests.servers import (  # noqa: F401  (fixtures for the modules that start servers)
+    redis_cluster,
+    redis_sentinel,
+    redis_sentinel_failover,
+    throwaway_postgres,
+    throwaway_redis,
+)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 HERE = os.path.dirname(__file__)

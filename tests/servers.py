@@ -11,10 +11,13 @@ Missing binaries skip the test locally and fail it in CI (``CI=true``); a server
 that is there but fails to start always fails the test.
 
 Fixtures: ``throwaway_redis`` and ``throwaway_postgres`` (per test),
-``redis_cluster`` and ``redis_sentinel`` (per session), ``redis_sentinel_failover``
-(per test, for tests that kill its master). Use them with
-``from tests.servers import redis_cluster  # noqa: F401`` or
-``pytest_plugins = ["tests.servers"]`` in the root conftest.
+``redis_cluster`` and ``redis_sentinel`` (one per session, however many modules
+import them), ``redis_sentinel_failover`` (per test, for tests that kill its
+master). Import them where they are used, or once in tests/conftest.py::
+
+    from tests.servers import (  # noqa: F401  (fixtures)
+        redis_cluster, redis_sentinel, redis_sentinel_failover,
+        throwaway_postgres, throwaway_redis)
 """
 import atexit
 import glob
@@ -132,7 +135,7 @@ def require(*binaries: Optional[str], what: str) -> None:
     """Skip (locally) or fail (CI) unless every binary was found."""
     if all(binaries):
         return
-    message = f"{what} binaries not found (see tests/servers.py for where they are looked up)"
+    message = f"not found: {what}"
     if IN_CI:
         pytest.fail(f"{message}; CI=true, so the server tests must run")
     pytest.skip(message)
@@ -300,7 +303,7 @@ class _Group:
         return server
 
     def close(self) -> None:
-        for server in self.servers:
+        for server in reversed(self.servers):  # sentinels first: no failover on the way out
             server.close()
         shutil.rmtree(self.dir, ignore_errors=True)
         _unregister(self)
@@ -585,34 +588,46 @@ class PostgresServer:
 @pytest.fixture
 def throwaway_redis():
     """A standalone redis-server for one test (``.url``, ``.stop()``, ``.restart()``)."""
-    require(*redis_binaries(), what="redis-server / redis-cli")
+    require(*redis_binaries(), what="redis-server / redis-cli on PATH")
     server = started(RedisServer())
     yield server
     server.close()
 
 
+_SHARED: Dict[str, object] = {}
+
+
+def _shared(request: pytest.FixtureRequest, name: str, factory: Callable[[], T]) -> T:
+    """One started instance per session, even when several modules import the
+    fixture (each import is a separate fixture definition with its own cache)."""
+    require(*redis_binaries(), what="redis-server / redis-cli on PATH")
+    if name not in _SHARED:
+        server = started(factory())
+        _SHARED[name] = server
+
+        def release() -> None:
+            _SHARED.pop(name, None)
+            server.close()  # type: ignore[attr-defined]
+        request.config.add_cleanup(release)
+    return _SHARED[name]  # type: ignore[return-value]
+
+
 @pytest.fixture(scope="session")
-def redis_cluster():
+def redis_cluster(request: pytest.FixtureRequest) -> RedisClusterSet:
     """A 3-master Redis Cluster shared by the session (``.url``, ``.ports``)."""
-    require(*redis_binaries(), what="redis-server / redis-cli")
-    cluster = started(RedisClusterSet())
-    yield cluster
-    cluster.close()
+    return _shared(request, "cluster", RedisClusterSet)
 
 
 @pytest.fixture(scope="session")
-def redis_sentinel():
+def redis_sentinel(request: pytest.FixtureRequest) -> RedisSentinelSet:
     """Master + replica + 3 sentinels shared by the session; do not kill its master."""
-    require(*redis_binaries(), what="redis-server / redis-cli")
-    group = started(RedisSentinelSet())
-    yield group
-    group.close()
+    return _shared(request, "sentinel", RedisSentinelSet)
 
 
 @pytest.fixture
 def redis_sentinel_failover():
     """A Sentinel set owned by one test, which may kill its master."""
-    require(*redis_binaries(), what="redis-server / redis-cli")
+    require(*redis_binaries(), what="redis-server / redis-cli on PATH")
     group = started(RedisSentinelSet())
     yield group
     group.close()
@@ -621,9 +636,10 @@ def redis_sentinel_failover():
 @pytest.fixture
 def throwaway_postgres():
     """A PostgreSQL server for one test (``.url``, ``.stop()``, ``.start()``)."""
-    require(postgres_bindir(), what="PostgreSQL (initdb, pg_ctl, postgres)")
+    require(postgres_bindir(), what="PostgreSQL initdb/pg_ctl/postgres in $RPT_PG_BINDIR, "
+                                     "/usr/lib/postgresql/*/bin or on PATH")
     if os.geteuid() == 0 and not shutil.which("runuser"):
-        require(None, what="runuser (needed to run initdb as 'postgres' when root)")
+        require(None, what="runuser (initdb must run as 'postgres' when the tests run as root)")
     server = started(PostgresServer())
     yield server
     server.close()

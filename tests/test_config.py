@@ -9,7 +9,7 @@ def test_defaults_are_embedded_without_servers():
     config = parse_config({}, environ={})
     assert config.redis_url == EMBEDDED and config.embedded
     assert config.sql_url.startswith("sqlite:///")
-    assert config.record_exp == 86400 and config.max_history == 20
+    assert config.record_exp == 86400 and config.max_history == 10
 
 
 def test_rasa_redis_keys_have_the_same_meaning():

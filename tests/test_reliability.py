@@ -113,6 +113,8 @@ async def test_fuzzed_corruptions_never_crash_and_are_all_quarantined(make_store
         await store.save(tracker)  # the conversation goes on
         assert (await store.retrieve(cid)).get_slot("name") == f"after-{i}"
     quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:*", count=1000))
+    print(f"FIGURES fuzz[{backend.kind}]: {total} corruptions {kinds}, "
+          f"{len(quarantined)} quarantined, 0 exceptions")
     assert len(quarantined) == total, kinds
     warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(warnings) == total
@@ -170,7 +172,7 @@ async def test_racing_writers_lose_no_update_and_keep_the_log_gap_free(make_stor
                         break
                     except ConcurrentSaveError:
                         conflicts[w] += 1
-        await store.flush()
+        await store.close()  # flushes, and stops the delivery task of this loop
 
     # On real Redis half the writers run in threads with their own event loops
     # (parallel connections); fakeredis cannot be shared across loops, so there
@@ -183,6 +185,8 @@ async def test_racing_writers_lose_no_update_and_keep_the_log_gap_free(make_stor
     for thread in threads:
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
     await seed.flush()
+    print(f"FIGURES race[{backend.kind}]: {workers} writers x {turns_each} turns x "
+          f"{len(conversations)} conversations, {sum(conflicts)} conflicts retried")
     assert sum(conflicts) > 0, "the writers never actually raced"
     engine = backend.engine()
     for cid in conversations:
@@ -272,6 +276,8 @@ async def test_postgres_down_turns_succeed_and_the_log_catches_up(throwaway_post
                     await store.save(tracker)
                 except Exception:  # any failure is a failed turn
                     failed += 1
+        print(f"FIGURES pg-down: {3 * len(conversations)} turns while PostgreSQL was stopped, "
+              f"{failed} failed")
         assert failed == 0
         throwaway_postgres.start()
         # No new messages: the background delivery must catch up on its own.
