@@ -244,7 +244,7 @@ def ours(domain: Domain, servers: Servers, kind: str, encrypted: bool = False,
 
     return PersistentTrackerStore(
         domain, host=REDIS_URL, key_prefix=key_prefix_override or servers.prefix(kind),
-        sql_url=sql_url or servers.ours_sql_url, max_history=20, record_exp=3600,
+        sql_url=sql_url or servers.ours_sql_url, record_exp=3600,
         environ=encryption_environ() if encrypted else {}, **extra)
 
 

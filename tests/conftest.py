@@ -112,17 +112,20 @@ class Backend:
     def engine(self) -> sa.engine.Engine:
         return make_engine(self.sql_url, 2)
 
-    def make_store(self, domain: Domain = None, **overrides: Any) -> PersistentTrackerStore:
+    def make_store(self, domain: Domain = None, environ: Dict[str, str] = None,
+                   **overrides: Any) -> PersistentTrackerStore:
+        """A store on this pair; ``environ`` supplies e.g. RPT_ENCRYPTION_KEYS."""
+        environ = environ or {}
         keys = {"key_prefix": self.prefix, "sql_url": self.sql_url, **overrides}
         if self.kind == "fake":
-            config = parse_config({"host": "redis://fake", **keys}, environ={})
+            config = parse_config({"host": "redis://fake", **keys}, environ=environ)
             hot = RedisHotState(lambda: fakeredis.aioredis.FakeRedis(server=self.server),
                                 config.key_prefix, config.quarantine_ttl)
             log = SQLEventLog(make_engine(config.sql_url, 2))
             log.migrate()
-            store = PersistentTrackerStore(domain, backends=assemble(config, hot, log, {}))
+            store = PersistentTrackerStore(domain, backends=assemble(config, hot, log, environ))
         else:
-            store = PersistentTrackerStore(domain, host=self.redis_url, environ={}, **keys)
+            store = PersistentTrackerStore(domain, host=self.redis_url, environ=environ, **keys)
         self.stores.append(store)
         return store
 

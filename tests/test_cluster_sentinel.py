@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from rasa.shared.core.events import ActionExecuted, BotUttered, SlotSet, UserUttered
 from rasa.shared.core.trackers import DialogueStateTracker
 
+from tests.dialogue import run_turns, turn, user  # noqa: F401
 from rasa_persistent_tracker import (
     ConcurrentSaveError,
     HotStateUnavailable,
@@ -23,28 +24,6 @@ from tests.servers import redis_cluster, redis_sentinel, redis_sentinel_failover
 
 pytestmark = pytest.mark.servers
 CLOSE_TIMEOUT = 20.0
-
-
-def user(text: str, intent: str = "inform") -> UserUttered:
-    return UserUttered(text, {"name": intent, "confidence": 1.0})
-
-
-def turn(tracker: DialogueStateTracker, i: int) -> None:
-    """One ordinary user turn: message, bot answer, a slot, back to listening."""
-    tracker.update(user(f"my name is bob {i}"))
-    tracker.update(ActionExecuted("utter_greet"))
-    tracker.update(BotUttered(f"hi bob {i}"))
-    tracker.update(SlotSet("name", f"bob {i}"))
-    tracker.update(ActionExecuted("action_listen"))
-
-
-async def run_turns(store, sender: str, count: int) -> DialogueStateTracker:
-    tracker = await store.get_or_create_tracker(sender)
-    for i in range(count):
-        tracker = await store.retrieve(sender)
-        turn(tracker, i)
-        await store.save(tracker)
-    return tracker
 
 
 class Setup:

@@ -1,8 +1,12 @@
 """Configuration: parsed once, unknown/invalid keys fail naming key and value."""
+import os
+
 import pytest
 
 from rasa_persistent_tracker import ConfigError
 from rasa_persistent_tracker.config import EMBEDDED, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_defaults_are_embedded_without_servers():
@@ -62,3 +66,28 @@ def test_unsupported_redis_scheme_is_named(tmp_path):
     config = parse_config({"host": "memcached://h:1"}, environ={})
     with pytest.raises(ConfigError, match="memcached"):
         redis_client_factory(config)
+
+
+def test_the_example_endpoints_file_parses(monkeypatch):
+    from rasa.core.utils import read_endpoints_from_path
+
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg2://rasa:pw@db/rasa")
+    endpoint = read_endpoints_from_path(os.path.join(ROOT, "endpoints.yml")).tracker_store
+    assert endpoint.type == "rasa_persistent_tracker.PersistentTrackerStore"
+    config = parse_config({"host": endpoint.url, **endpoint.kwargs}, environ={})
+    assert config.redis_url == "redis://cache:6379/0" and config.key_prefix == "mybot"
+    assert config.record_exp == 1800 and config.max_history == 10
+
+
+def test_the_readme_documents_every_key():
+    import dataclasses
+
+    from rasa_persistent_tracker.config import StoreConfig
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    documented = {f.name for f in dataclasses.fields(StoreConfig)} - {"redis_url"}
+    documented |= {"url", "port", "db", "username", "password", "use_ssl"}
+    missing = [key for key in sorted(documented) if f"| `{key}`" not in readme]
+    assert not missing, f"keys missing from the README's configuration table: {missing}"

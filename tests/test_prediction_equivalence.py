@@ -595,9 +595,14 @@ async def test_rasa_sql_store_matches_reference(
 # --------------------------------------------------------------------------
 
 
+ENCRYPTION_KEY = "eq1:" + "A" * 43 + "="  # a fixed 32-byte test key
+
+
 @pytest.mark.parametrize(
     "overrides",
-    [pytest.param({"max_history": 6}, id="window6"), pytest.param({}, id="default")],
+    [pytest.param({"max_history": 6}, id="window6"), pytest.param({}, id="default"),
+     pytest.param({"max_history": 6, "environ": {"RPT_ENCRYPTION_KEYS": ENCRYPTION_KEY}},
+                  id="window6-encrypted")],
 )
 async def test_prediction_equivalence(
     equiv_model_path: Path, make_store: Any, overrides: Dict[str, Any]
@@ -607,6 +612,7 @@ async def test_prediction_equivalence(
     store = make_store(**overrides)
     if inspect.isawaitable(store):
         store = await store
+    assert store._codec.encrypting == ("environ" in overrides)
     label = f"{type(store).__name__}({overrides or 'defaults'})"
 
     agent = Agent.load(equiv_model_path, tracker_store=store)

@@ -249,6 +249,19 @@ async def _flushall_scenario(pair: Backend, domain) -> None:
     engine.dispose()
 
 
+async def test_long_flows_may_resume_from_the_snapshot_after_expiry(make_store):
+    store = make_store(record_exp=1)
+    tracker = await store.get_or_create_tracker("long")
+    turn(tracker, "day-1")
+    await store.save(tracker)
+    await store.flush()
+    await asyncio.sleep(1.3)  # the hot record expired through inactivity
+    assert await store.retrieve("long") is None  # by default: a fresh session
+    resuming = make_store(record_exp=1, snapshot_resume_window=3600)
+    resumed = await resuming.retrieve("long")
+    assert resumed is not None and resumed.get_slot("name") == "day-1"
+
+
 # ------------------------------------------------------------------- outages
 
 @pytest.mark.servers

@@ -17,29 +17,8 @@ from rasa.shared.core.events import (
 )
 from rasa.shared.core.trackers import DialogueStateTracker
 
+from tests.dialogue import run_turns, turn, user  # noqa: F401
 from rasa_persistent_tracker import ConcurrentSaveError, SlotValueError
-
-
-def user(text: str, intent: str = "inform") -> UserUttered:
-    return UserUttered(text, {"name": intent, "confidence": 1.0})
-
-
-def turn(tracker: DialogueStateTracker, i: int) -> None:
-    """One ordinary user turn: message, bot answer, a slot, back to listening."""
-    tracker.update(user(f"my name is bob {i}"))
-    tracker.update(ActionExecuted("utter_greet"))
-    tracker.update(BotUttered(f"hi bob {i}"))
-    tracker.update(SlotSet("name", f"bob {i}"))
-    tracker.update(ActionExecuted("action_listen"))
-
-
-async def run_turns(store, sender: str, count: int) -> DialogueStateTracker:
-    tracker = await store.get_or_create_tracker(sender)
-    for i in range(count):
-        tracker = await store.retrieve(sender)
-        turn(tracker, i)
-        await store.save(tracker)
-    return tracker
 
 
 async def test_round_trip_slots_and_active_form(make_store):
