@@ -17,8 +17,6 @@ A record holds the current session only, compacted to
 Record layout (schema 1) as documented in the README's "Storage" section.
 """
 import dataclasses
-import hashlib
-import json
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from rasa.shared.core.constants import ACTION_LISTEN_NAME, ACTION_SESSION_START_NAME
@@ -37,54 +35,18 @@ from rasa.shared.core.events import (
 )
 from rasa.shared.core.slots import Slot
 from rasa.shared.core.trackers import DialogueStateTracker, TrackerActiveLoop
-from rasa.shared.exceptions import RasaException
-from rasa.shared.utils.common import all_subclasses
 
-from rasa_persistent_tracker.codec import encode_extra
 from rasa_persistent_tracker.errors import CorruptRecordError
+from rasa_persistent_tracker.events import (  # noqa: F401  (EVENT_ERRORS re-exported)
+    EVENT_ERRORS,
+    fingerprint,
+    parse_event,
+)
 
 SCHEMA_VERSION = 1
 # While a form is active the window reaches back to its activation, up to this
 # many times the normal window; beyond that the normal cut applies.
 LOOP_REACH_FACTOR = 4
-EVENT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RasaException)
-
-
-def _canonical(value: Any) -> Any:
-    try:
-        return encode_extra(value)
-    except TypeError:
-        return repr(value)
-
-
-_EVENT_TYPES: Dict[str, type] = {}
-
-
-def parse_event(event_dict: Dict[str, Any]) -> Optional[Event]:
-    """``Event.from_parameters`` without its per-call class-tree walk.
-
-    Rasa resolves the event class by scanning every subclass of ``Event`` for
-    each event (the biggest cost of rebuilding a tracker); the map is built
-    once, keeping Rasa's first-match order, and unknown names (custom events
-    defined later, legacy names) still go through Rasa's own resolution.
-    """
-    if not _EVENT_TYPES:
-        for cls in all_subclasses(Event):
-            _EVENT_TYPES.setdefault(cls.type_name, cls)
-    cls = _EVENT_TYPES.get(event_dict.get("event"))
-    if cls is None:
-        return Event.from_parameters(event_dict)
-    return cls._from_parameters(event_dict)
-
-
-def fingerprint(event_dict: Dict[str, Any]) -> str:
-    """Stable identity of one event (type, timestamp and content).
-
-    Computed on the stored form, so an event and its copy read back from
-    storage (numpy values become lists, etc.) have the same fingerprint.
-    """
-    raw = json.dumps(event_dict, sort_keys=True, default=_canonical, separators=(",", ":"))
-    return hashlib.blake2b(raw.encode("utf-8"), digest_size=12).hexdigest()
 
 
 @dataclasses.dataclass
