@@ -189,14 +189,11 @@ class Recovery:
         if snapshot is None:
             return None
         try:
-            record = window.validate_record(
-                self._store._codec.loads_record(snapshot.payload), sender_id)
-            tracker, cache, previous = self._store._rebuild(record)
+            record, tracker, cache, previous = self._store._decode(sender_id, snapshot.payload)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': SQL snapshot is unreadable too (%s); "
                            "replaying the log instead.", sender_id, exc)
             return None
-        # The log tail is replayed on top, so the base cannot be reused as is.
         return tracker, cache, record["next_seq"], previous
 
     async def merge_base(self, tracker: DialogueStateTracker) -> Tuple[
@@ -211,8 +208,7 @@ class Recovery:
             await self.quarantine(sender_id, entry.problem)
         elif entry.payload is not None:
             try:
-                record = window.validate_record(self._store._codec.loads_record(entry.payload), sender_id)
-                stored, cache, previous = self._store._rebuild(record)
+                record, stored, cache, previous = self._store._decode(sender_id, entry.payload)
             except CorruptRecordError as exc:
                 await self.quarantine(sender_id, str(exc))
                 record = None

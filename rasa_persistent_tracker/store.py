@@ -100,8 +100,7 @@ class PersistentTrackerStore(TrackerStore):
         if entry.payload is None:
             return await self._recovery.missing(sender_id, entry.outbox_seq)
         try:
-            record = window.validate_record(self._codec.loads_record(entry.payload), sender_id)
-            tracker, cache, previous = self._rebuild(record)
+            record, tracker, cache, previous = self._decode(sender_id, entry.payload)
         except CorruptRecordError as exc:
             return await self._recovery.quarantined(sender_id, str(exc))
         if self._recovery.suspecting:
@@ -112,8 +111,16 @@ class PersistentTrackerStore(TrackerStore):
         self._mark(tracker, entry.version, record["next_seq"], cache, previous)
         return tracker
 
-    def _rebuild(self, record: Dict[str, Any]) -> Tuple[DialogueStateTracker, Dict, Any]:
-        return window.rebuild_tracker(record, self.domain.slots, self.max_event_history)
+    def _decode(self, sender_id: str, payload: str) -> Tuple[
+            Dict[str, Any], DialogueStateTracker, Dict, window.Previous]:
+        """A stored record (hot or snapshot) and the tracker rebuilt from it.
+
+        Raises CorruptRecordError if it cannot be decoded, validated or replayed.
+        """
+        record = window.validate_record(self._codec.loads_record(payload), sender_id)
+        tracker, cache, previous = window.rebuild_tracker(
+            record, self.domain.slots, self.max_event_history)
+        return record, tracker, cache, previous
 
     def _mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
               cache: Dict, previous: Optional[window.Previous] = None) -> None:
