@@ -75,16 +75,22 @@ def real_urls() -> Dict[str, str]:
 
 
 class Backend:
-    """One backend pair, with per-test isolation and cleanup."""
+    """One backend pair, with per-test isolation and cleanup.
 
-    def __init__(self, kind: str, tmp_path: str) -> None:
+    Kinds: ``fake`` (fakeredis + SQLite), ``real`` (REDIS_URL + DATABASE_URL),
+    ``cluster`` / ``sentinel`` (throwaway servers from tests/servers.py, passed
+    as ``servers``, with a SQLite log).
+    """
+
+    def __init__(self, kind: str, tmp_path: str, servers: Any = None) -> None:
         self.kind = kind
         self.prefix = f"t{uuid.uuid4().hex[:10]}"
         self.stores: List[PersistentTrackerStore] = []
-        if kind == "fake":
-            self.server = fakeredis.FakeServer()
+        self.servers = servers
+        if kind in ("fake", "cluster", "sentinel"):
+            self.server = fakeredis.FakeServer() if kind == "fake" else None
             self.sql_url = f"sqlite:///{tmp_path}/events-{self.prefix}.sqlite3"
-            self.redis_url = "redis://fake"
+            self.redis_url = servers.url if servers is not None else "redis://fake"
         else:
             urls = real_urls()
             self.redis_url = urls["redis"]
@@ -107,6 +113,8 @@ class Backend:
         """A sync client on the same server (to inject faults, inspect keys)."""
         if self.kind == "fake":
             return fakeredis.FakeRedis(server=self.server)
+        if self.servers is not None:
+            return self.servers.client()
         return redis.Redis.from_url(self.redis_url)
 
     def engine(self) -> sa.engine.Engine:
@@ -138,17 +146,34 @@ class Backend:
         client = self.redis_client()
         for key in client.scan_iter(match=f"{self.prefix}:*"):
             client.delete(key)
+        client.close()
         if self.kind == "real":
             with self.admin.begin() as conn:
                 conn.execute(sa.text(f'DROP SCHEMA "{self.schema}" CASCADE'))
             self.admin.dispose()
 
 
-@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.real)])
-async def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
-    pair = Backend(request.param, str(tmp_path))
+async def open_backend(request: pytest.FixtureRequest, tmp_path: Any):
+    """Yield a ``Backend`` of kind ``request.param`` and clean it up afterwards."""
+    servers = None
+    if request.param in ("cluster", "sentinel"):
+        servers = request.getfixturevalue(f"redis_{request.param}")
+    pair = Backend(request.param, str(tmp_path), servers)
     yield pair
     await pair.cleanup()
+
+
+# Every store test module runs on these; the contract suite adds Cluster and
+# Sentinel (tests/test_store_contract.py).
+BACKENDS = ["fake", pytest.param("real", marks=pytest.mark.real)]
+TOPOLOGIES = [pytest.param("cluster", marks=pytest.mark.servers),
+              pytest.param("sentinel", marks=pytest.mark.servers)]
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
+    async for pair in open_backend(request, tmp_path):
+        yield pair
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""The store on a real Redis Cluster and behind Redis Sentinel, including a failover.
+"""What is particular to Redis Cluster and Sentinel, including a failover.
+
+The contract suite itself also runs on both (tests/test_store_contract.py);
+this module covers keys spread over nodes, same-slot quarantine, delivery, and
+killing the master.
 
 Each test owns a key prefix (removed afterwards) and a SQLite event log in its
 tmp_path; the servers are the throwaway ones of tests/servers.py.
@@ -92,33 +96,6 @@ async def failover_setup(redis_sentinel_failover, tmp_path, domain):
     await made.cleanup()
 
 
-async def test_round_trip(setup):
-    store = setup.make_store()
-    await run_turns(store, "r1", 3)
-    loaded = await store.retrieve("r1")
-    assert loaded.get_slot("name") == "bob 2"
-    assert loaded.latest_message.text == "my name is bob 2"
-    assert loaded.latest_action_name == "action_listen"
-    again = setup.make_store()  # a second process sees the same state
-    assert (await again.retrieve("r1")).get_slot("name") == "bob 2"
-
-
-async def test_stale_save_is_rejected(setup):
-    store = setup.make_store()
-    await run_turns(store, "l1", 1)
-    first = await store.retrieve("l1")
-    second = await store.retrieve("l1")
-    turn(first, 1)
-    await store.save(first)
-    turn(second, 2)
-    with pytest.raises(ConcurrentSaveError) as info:
-        await store.save(second)
-    assert info.value.expected_version + 1 == info.value.stored_version
-    await store.flush()
-    assert len((await store.retrieve_full_tracker("l1")).events) == 1 + 2 * 5
-    assert (await store.retrieve("l1")).get_slot("name") == "bob 1"
-
-
 async def test_keys_and_exists_cover_every_node(setup):
     store = setup.make_store()
     ids = [f"k{i}" for i in range(12)]
@@ -132,16 +109,6 @@ async def test_keys_and_exists_cover_every_node(setup):
     assert sorted(await store.keys()) == sorted(ids)
     assert await store.exists("k0") and await store.exists("k3")
     assert not await store.exists("nope")
-
-
-async def test_ttl_is_set_and_refreshed(setup):
-    store = setup.make_store(record_exp=100)
-    await run_turns(store, "t1", 1)
-    key = setup.key("h", "t1")
-    assert 95_000 < setup.client.pttl(key) <= 100_000
-    setup.client.pexpire(key, 5_000)
-    await run_turns(store, "t1", 1)
-    assert setup.client.pttl(key) > 95_000
 
 
 async def test_corrupt_record_is_quarantined_in_the_same_slot(setup, caplog):
@@ -186,19 +153,6 @@ async def test_background_delivery_without_flush(setup):
         await asyncio.sleep(0.05)
     assert setup.log_seqs("b1") == list(range(1, 1 + 1 + 2 * 5)), \
         "saved turns did not reach SQL within 10 s without flush()"
-
-
-async def test_lost_record_is_restored_from_snapshot(setup):
-    store = setup.make_store()
-    await run_turns(store, "g1", 3)
-    await store.flush()
-    setup.client.delete(setup.key("h", "g1"))
-    tracker = await store.retrieve("g1")
-    assert tracker is not None and tracker.get_slot("name") == "bob 2"
-    turn(tracker, 3)
-    await store.save(tracker)
-    await store.flush()
-    assert setup.log_seqs("g1") == list(range(1, 1 + 1 + 4 * 5))
 
 
 # ------------------------------------------------------------------ failover

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from rasa.shared.core.events import (
     ActionExecuted,
     ActiveLoop,
@@ -17,8 +18,16 @@ from rasa.shared.core.events import (
 )
 from rasa.shared.core.trackers import DialogueStateTracker
 
+from tests.conftest import BACKENDS, TOPOLOGIES, open_backend
 from tests.dialogue import run_turns, turn, user  # noqa: F401
 from rasa_persistent_tracker import ConcurrentSaveError, SlotValueError
+
+
+@pytest.fixture(params=BACKENDS + TOPOLOGIES)
+async def backend(request, tmp_path):
+    """The contract holds on every pair, Redis Cluster and Sentinel included."""
+    async for pair in open_backend(request, tmp_path):
+        yield pair
 
 
 async def test_round_trip_slots_and_active_form(make_store):
@@ -38,6 +47,8 @@ async def test_round_trip_slots_and_active_form(make_store):
     assert loaded.get_slot("name") == "Ann"
     assert loaded.latest_action_name == "action_listen"
     assert loaded.latest_message.text == "I want a pizza"
+    again = make_store()  # a second process sees the same state
+    assert (await again.retrieve("c1")).active_loop_name == "pizza_form"
 
 
 async def test_retrieve_gives_last_session_full_gives_all(make_store):
@@ -255,6 +266,12 @@ async def test_lost_record_is_restored_from_snapshot(make_store, backend):
     await store.save(tracker)
     await store.flush()
     assert len((await store.retrieve_full_tracker("f1")).events) == 1 + 4 * 5
+    engine = backend.engine()
+    with engine.connect() as conn:
+        seqs = conn.execute(sa.text("SELECT seq FROM rpt_events WHERE conversation_id='f1' "
+                                    "ORDER BY seq")).scalars().all()
+    engine.dispose()
+    assert seqs == list(range(1, 1 + 1 + 4 * 5))
 
 
 async def test_expired_conversation_starts_fresh(make_store):
