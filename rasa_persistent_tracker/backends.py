@@ -93,7 +93,7 @@ def assemble(config: StoreConfig, hot: HotState, log: SQLEventLog,
             return False
 
     outbox = Outbox(hot, async_log, config.outbox_batch_size, config.outbox_scan_interval,
-                    config.quarantine_ttl, snapshot_ok)
+                    config.quarantine_ttl, snapshot_ok, linger=config.outbox_linger)
     return Backends(config, hot, async_log, codec, outbox)
 
 

@@ -16,7 +16,7 @@ import decimal
 import hashlib
 import json
 import uuid
-from typing import Any, Callable, Dict, Protocol
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
 from rasa_persistent_tracker.errors import CorruptRecordError
 
@@ -84,16 +84,21 @@ def _decode_extra(obj: Dict[str, Any]) -> Any:
     return obj
 
 
+_ENCODER = json.JSONEncoder(default=encode_extra, separators=(",", ":"))
+
+
 class JsonSerializer:
     """Plain JSON with tagged extra types. The default serialiser."""
 
     def dumps(self, value: Any) -> str:
         """Serialise ``value`` to compact JSON text."""
-        return json.dumps(value, default=encode_extra, separators=(",", ":"))
+        return _ENCODER.encode(value)
 
     def loads(self, text: str) -> Any:
         """Parse JSON text; any malformation becomes ``CorruptRecordError``."""
         try:
+            if TYPE_TAG not in text:  # the hook costs a call per object: skip it if unneeded
+                return json.loads(text)
             return json.loads(text, object_hook=_decode_extra)
         except (ValueError, TypeError, RecursionError) as exc:
             raise CorruptRecordError(f"invalid JSON ({type(exc).__name__})") from None
@@ -106,6 +111,16 @@ def _checksum(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=10).hexdigest()
 
 
+class Encoded(NamedTuple):
+    """A hot record's payload, the record exactly as ``Codec.loads_record``
+    reads it back, and the JSON texts of its events and base."""
+
+    payload: str
+    record: Dict[str, Any]
+    texts: List[str]
+    base_text: str
+
+
 class Codec:
     """What the store encodes with: one serialiser for hot records and one
     per event (encryption may apply to sensitive events only); one reader that
@@ -113,7 +128,9 @@ class Codec:
 
     Args:
         plain: serialiser for values that need no protection.
-        protected: serialiser for sensitive values (None: no encryption).
+        protected: encrypting wrapper of a serialiser equivalent to ``plain``
+            (``dumps``/``loads`` plus ``seal(text)`` for text ``plain`` wrote);
+            None: no encryption.
         is_sensitive: decides per event dict whether ``protected`` applies.
     """
 
@@ -130,9 +147,35 @@ class Codec:
     def dumps_record(self, record: Any) -> str:
         """Serialise a hot record: encrypted (AEAD) when encryption is on,
         else JSON followed by a checksum, so any flipped bit is detected."""
+        return self._seal(self._plain.dumps(record))
+
+    def encode_record(self, record: Dict[str, Any], event_texts: List[Optional[str]],
+                      base_text: Optional[str] = None) -> "Encoded":
+        """``dumps_record`` for a record whose parts are partly serialised already.
+
+        ``event_texts[i]`` is the JSON text of ``record["events"][i]`` and
+        ``base_text`` that of ``record["base"]`` (None: serialise it here); only
+        the rest is serialised anew. ``record["events"]`` (and ``record["base"]``
+        if its text is given) must hold values as they read back from JSON.
+        Raises ``TypeError`` for a value that cannot be stored.
+        """
+        texts = [text if text is not None else self._plain.dumps(event)
+                 for event, text in zip(record["events"], event_texts)]
+        skip = ("events", "base") if base_text is not None else ("events",)
+        head = self._plain.dumps({k: v for k, v in record.items() if k not in skip})
+        decoded = self._plain.loads(head)
+        decoded["events"] = record["events"]
+        if base_text is not None:
+            decoded["base"] = record["base"]
+            head = f'{{"base":{base_text},{head[1:]}'
+        else:
+            base_text = self._plain.dumps(decoded["base"])
+        payload = self._seal(f'{{"events":[{",".join(texts)}],{head[1:]}')
+        return Encoded(payload, decoded, texts, base_text)
+
+    def _seal(self, text: str) -> str:
         if self._protected is not None:
-            return self._protected.dumps(record)
-        text = self._plain.dumps(record)
+            return self._protected.seal(text)
         return f"{text}{CHECKSUM_MARK}{_checksum(text)}"
 
     def loads_record(self, text: str) -> Any:
@@ -146,9 +189,19 @@ class Codec:
 
     def dumps_event(self, event: Dict[str, Any]) -> str:
         """Serialise one event for the log."""
+        return self.protect_event(event, self._plain.dumps(event))
+
+    def event_text(self, event: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+        """An event's JSON text and the event as it reads back from it.
+        Raises ``TypeError`` for a value that cannot be stored."""
+        text = self._plain.dumps(event)
+        return text, self._plain.loads(text)
+
+    def protect_event(self, event: Dict[str, Any], text: str) -> str:
+        """The log form of an event already serialised to ``text``."""
         if self._protected is not None and self._is_sensitive(event):
-            return self._protected.dumps(event)
-        return self._plain.dumps(event)
+            return self._protected.seal(text)
+        return text
 
     def loads(self, text: str) -> Any:
         """Read any payload: plain JSON, or ciphertext when a key is configured."""

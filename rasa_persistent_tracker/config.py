@@ -55,6 +55,8 @@ class StoreConfig:
     sql_workers: int = 2
     outbox_batch_size: int = 200
     outbox_scan_interval: float = 30.0
+    outbox_linger: float = 0.2
+    record_cache_size: int = 1000
     sentinel_service: Optional[str] = None
     encryption_key_file: Optional[str] = None
     encryption_keys_env: str = "RPT_ENCRYPTION_KEYS"
@@ -184,9 +186,10 @@ def parse_config(
         str(given.pop("sql_url", None) or env.get("DATABASE_URL") or StoreConfig.sql_url)
     )
     floats = {"record_exp": 1.0, "quarantine_ttl": 1.0, "redis_socket_timeout": 0.01,
-              "outbox_scan_interval": 0.05, "snapshot_resume_window": 0.0}
+              "outbox_scan_interval": 0.05, "snapshot_resume_window": 0.0,
+              "outbox_linger": 0.0}
     ints = {"max_history": 1, "redis_max_connections": 1, "sql_pool_size": 1,
-            "sql_workers": 1, "outbox_batch_size": 1}
+            "sql_workers": 1, "outbox_batch_size": 1, "record_cache_size": 0}
     for key, value in given.items():
         if key in floats:
             values[key] = _number(key, value, float, floats[key])

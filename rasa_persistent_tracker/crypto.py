@@ -117,10 +117,14 @@ class EncryptedSerializer:
         return f"EncryptedSerializer({self.keyring!r})"
 
     def dumps(self, value: Any) -> str:
+        return self.seal(self._inner.dumps(value))
+
+    def seal(self, text: str) -> str:
+        """Encrypt text the inner serialiser produced (pre-serialised parts)."""
         kid = self.keyring.primary
         nonce = os.urandom(12)
         sealed = self.keyring.cipher(kid).encrypt(
-            nonce, self._inner.dumps(value).encode("utf-8"), (PREFIX + kid).encode("ascii"))
+            nonce, text.encode("utf-8"), (PREFIX + kid).encode("ascii"))
         return f"{PREFIX}{kid}:{base64.urlsafe_b64encode(nonce + sealed).decode('ascii')}"
 
     def loads(self, text: str) -> Any:

@@ -15,7 +15,7 @@ import time
 from typing import Any, AsyncIterator, Callable, List, Optional, TypeVar
 
 from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateUnavailable
-from rasa_persistent_tracker.hot_state import HotEntry, Pending, entry_seq
+from rasa_persistent_tracker.hot_state import HotEntry, Pending, entry_seq, payload_digest
 
 T = TypeVar("T")
 
@@ -73,7 +73,7 @@ class SQLiteHotState:
                                  (cid,)).fetchone()
         return int(row[0] or 0)
 
-    async def load(self, conversation_id: str) -> HotEntry:
+    async def load(self, conversation_id: str, known: Optional[str] = None) -> HotEntry:
         def load() -> HotEntry:
             row = self._row(conversation_id)
             seq = self._outbox_seq(conversation_id)
@@ -89,6 +89,8 @@ class SQLiteHotState:
                     return HotEntry(version=version, problem="payload is not UTF-8", outbox_seq=seq)
             if not isinstance(payload, str):
                 return HotEntry(version=version, problem="payload field missing", outbox_seq=seq)
+            if known is not None and payload_digest(payload) == known:
+                return HotEntry(version=version, outbox_seq=seq, unchanged=True)
             return HotEntry(version=version, payload=payload, outbox_seq=seq)
         return await self._run(load)
 

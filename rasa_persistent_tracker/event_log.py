@@ -59,7 +59,10 @@ class LogRow:
     data: str
 
     def as_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Not dataclasses.asdict: it deep-copies every field (a hot path).
+        return {"seq": self.seq, "type_name": self.type_name, "timestamp": self.timestamp,
+                "intent_name": self.intent_name, "action_name": self.action_name,
+                "data": self.data}
 
 
 @dataclasses.dataclass

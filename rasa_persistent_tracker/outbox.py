@@ -6,7 +6,9 @@ across conversations, in sequence order per conversation, together with the
 latest snapshot, and only then removes them from the outbox. If SQL is down,
 entries wait (durably, in Redis) and are retried with backoff; a periodic scan
 picks up entries left by a process that died. Inserts skip existing
-``(conversation_id, seq)`` pairs, so every event lands exactly once.
+``(conversation_id, seq)`` pairs, so every event lands exactly once. After a
+save the flusher waits ``linger`` seconds before delivering, so one transaction
+carries the rows of many turns.
 
 Entry format: ``<last seq>|<saved_at>|<JSON list of LogRow dicts>``.
 """
@@ -43,9 +45,13 @@ class Outbox:
 
     def __init__(self, hot: HotState, log: AsyncEventLog, batch_size: int,
                  scan_interval: float, quarantine_ttl: float,
-                 snapshot_ok: Callable[[str, str], bool] = lambda _cid, _payload: True) -> None:
+                 snapshot_ok: Callable[[str, str], bool] = lambda _cid, _payload: True,
+                 linger: float = 0.0) -> None:
         self._hot = hot
-        self._snapshot_ok = snapshot_ok
+        self._linger = linger
+        # Decides whether a hot payload may become the SQL snapshot; the store
+        # replaces it with a full check (decode and replay).
+        self.snapshot_ok = snapshot_ok
         self._log = log
         self._batch_size = batch_size
         self._scan_interval = scan_interval
@@ -85,6 +91,10 @@ class Outbox:
                 if time.monotonic() >= next_scan:
                     await self._scan()
                     next_scan = time.monotonic() + self._scan_interval
+                if self._dirty and self._linger:
+                    # Let more turns (of any conversation) join this batch: one
+                    # SQL transaction for many, instead of one per save.
+                    await asyncio.sleep(self._linger)
                 if self._dirty:
                     await self.deliver(list(self._dirty))
                 backoff = 0.1
@@ -168,7 +178,7 @@ class Outbox:
             upto[cid] = good[-1].seq
             # Never let an unreadable hot value replace the last good snapshot.
             if (pending.complete and pending.payload is not None and cid not in unfinished
-                    and self._snapshot_ok(cid, pending.payload)):
+                    and self.snapshot_ok(cid, pending.payload)):
                 snapshots[cid] = Snapshot(next_seq=good[-1].seq + 1, version=pending.version,
                                           saved_at=saved_at, payload=pending.payload)
             elif not pending.complete:

@@ -76,11 +76,12 @@ class Recovery:
     def _log(self):
         return self._store._log
 
-    async def load(self, sender_id: str) -> Optional[HotEntry]:
-        """The hot entry, or None if the hot state stayed unreachable."""
+    async def load(self, sender_id: str, known: Optional[str] = None) -> Optional[HotEntry]:
+        """The hot entry (see ``HotState.load``), or None if the hot state
+        stayed unreachable."""
         for delay in _RETRY_DELAYS + (None,):
             try:
-                return await self._hot.load(sender_id)
+                return await self._hot.load(sender_id, known)
             except HotStateUnavailable as exc:
                 self.suspect()
                 if delay is None:
@@ -175,12 +176,12 @@ class Recovery:
             tracker, previous = window.last_session(tracker), None
         version = expected if expected is not None else (snapshot.version if snapshot else 0)
         if refill:
-            new_record, cache, previous = window.build_record(
-                tracker, self._store.domain.slots, self._store.config.max_history, next_seq, cache,
-                previous)
-            version = await self._hot.commit(
-                sender_id, version, self._store._codec.dumps_record(new_record),
-                self._store.config.record_exp, None)
+            built = self._store.build_record(tracker, next_seq, cache, previous)
+            payload, remembered = self._store.encode_record(built)
+            version = await self._hot.commit(sender_id, version, payload,
+                                             self._store.config.record_exp, None)
+            self._store._recent.put(sender_id, remembered)
+            cache, previous = built.kept, built.previous
         self._store._mark(tracker, version, next_seq, cache, previous)
         return tracker
 

@@ -24,8 +24,9 @@ from rasa_persistent_tracker.errors import (
     SlotValueError,
 )
 from rasa_persistent_tracker.event_log import LogRow
-from rasa_persistent_tracker.hot_state import UnusableValue
+from rasa_persistent_tracker.hot_state import UnusableValue, payload_digest
 from rasa_persistent_tracker.outbox import make_entry
+from rasa_persistent_tracker.recent import RecentRecords, Remembered
 from rasa_persistent_tracker.recovery import Recovery
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class PersistentTrackerStore(TrackerStore):
         self._codec = self._backends.codec
         self._outbox = self._backends.outbox
         self._recovery = Recovery(self)
+        self._recent = RecentRecords(self.config.record_cache_size)
+        self._shape_ok, self._outbox.snapshot_ok = self._outbox.snapshot_ok, self._snapshot_ok
         if self._backends.announce:
             logger.info(self._backends.announce)
 
@@ -92,17 +95,31 @@ class PersistentTrackerStore(TrackerStore):
             HotStateUnavailable: the hot state and the SQL snapshot are both
                 unreachable (never a silent fresh tracker).
         """
-        entry = await self._recovery.load(sender_id)
+        remembered = self._recent.get(sender_id)
+        entry = await self._recovery.load(sender_id, remembered.digest if remembered else None)
         if entry is None:  # hot state down: degraded read from the snapshot
             return await self._recovery.from_snapshot(sender_id, refill=False)
         if entry.problem:
             return await self._recovery.quarantined(sender_id, entry.problem)
-        if entry.payload is None:
+        if entry.unchanged and remembered is not None:
+            # The record this process wrote last is still current: no decoding.
+            record = remembered.record
+            try:
+                tracker, cache, previous = window.rebuild_tracker(
+                    record, self.domain.slots, self.max_event_history, remembered.texts,
+                    remembered.base_text)
+            except CorruptRecordError as exc:  # a bug if ever: read the stored one
+                logger.warning("Conversation '%s': the record this process remembers does "
+                               "not replay (%s); reading the stored one.", sender_id, exc)
+                self._recent.forget(sender_id)
+                return await self.retrieve(sender_id)
+        elif entry.payload is None:
             return await self._recovery.missing(sender_id, entry.outbox_seq)
-        try:
-            record, tracker, cache, previous = self._decode(sender_id, entry.payload)
-        except CorruptRecordError as exc:
-            return await self._recovery.quarantined(sender_id, str(exc))
+        else:
+            try:
+                record, tracker, cache, previous = self._decode(sender_id, entry.payload)
+            except CorruptRecordError as exc:
+                return await self._recovery.quarantined(sender_id, str(exc))
         if self._recovery.suspecting:
             newer = await self._recovery.newer_snapshot(
                 sender_id, record["next_seq"], entry.version)
@@ -112,7 +129,7 @@ class PersistentTrackerStore(TrackerStore):
         return tracker
 
     def _decode(self, sender_id: str, payload: str) -> Tuple[
-            Dict[str, Any], DialogueStateTracker, Dict, window.Previous]:
+            Dict[str, Any], DialogueStateTracker, window.Known, window.Previous]:
         """A stored record (hot or snapshot) and the tracker rebuilt from it.
 
         Raises CorruptRecordError if it cannot be decoded, validated or replayed.
@@ -122,8 +139,23 @@ class PersistentTrackerStore(TrackerStore):
             record, self.domain.slots, self.max_event_history)
         return record, tracker, cache, previous
 
+    def _snapshot_ok(self, sender_id: str, payload: str) -> bool:
+        """Whether a hot payload may become the SQL snapshot: it must decode
+        and replay (a record that only looks right must never replace the last
+        good snapshot). The record this process wrote needs no check."""
+        remembered = self._recent.get(sender_id)
+        if remembered is not None and remembered.digest == payload_digest(payload):
+            return True
+        if self.domain is None:  # cannot replay yet: check the shape only
+            return self._shape_ok(sender_id, payload)
+        try:
+            self._decode(sender_id, payload)
+            return True
+        except CorruptRecordError:
+            return False
+
     def _mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
-              cache: Dict, previous: Optional[window.Previous] = None) -> None:
+              cache: window.Known, previous: Optional[window.Previous] = None) -> None:
         last = tracker.events[-1] if tracker.events else None
         setattr(tracker, MARK, window.Loaded(tracker.sender_id, version, next_seq, last, cache,
                                               previous))
@@ -190,13 +222,9 @@ class PersistentTrackerStore(TrackerStore):
             if expected:
                 await self._hot.touch(sender_id, self.config.record_exp)
             return
-        rows, dicts = self._rows(sender_id, new, next_seq)
-        for event, as_dict in zip(new, dicts):
-            cache[id(event)] = (event, as_dict)
-        record, kept, previous = window.build_record(
-            state, self.domain.slots, self.config.max_history, next_seq + len(new), cache,
-            previous)
-        payload = self._encode_record(record)
+        rows = self._rows(sender_id, new, next_seq, cache)
+        built = self.build_record(state, next_seq + len(new), cache, previous)
+        payload, remembered = self.encode_record(built)
         entry = make_entry(rows, time.time())
         try:
             version = await self._hot.commit(sender_id, expected, payload,
@@ -208,8 +236,9 @@ class PersistentTrackerStore(TrackerStore):
             await self._recovery.quarantine(sender_id, str(exc))
             version = await self._hot.commit(sender_id, expected, payload,
                                              self.config.record_exp, entry)
-        self._mark(tracker, version, next_seq + len(new), kept,
-                   previous if state is tracker else None)
+        self._recent.put(sender_id, remembered)
+        self._mark(tracker, version, next_seq + len(new), built.kept,
+                   built.previous if state is tracker else None)
         self._outbox.notify(sender_id)
         if self.config.sync_log:
             await self._deliver_now(sender_id)
@@ -225,32 +254,48 @@ class PersistentTrackerStore(TrackerStore):
             logger.warning("Conversation '%s': event log unreachable, rows kept in the outbox "
                            "for delivery later (%s).", sender_id, exc)
 
-    def _rows(self, sender_id: str, events: List[Event], first_seq: int) -> Tuple[List[LogRow], List[Dict]]:
+    def _rows(self, sender_id: str, events: List[Event], first_seq: int,
+              cache: window.Known) -> List[LogRow]:
+        """The log rows of new ``events``; their stored forms go into ``cache``."""
         rows: List[LogRow] = []
-        dicts: List[Dict] = []
         for offset, event in enumerate(events):
-            as_dict = event.as_dict()
-            try:
-                data = self._codec.dumps_event(as_dict)
-            except TypeError as exc:
-                if isinstance(event, SlotSet):
-                    raise SlotValueError(event.key, str(exc)) from None
-                raise PersistentTrackerError(
-                    f"Event '{event.type_name}' of conversation '{sender_id}' holds a value "
-                    f"of type {exc} that cannot be stored. Nothing was saved.") from None
+            text, as_dict = self._encode_event(sender_id, event)
+            cache[id(event)] = (event, as_dict, text)
             intent = event.intent_name if isinstance(event, UserUttered) else None
             action = event.action_name if isinstance(event, ActionExecuted) else None
             rows.append(LogRow(first_seq + offset, event.type_name, event.timestamp,
-                               intent, action, data))
-            dicts.append(as_dict)
-        return rows, dicts
+                               intent, action, self._codec.protect_event(as_dict, text)))
+        return rows
 
-    def _encode_record(self, record: Dict[str, Any]) -> str:
+    def _encode_event(self, sender_id: str, event: Event) -> Tuple[str, Dict[str, Any]]:
         try:
-            return self._codec.dumps_record(record)
+            return self._codec.event_text(event.as_dict())
         except TypeError as exc:
-            for name, value in {**record["state"]["slots"],
-                                **(record["base"].get("slots") or {})}.items():
+            if isinstance(event, SlotSet):
+                raise SlotValueError(event.key, str(exc)) from None
+            raise PersistentTrackerError(
+                f"Event '{event.type_name}' of conversation '{sender_id}' holds a value "
+                f"of type {exc} that cannot be stored. Nothing was saved.") from None
+
+    def build_record(self, tracker: DialogueStateTracker, next_seq: int,
+                     cache: Optional[window.Known] = None,
+                     previous: Optional[window.Previous] = None) -> window.Built:
+        """``window.build_record`` with this store's domain, config and encoder."""
+        return window.build_record(
+            tracker, self.domain.slots, self.config.max_history, next_seq,
+            lambda event: self._encode_event(tracker.sender_id, event), cache, previous)
+
+    def encode_record(self, built: window.Built) -> Tuple[str, Remembered]:
+        """The payload of a built record, and the record as it reads back.
+
+        Raises:
+            SlotValueError: a slot value cannot be stored (names the slot).
+        """
+        record = built.record
+        try:
+            encoded = self._codec.encode_record(record, built.texts, built.base_text)
+        except TypeError as exc:
+            for name, value in record["state"]["slots"].items():
                 try:
                     self._codec.dumps_record({"v": value})
                 except TypeError:
@@ -258,6 +303,14 @@ class PersistentTrackerStore(TrackerStore):
             raise PersistentTrackerError(
                 f"The state of conversation '{record['sender_id']}' holds a value of type "
                 f"{exc} that cannot be stored. Nothing was saved.") from None
+        texts = encoded.texts
+        if None in built.texts and len(built.kept) == len(texts):  # keep those made just now
+            for (key, (event, as_dict, _)), text in zip(list(built.kept.items()), texts):
+                built.kept[key] = (event, as_dict, text)
+        if built.previous is not None:
+            built.previous.text = encoded.base_text
+        return encoded.payload, Remembered(payload_digest(encoded.payload), encoded.record,
+                                           texts, encoded.base_text)
 
     # --------------------------------------------------------------- lifecycle
 

@@ -17,7 +17,7 @@ A record holds the current session only, compacted to
 Record layout (schema 1) as documented in the README's "Storage" section.
 """
 import dataclasses
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from rasa.shared.core.constants import ACTION_LISTEN_NAME, ACTION_SESSION_START_NAME
 from rasa.shared.core.events import (
@@ -62,8 +62,17 @@ class Loaded:
     version: int
     next_seq: int
     last_event: Optional[Event]
-    cache: Dict[int, Tuple[Event, Dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    cache: "Known" = dataclasses.field(default_factory=dict)
     previous: Optional["Previous"] = None
+
+
+# ``id(event) -> (event, stored dict, its JSON text or None)`` for events whose
+# stored form is known, so unchanged events are not serialised again. Stored
+# events are treated as immutable, as Rasa does (it deep-copies an event
+# before editing it).
+Known = Dict[int, Tuple[Event, Dict[str, Any], Optional[str]]]
+# Serialises an event the cache does not know: (JSON text, dict as read back).
+Encoder = Callable[[Event], Tuple[str, Dict[str, Any]]]
 
 
 def slot_cap(max_history: int) -> int:
@@ -150,11 +159,13 @@ def _cut_index(events: Sequence[Event], start: int, max_history: int, loop: Opti
 
 @dataclasses.dataclass
 class Previous:
-    """The base a tracker was rebuilt from and how many events it occupies."""
+    """The base a tracker was rebuilt from, how many events it occupies and,
+    if known, its JSON text."""
 
     base: Dict[str, Any]
     length: int
     first: Optional[Event]
+    text: Optional[str] = None
 
 
 def slack(max_history: int) -> int:
@@ -163,7 +174,7 @@ def slack(max_history: int) -> int:
 
 
 def _reusable_base(events: List[Event], previous: Optional[Previous],
-                   max_history: int) -> Optional[Tuple[Dict[str, Any], int]]:
+                   max_history: int) -> Optional[Previous]:
     if previous is None or len(events) < previous.length:
         return None
     if previous.length and events[0] is not previous.first:
@@ -174,7 +185,7 @@ def _reusable_base(events: List[Event], previous: Optional[Previous],
     actions = sum(isinstance(e, ActionExecuted) for e in window)
     if actions > max_history + 1 + slack(max_history):
         return None
-    return previous.base, previous.length
+    return previous
 
 
 def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List[Slot],
@@ -199,14 +210,33 @@ def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List
     }, cut
 
 
+@dataclasses.dataclass
+class Built:
+    """A new hot record and what the store keeps about it.
+
+    ``texts[i]`` is the JSON text of ``record["events"][i]`` if known (None:
+    not serialised yet), ``base_text`` that of ``record["base"]`` if known
+    (reused unchanged), ``kept`` the cache for the events the record holds,
+    ``previous`` the base to reuse for this same tracker next time (None after
+    a compaction).
+    """
+
+    record: Dict[str, Any]
+    texts: List[Optional[str]]
+    kept: Known
+    previous: Optional[Previous]
+    base_text: Optional[str] = None
+
+
 def build_record(
     tracker: DialogueStateTracker,
     slots: Iterable[Slot],
     max_history: int,
     next_seq: int,
-    cache: Optional[Dict[int, Tuple[Event, Dict[str, Any]]]] = None,
-    previous: Optional["Previous"] = None,
-) -> Tuple[Dict[str, Any], Dict[int, Tuple[Event, Dict[str, Any]]], Optional["Previous"]]:
+    encode: Encoder,
+    cache: Optional[Known] = None,
+    previous: Optional[Previous] = None,
+) -> Built:
     """Compact ``tracker`` into a hot record (a JSON-ready dict).
 
     Compaction (replaying the dropped events into a new base) runs only when
@@ -218,28 +248,28 @@ def build_record(
         slots: the domain's slots (to replay the state at the window's start).
         max_history: dialogue states the policies look back on.
         next_seq: sequence number the next logged event will get.
-        cache: ``id(event) -> (event, event.as_dict())`` for events whose dicts
-            are known, so unchanged events are not serialised again.
+        encode: serialises an event missing from ``cache``; its errors propagate.
+        cache: the stored forms of events known already.
         previous: the base the tracker was rebuilt from, if any.
-
-    Returns:
-        The record, the cache for the events it keeps, and the ``Previous`` to
-        use for this same tracker next time (None after a compaction).
     """
     events = list(tracker.events)
     reused = _reusable_base(events, previous, max_history)
     if reused is not None:
-        base, cut = reused
+        base, cut = reused.base, reused.length
     else:
         base, cut = _compact(tracker, events, list(slots), max_history)
-    known_dicts = cache or {}
-    kept: Dict[int, Tuple[Event, Dict[str, Any]]] = {}
+    known = cache or {}
+    kept: Known = {}
     window = []
+    texts: List[Optional[str]] = []
     for event in events[cut:]:
-        hit = known_dicts.get(id(event))
-        as_dict = hit[1] if hit and hit[0] is event else event.as_dict()
-        kept[id(event)] = (event, as_dict)
-        window.append(as_dict)
+        hit = known.get(id(event))
+        if hit is None or hit[0] is not event:
+            text, as_dict = encode(event)
+            hit = (event, as_dict, text)
+        kept[id(event)] = hit
+        window.append(hit[1])
+        texts.append(hit[2])
     last_user = next((e for e in reversed(events) if isinstance(e, UserUttered)), None)
     record = {
         "schema": SCHEMA_VERSION,
@@ -257,7 +287,7 @@ def build_record(
         },
         "last_event": fingerprint(window[-1]) if window else None,
     }
-    return record, kept, previous if reused is not None else None
+    return Built(record, texts, kept, reused, reused.text if reused is not None else None)
 
 
 def _require(record: Dict[str, Any], key: str, kinds: Any) -> Any:
@@ -308,11 +338,14 @@ def rebuild_tracker(
     record: Dict[str, Any],
     slots: Iterable[Slot],
     max_event_history: Optional[int],
-) -> Tuple[DialogueStateTracker, Dict[int, Tuple[Event, Dict[str, Any]]], Previous]:
+    texts: Optional[List[str]] = None,
+    base_text: Optional[str] = None,
+) -> Tuple[DialogueStateTracker, Known, Previous]:
     """Rebuild a tracker from a validated record.
 
-    Returns the tracker, the ``id(event) -> (event, dict)`` cache and the
-    ``Previous`` base, both for ``build_record``.
+    Returns the tracker, the cache of its window events and the ``Previous``
+    base, both for ``build_record``, with the events' and the base's JSON
+    texts if known (``texts``, ``base_text``).
     Raises ``CorruptRecordError`` if an event cannot be parsed or the replayed
     slots disagree with the recorded state.
     """
@@ -330,14 +363,15 @@ def rebuild_tracker(
             tracker.active_loop = TrackerActiveLoop(**base["active_loop"])
         if base.get("paused"):
             tracker.update(ConversationPaused())
-        previous = Previous(base, len(tracker.events), tracker.events[0] if tracker.events else None)
-        cache: Dict[int, Tuple[Event, Dict[str, Any]]] = {}
-        for event_dict in record["events"]:
+        previous = Previous(base, len(tracker.events),
+                            tracker.events[0] if tracker.events else None, base_text)
+        cache: Known = {}
+        for i, event_dict in enumerate(record["events"]):
             event = parse_event(event_dict)
             if event is None:
                 raise CorruptRecordError(f"unknown event type {event_dict.get('event')!r}")
             tracker.update(event)
-            cache[id(event)] = (event, event_dict)
+            cache[id(event)] = (event, event_dict, texts[i] if texts else None)
     except EVENT_ERRORS as exc:
         raise CorruptRecordError(f"event cannot be parsed ({type(exc).__name__})") from None
     known = {s.name for s in slot_list}

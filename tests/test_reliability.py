@@ -130,6 +130,27 @@ async def test_fuzzed_corruptions_never_crash_and_are_all_quarantined(make_store
     engine.dispose()
 
 
+async def test_a_record_that_only_looks_right_never_becomes_the_snapshot(make_store, backend):
+    store = make_store(outbox_linger=60.0)  # the turns' rows wait in the outbox
+    for marker in ("first", "second"):
+        tracker = await store.get_or_create_tracker("look")
+        turn(tracker, marker)
+        await store.save(tracker)
+    client = backend.redis_client()
+    key = f"{backend.prefix}:h:{{look}}"
+    record = json.loads(client.hget(key, "d").decode().rpartition(CHECKSUM_MARK)[0])
+    record["state"]["slots"]["name"] = "someone else"  # valid shape, valid checksum
+    text = json.dumps(record, separators=(",", ":"))
+    client.hset(key, "d", f"{text}{CHECKSUM_MARK}{_checksum(text)}")
+    await store.flush()  # delivers the rows; the snapshot must not take that record
+    engine = backend.engine()
+    assert len(log_rows(engine, "look")) == 1 + 2 * 4
+    with engine.connect() as conn:
+        snapshots = conn.execute(sa.text("SELECT payload FROM rpt_snapshots")).fetchall()
+    engine.dispose()
+    assert all("someone else" not in row[0] for row in snapshots)
+
+
 async def test_corrupt_log_rows_are_skipped_with_a_warning(make_store, backend, caplog):
     store = make_store()
     tracker = await store.get_or_create_tracker("rows")

@@ -1,0 +1,55 @@
+"""Per-process memory of the hot records this process wrote last, decoded.
+
+The next turn of a conversation usually arrives at the process that handled
+the last one. Keeping the record it wrote (exactly as it reads back from the
+payload) lets ``retrieve`` skip moving and decoding it: the hot state is still
+asked on every retrieve, with the payload's digest, and sends the payload only
+if it changed (another process wrote, a restore, a rotation). So the memory can
+be stale but never wrong. Bounded LRU; entries are shared read-only.
+"""
+import collections
+import threading
+from typing import Any, Dict, List, NamedTuple, Optional
+
+
+class Remembered(NamedTuple):
+    """A hot record as written: its payload digest, its decoded form and the
+    JSON texts of its events and base (reused when the next record is written)."""
+
+    digest: str
+    record: Dict[str, Any]
+    texts: List[str]
+    base_text: Optional[str] = None
+
+
+class RecentRecords:
+    """LRU of ``conversation id -> Remembered``; ``size`` 0 remembers nothing."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: "collections.OrderedDict[str, Remembered]" = collections.OrderedDict()
+        # Stores may be shared by event loops in several threads.
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, conversation_id: str) -> Optional[Remembered]:
+        with self._lock:
+            entry = self._entries.get(conversation_id)
+            if entry is not None:
+                self._entries.move_to_end(conversation_id)
+            return entry
+
+    def put(self, conversation_id: str, entry: Remembered) -> None:
+        if not self._size:
+            return
+        with self._lock:
+            self._entries[conversation_id] = entry
+            self._entries.move_to_end(conversation_id)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def forget(self, conversation_id: str) -> None:
+        with self._lock:
+            self._entries.pop(conversation_id, None)
