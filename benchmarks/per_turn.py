@@ -484,6 +484,7 @@ def parse_args() -> argparse.Namespace:
                         help="also cProfile our turn path at ~1,000 events")
     parser.add_argument("--stores", nargs="+", default=STORES, choices=STORES)
     parser.add_argument("--lengths", nargs="+", type=int, default=[100, 1000, 10000])
+    common.add_loop_option(parser)
     parser.add_argument("--output", default=os.path.join(common.RESULTS, "per_turn.json"))
     args = parser.parse_args()
     args.lengths = sorted(args.lengths)
@@ -497,7 +498,7 @@ def parse_args() -> argparse.Namespace:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    output = asyncio.run(main(arguments))
+    output = common.run(main(arguments), arguments.loop)
     os.makedirs(os.path.dirname(arguments.output), exist_ok=True)
     with open(arguments.output, "w", encoding="utf-8") as handle:
         json.dump(output, handle, indent=1, default=str)
@@ -505,4 +506,5 @@ if __name__ == "__main__":
           f"({output['runtime_s']:.0f}s).")
     print(f"Machine: {output['machine']['cpus']} CPUs, load average (1/5/15 min) "
           f"{output['machine']['loadavg_1_5_15_at_start']} at start, "
-          f"{output['machine']['loadavg_1_5_15_at_end']} at end.")
+          f"{output['machine']['loadavg_1_5_15_at_end']} at end; "
+          f"event loop: {output['machine']['event_loop']}.")

@@ -8,18 +8,22 @@ if it changed (another process wrote, a restore, a rotation). So the memory can
 be stale but never wrong. Bounded LRU; entries are shared read-only.
 """
 import collections
+import dataclasses
 import threading
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, Optional
 
 
-class Remembered(NamedTuple):
-    """A hot record as written: its payload digest, its decoded form and the
-    JSON texts of its events and base (reused when the next record is written)."""
+@dataclasses.dataclass
+class Remembered:
+    """A hot record as written: its payload digest, its decoded form, the
+    JSON texts of its events and base (reused when the next record is written)
+    and, once a retrieve parsed them, the base's slot events."""
 
     digest: str
     record: Dict[str, Any]
     texts: List[str]
     base_text: Optional[str] = None
+    base_events: Optional[List[Any]] = None
 
 
 class RecentRecords:

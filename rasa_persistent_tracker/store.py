@@ -107,7 +107,8 @@ class PersistentTrackerStore(TrackerStore):
             try:
                 tracker, cache, previous = window.rebuild_tracker(
                     record, self.domain.slots, self.max_event_history, remembered.texts,
-                    remembered.base_text)
+                    remembered.base_text, remembered.base_events)
+                remembered.base_events = previous.slot_events
             except CorruptRecordError as exc:  # a bug if ever: read the stored one
                 logger.warning("Conversation '%s': the record this process remembers does "
                                "not replay (%s); reading the stored one.", sender_id, exc)
@@ -309,8 +310,9 @@ class PersistentTrackerStore(TrackerStore):
                 built.kept[key] = (event, as_dict, text)
         if built.previous is not None:
             built.previous.text = encoded.base_text
-        return encoded.payload, Remembered(payload_digest(encoded.payload), encoded.record,
-                                           texts, encoded.base_text)
+        return encoded.payload, Remembered(
+            payload_digest(encoded.payload), encoded.record, texts, encoded.base_text,
+            built.previous.slot_events if built.previous is not None else None)
 
     # --------------------------------------------------------------- lifecycle
 

@@ -160,12 +160,13 @@ def _cut_index(events: Sequence[Event], start: int, max_history: int, loop: Opti
 @dataclasses.dataclass
 class Previous:
     """The base a tracker was rebuilt from, how many events it occupies and,
-    if known, its JSON text."""
+    if known, its JSON text and parsed slot events."""
 
     base: Dict[str, Any]
     length: int
     first: Optional[Event]
     text: Optional[str] = None
+    slot_events: Optional[List[Event]] = None
 
 
 def slack(max_history: int) -> int:
@@ -340,12 +341,16 @@ def rebuild_tracker(
     max_event_history: Optional[int],
     texts: Optional[List[str]] = None,
     base_text: Optional[str] = None,
+    base_events: Optional[List[Event]] = None,
 ) -> Tuple[DialogueStateTracker, Known, Previous]:
     """Rebuild a tracker from a validated record.
 
     Returns the tracker, the cache of its window events and the ``Previous``
     base, both for ``build_record``, with the events' and the base's JSON
-    texts if known (``texts``, ``base_text``).
+    texts if known (``texts``, ``base_text``). ``base_events`` are the base's
+    slot events parsed before (``Previous.slot_events``), reused as they are:
+    the base is history that only compaction replaces, and Rasa never edits
+    the events of a tracker it did not just add.
     Raises ``CorruptRecordError`` if an event cannot be parsed or the replayed
     slots disagree with the recorded state.
     """
@@ -353,10 +358,11 @@ def rebuild_tracker(
     tracker = DialogueStateTracker(record["sender_id"], slot_list, max_event_history)
     base = record["base"]
     try:
-        for event_dict in base.get("slot_events") or []:
-            event = parse_event(event_dict)
-            if not isinstance(event, SlotSet):
+        if base_events is None:
+            base_events = [parse_event(d) for d in base.get("slot_events") or []]
+            if not all(isinstance(e, SlotSet) for e in base_events):
                 raise CorruptRecordError("base holds a non-slot event")
+        for event in base_events:
             tracker.update(event)
         if base.get("active_loop"):
             tracker.update(ActiveLoop(base["active_loop"].get("name")))
@@ -364,7 +370,8 @@ def rebuild_tracker(
         if base.get("paused"):
             tracker.update(ConversationPaused())
         previous = Previous(base, len(tracker.events),
-                            tracker.events[0] if tracker.events else None, base_text)
+                            tracker.events[0] if tracker.events else None, base_text,
+                            base_events)
         cache: Known = {}
         for i, event_dict in enumerate(record["events"]):
             event = parse_event(event_dict)
