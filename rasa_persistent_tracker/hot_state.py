@@ -40,7 +40,8 @@ class HotEntry:
 
     ``payload`` is None when no record exists; ``problem`` names why a present
     value is unusable (wrong Redis type, unreadable version) and is None when fine.
-    ``outbox_seq`` is the highest sequence number still waiting in the outbox.
+    ``outbox_seq`` is the highest sequence number still waiting in the outbox
+    (not reported, 0, when ``unchanged``: recovery is not needed then).
     ``unchanged`` means the stored payload's digest is the one the caller
     already knows (``load(..., known=)``), computed over the stored bytes at
     every load: ``payload`` is then not sent and stays None.
@@ -120,16 +121,16 @@ def entry_seq(entry: str) -> int:
 
 
 _LOAD = """
-local t = redis.call('TYPE', KEYS[1])['ok']
-local ok, last = pcall(redis.call, 'LINDEX', KEYS[2], -1)
-local seq = '0'
-if ok and last then seq = string.match(last, '^(%d+)|') or '0' end
-if t ~= 'hash' then return {t, false, false, seq, 0} end
-local r = redis.call('HMGET', KEYS[1], 'v', 'd')
+local ok, r = pcall(redis.call, 'HMGET', KEYS[1], 'v', 'd')
 -- Servers without redis.sha1hex (some Redis look-alikes) always send the record.
-if ARGV[1] ~= '' and r[2] and redis.sha1hex and redis.sha1hex(r[2]) == ARGV[1] then
-  return {t, r[1], false, seq, 1}
+if ok and r[2] and ARGV[1] ~= '' and redis.sha1hex and redis.sha1hex(r[2]) == ARGV[1] then
+  return {'hash', r[1], false, '0', 1}
 end
+local t = redis.call('TYPE', KEYS[1])['ok']
+local okl, last = pcall(redis.call, 'LINDEX', KEYS[2], -1)
+local seq = '0'
+if okl and last then seq = string.match(last, '^(%d+)|') or '0' end
+if t ~= 'hash' then return {t, false, false, seq, 0} end
 return {t, r[1], r[2], seq, 0}
 """
 

@@ -17,13 +17,15 @@ from typing import Any, Dict, List, Optional
 class Remembered:
     """A hot record as written: its payload digest, its decoded form, the
     JSON texts of its events and base (reused when the next record is written)
-    and, once a retrieve parsed them, the base's slot events."""
+    and, once a retrieve parsed them, the base's slot events and the window's
+    events other than user messages (``window.rebuild_tracker``)."""
 
     digest: str
     record: Dict[str, Any]
     texts: List[str]
     base_text: Optional[str] = None
     base_events: Optional[List[Any]] = None
+    window_events: Optional[List[Any]] = None
 
 
 class RecentRecords:

@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 MARK = "_rpt_loaded"
 
 
+def _shareable(events: Iterable[Event]) -> List[Optional[Event]]:
+    """Window events a later rebuild may reuse: all but user messages."""
+    return [None if isinstance(e, UserUttered) else e for e in events]
+
+
 class PersistentTrackerStore(TrackerStore):
     """Tracker store with a bounded hot state and an append-only SQL event log.
 
@@ -107,8 +112,9 @@ class PersistentTrackerStore(TrackerStore):
             try:
                 tracker, cache, previous = window.rebuild_tracker(
                     record, self.domain.slots, self.max_event_history, remembered.texts,
-                    remembered.base_text, remembered.base_events)
+                    remembered.base_text, remembered.base_events, remembered.window_events)
                 remembered.base_events = previous.slot_events
+                remembered.window_events = _shareable(entry[0] for entry in cache.values())
             except CorruptRecordError as exc:  # a bug if ever: read the stored one
                 logger.warning("Conversation '%s': the record this process remembers does "
                                "not replay (%s); reading the stored one.", sender_id, exc)
@@ -310,9 +316,15 @@ class PersistentTrackerStore(TrackerStore):
                 built.kept[key] = (event, as_dict, text)
         if built.previous is not None:
             built.previous.text = encoded.base_text
+        # Events this store parsed from a remembered record stay shareable; the
+        # caller's own new events are parsed from their stored form next time.
+        before = self._recent.get(record["sender_id"])
+        parsed = {id(e) for e in (before.window_events or ()) if e is not None} if before else ()
         return encoded.payload, Remembered(
             payload_digest(encoded.payload), encoded.record, texts, encoded.base_text,
-            built.previous.slot_events if built.previous is not None else None)
+            built.previous.slot_events if built.previous is not None else None,
+            [e if id(e) in parsed else None for e, _, _ in built.kept.values()]
+            if parsed and len(built.kept) == len(texts) else None)
 
     # --------------------------------------------------------------- lifecycle
 

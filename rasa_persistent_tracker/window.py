@@ -342,15 +342,18 @@ def rebuild_tracker(
     texts: Optional[List[str]] = None,
     base_text: Optional[str] = None,
     base_events: Optional[List[Event]] = None,
+    window_events: Optional[List[Optional[Event]]] = None,
 ) -> Tuple[DialogueStateTracker, Known, Previous]:
     """Rebuild a tracker from a validated record.
 
     Returns the tracker, the cache of its window events and the ``Previous``
     base, both for ``build_record``, with the events' and the base's JSON
     texts if known (``texts``, ``base_text``). ``base_events`` are the base's
-    slot events parsed before (``Previous.slot_events``), reused as they are:
-    the base is history that only compaction replaces, and Rasa never edits
-    the events of a tracker it did not just add.
+    slot events parsed before (``Previous.slot_events``) and ``window_events``
+    (aligned with ``record["events"]``, None: parse it) events parsed before:
+    both are reused as they are. Rasa never edits an event once it is in a
+    tracker, except the latest user message's featurisation flag, so user
+    messages must not be passed in ``window_events``.
     Raises ``CorruptRecordError`` if an event cannot be parsed or the replayed
     slots disagree with the recorded state.
     """
@@ -374,7 +377,9 @@ def rebuild_tracker(
                             base_events)
         cache: Known = {}
         for i, event_dict in enumerate(record["events"]):
-            event = parse_event(event_dict)
+            event = window_events[i] if window_events else None
+            if event is None:
+                event = parse_event(event_dict)
             if event is None:
                 raise CorruptRecordError(f"unknown event type {event_dict.get('event')!r}")
             tracker.update(event)
