@@ -160,7 +160,7 @@ class Codec:
         Raises ``TypeError`` for a value that cannot be stored.
         """
         texts = [text if text is not None else self._plain.dumps(event)
-                 for event, text in zip(record["events"], event_texts)]
+                 for event, text in zip(record["events"], event_texts, strict=True)]
         skip = ("events", "base") if base_text is not None else ("events",)
         head = self._plain.dumps({k: v for k, v in record.items() if k not in skip})
         decoded = self._plain.loads(head)

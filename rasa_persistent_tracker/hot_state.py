@@ -41,7 +41,7 @@ class HotEntry:
     ``payload`` is None when no record exists; ``problem`` names why a present
     value is unusable (wrong Redis type, unreadable version) and is None when fine.
     ``outbox_seq`` is the highest sequence number still waiting in the outbox
-    (not reported, 0, when ``unchanged``: recovery is not needed then).
+    (Redis leaves it 0 when ``unchanged``: recovery does not need it then).
     ``unchanged`` means the stored payload's digest is the one the caller
     already knows (``load(..., known=)``), computed over the stored bytes at
     every load: ``payload`` is then not sent and stays None.

@@ -63,11 +63,13 @@ class Outbox:
         self._lock: Optional[asyncio.Lock] = None
         self._stopping = False
         self._outage_logged = False
+        self._saved = False
         self.delivered = 0
 
     def notify(self, conversation_id: str) -> None:
         """Mark a conversation as having fresh entries and start delivery."""
         self._dirty.add(conversation_id)
+        self._saved = True
         self._ensure_running()
         self._wake.set()
 
@@ -91,9 +93,11 @@ class Outbox:
                 if time.monotonic() >= next_scan:
                     await self._scan()
                     next_scan = time.monotonic() + self._scan_interval
-                if self._dirty and self._linger:
+                if self._dirty and self._linger and self._saved:
                     # Let more turns (of any conversation) join this batch: one
-                    # SQL transaction for many, instead of one per save.
+                    # SQL transaction for many, instead of one per save. A
+                    # backlog (retries, entries found by a scan) goes at once.
+                    self._saved = False
                     await asyncio.sleep(self._linger)
                 if self._dirty:
                     await self.deliver(list(self._dirty))

@@ -5,12 +5,13 @@ the last one. Keeping the record it wrote (exactly as it reads back from the
 payload) lets ``retrieve`` skip moving and decoding it: the hot state is still
 asked on every retrieve, with the payload's digest, and sends the payload only
 if it changed (another process wrote, a restore, a rotation). So the memory can
-be stale but never wrong. Bounded LRU; entries are shared read-only.
+be stale but never wrong. Bounded LRU. Remembered events are shared between
+the trackers rebuilt from an entry (see ``Remembered``).
 """
 import collections
 import dataclasses
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 
 @dataclasses.dataclass
@@ -18,7 +19,15 @@ class Remembered:
     """A hot record as written: its payload digest, its decoded form, the
     JSON texts of its events and base (reused when the next record is written)
     and, once a retrieve parsed them, the base's slot events and the window's
-    events other than user messages (``window.rebuild_tracker``)."""
+    events other than user messages (``window.rebuild_tracker``).
+
+    What trackers rebuilt from an entry get is shared with it, as stored
+    events are immutable. Rasa's one in-place edit of a stored event is
+    ``EntitiesAdded`` appending to the latest user message's entity list, so
+    ``replayable()`` gives each rebuild its own copy of user messages' entity
+    lists (code that edits other parts of events in place needs
+    ``record_cache_size: 0``).
+    """
 
     digest: str
     record: Dict[str, Any]
@@ -26,6 +35,28 @@ class Remembered:
     base_text: Optional[str] = None
     base_events: Optional[List[Any]] = None
     window_events: Optional[List[Any]] = None
+    users: Tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, digest: str, record: Dict[str, Any], texts: List[str],
+           base_text: Optional[str] = None, base_events: Optional[List[Any]] = None,
+           window_events: Optional[List[Any]] = None) -> "Remembered":
+        users = tuple(i for i, event in enumerate(record["events"])
+                      if event.get("event") == "user")
+        return cls(digest, record, texts, base_text, base_events, window_events, users)
+
+    def replayable(self) -> Dict[str, Any]:
+        """The record to rebuild a tracker from (see the class docstring)."""
+        if not self.users:
+            return self.record
+        events = list(self.record["events"])
+        for i in self.users:
+            event = events[i]
+            parse_data = event.get("parse_data")
+            if isinstance(parse_data, dict) and isinstance(parse_data.get("entities"), list):
+                events[i] = {**event, "parse_data": {
+                    **parse_data, "entities": list(parse_data["entities"])}}
+        return {**self.record, "events": events}
 
 
 class RecentRecords:

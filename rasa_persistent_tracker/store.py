@@ -97,24 +97,32 @@ class PersistentTrackerStore(TrackerStore):
         conversation expired. Returns None for unknown or expired conversations.
 
         Raises:
-            HotStateUnavailable: the hot state and the SQL snapshot are both
-                unreachable (never a silent fresh tracker).
+            HotStateUnavailable: the hot state is unreachable and the SQL log is
+                too, or holds nothing of the conversation yet (never a silent
+                fresh tracker).
         """
         remembered = self._recent.get(sender_id)
         entry = await self._recovery.load(sender_id, remembered.digest if remembered else None)
         if entry is None:  # hot state down: degraded read from the snapshot
-            return await self._recovery.from_snapshot(sender_id, refill=False)
+            tracker = await self._recovery.from_snapshot(sender_id, refill=False)
+            if tracker is None:
+                # Its latest turns may be in the unreachable outbox: it cannot be
+                # told apart from a new conversation, so do not pretend it is one.
+                raise HotStateUnavailable(
+                    f"Conversation '{sender_id}': the hot state is unreachable and the SQL "
+                    f"log has nothing of it (yet).")
+            return tracker
         if entry.problem:
             return await self._recovery.quarantined(sender_id, entry.problem)
         if entry.unchanged and remembered is not None:
             # The record this process wrote last is still current: no decoding.
-            record = remembered.record
+            record = remembered.replayable()
             try:
                 tracker, cache, previous = window.rebuild_tracker(
                     record, self.domain.slots, self.max_event_history, remembered.texts,
                     remembered.base_text, remembered.base_events, remembered.window_events)
                 remembered.base_events = previous.slot_events
-                remembered.window_events = _shareable(entry[0] for entry in cache.values())
+                remembered.window_events = _shareable(known[0] for known in cache.values())
             except CorruptRecordError as exc:  # a bug if ever: read the stored one
                 logger.warning("Conversation '%s': the record this process remembers does "
                                "not replay (%s); reading the stored one.", sender_id, exc)
@@ -159,6 +167,10 @@ class PersistentTrackerStore(TrackerStore):
             self._decode(sender_id, payload)
             return True
         except CorruptRecordError:
+            return False
+        except Exception:  # e.g. a custom event failing to replay: keep the old snapshot
+            logger.exception("Conversation '%s': hot record cannot be replayed; not taken "
+                             "as the SQL snapshot.", sender_id)
             return False
 
     def _mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
@@ -277,7 +289,7 @@ class PersistentTrackerStore(TrackerStore):
     def _encode_event(self, sender_id: str, event: Event) -> Tuple[str, Dict[str, Any]]:
         try:
             return self._codec.event_text(event.as_dict())
-        except TypeError as exc:
+        except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
             if isinstance(event, SlotSet):
                 raise SlotValueError(event.key, str(exc)) from None
             raise PersistentTrackerError(
@@ -297,15 +309,16 @@ class PersistentTrackerStore(TrackerStore):
 
         Raises:
             SlotValueError: a slot value cannot be stored (names the slot).
+            PersistentTrackerError: another value cannot be stored.
         """
         record = built.record
         try:
             encoded = self._codec.encode_record(record, built.texts, built.base_text)
-        except TypeError as exc:
+        except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
             for name, value in record["state"]["slots"].items():
                 try:
-                    self._codec.dumps_record({"v": value})
-                except TypeError:
+                    self._codec.event_text({"v": value})
+                except (TypeError, CorruptRecordError):
                     raise SlotValueError(name, str(exc)) from None
             raise PersistentTrackerError(
                 f"The state of conversation '{record['sender_id']}' holds a value of type "
@@ -320,7 +333,7 @@ class PersistentTrackerStore(TrackerStore):
         # caller's own new events are parsed from their stored form next time.
         before = self._recent.get(record["sender_id"])
         parsed = {id(e) for e in (before.window_events or ()) if e is not None} if before else ()
-        return encoded.payload, Remembered(
+        return encoded.payload, Remembered.of(
             payload_digest(encoded.payload), encoded.record, texts, encoded.base_text,
             built.previous.slot_events if built.previous is not None else None,
             [e if id(e) in parsed else None for e, _, _ in built.kept.values()]

@@ -252,6 +252,9 @@ def build_record(
         encode: serialises an event missing from ``cache``; its errors propagate.
         cache: the stored forms of events known already.
         previous: the base the tracker was rebuilt from, if any.
+
+    Returns:
+        The record with what the store keeps about it (``Built``).
     """
     events = list(tracker.events)
     reused = _reusable_base(events, previous, max_history)

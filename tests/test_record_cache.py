@@ -12,7 +12,7 @@ import decimal
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from rasa.shared.core.events import SlotSet
+from rasa.shared.core.events import ActionExecuted, EntitiesAdded, SlotSet, UserUttered
 from rasa.shared.core.trackers import EventVerbosity
 
 from rasa_persistent_tracker import PersistentTrackerStore
@@ -83,6 +83,23 @@ async def test_remembered_tracker_equals_a_decoded_one(make_store):
     assert len((await reader.retrieve_full_tracker("u4")).events) == 1 + 6 + 5
 
 
+async def test_editing_a_handed_out_tracker_leaves_the_memory_alone(make_store):
+    store = make_store()
+    tracker = await store.get_or_create_tracker("u5")
+    tracker.update(UserUttered("a small one", {"name": "inform", "confidence": 1.0},
+                               [{"entity": "size", "value": "small", "start": 2, "end": 7}]))
+    await store.save(tracker)
+    tracker = await store.retrieve("u5")
+    tracker.update(ActionExecuted("action_listen"))
+    before = list(tracker.latest_message.entities)
+    assert len(before) == 1
+    # TED adds the entities it recognises in place, to the latest message.
+    tracker.update(EntitiesAdded([{"entity": "size", "value": "large", "start": 0, "end": 5}]))
+    assert len(tracker.latest_message.entities) == len(before) + 1
+    again = await store.retrieve("u5")  # the first tracker was never saved
+    assert again.latest_message.entities == before
+
+
 async def test_log_delivery_waits_for_more_turns(make_store, backend):
     store = make_store(outbox_linger=2.0)
     for sender in ("l1", "l2"):
@@ -124,14 +141,14 @@ async def test_embedded_hot_state_remembers_too(tmp_path, domain):
 def test_recent_records_is_a_bounded_lru():
     recent = RecentRecords(2)
     for name in ("a", "b"):
-        recent.put(name, Remembered(name, {}, []))
+        recent.put(name, Remembered.of(name, {"events": []}, []))
     assert recent.get("a").digest == "a"  # "a" is now the most recent
-    recent.put("c", Remembered("c", {}, []))
+    recent.put("c", Remembered.of("c", {"events": []}, []))
     assert recent.get("b") is None and len(recent) == 2
     recent.forget("a")
     assert recent.get("a") is None
     off = RecentRecords(0)
-    off.put("a", Remembered("a", {}, []))
+    off.put("a", Remembered.of("a", {"events": []}, []))
     assert off.get("a") is None
 
 

@@ -342,7 +342,7 @@ async def test_redis_down_never_gives_a_fresh_tracker_and_recovers(throwaway_red
     real_urls()
     pair = Backend("real", str(tmp_path))
     pair.redis_url = throwaway_redis.url
-    store = pair.make_store(domain, redis_socket_timeout=0.5)
+    store = pair.make_store(domain, redis_socket_timeout=0.5, outbox_linger=60.0)
     try:
         tracker = await store.get_or_create_tracker("r1")
         for i in range(3):
@@ -350,9 +350,14 @@ async def test_redis_down_never_gives_a_fresh_tracker_and_recovers(throwaway_red
             turn(tracker, f"r1-{i}")
             await store.save(tracker)
         await store.flush()
+        fresh = await store.get_or_create_tracker("r2")  # its rows still wait in the outbox
+        turn(fresh, "r2-0")
+        await store.save(fresh)
         throwaway_redis.stop()
         degraded = await store.retrieve("r1")  # read from the SQL snapshot
         assert degraded is not None and degraded.get_slot("name") == "r1-2"
+        with pytest.raises(HotStateUnavailable, match="'r2'"):
+            await store.retrieve("r2")  # cannot be told from a new one: never a fresh tracker
         turn(degraded, "lost-while-down")
         with pytest.raises(HotStateUnavailable):
             await store.save(degraded)

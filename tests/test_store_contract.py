@@ -200,6 +200,15 @@ async def test_unstorable_slot_value_names_the_slot_and_writes_nothing(make_stor
     assert (await store.retrieve("s2")).get_slot("amount") is None
 
 
+async def test_slot_value_that_would_not_read_back_is_refused(make_store):
+    store = make_store()
+    tracker = await store.get_or_create_tracker("s3")
+    tracker.update(SlotSet("amount", {(1, 2), (3, 4)}))  # tuples come back as lists
+    with pytest.raises(SlotValueError, match="'amount'"):
+        await store.save(tracker)
+    assert (await store.retrieve("s3")).get_slot("amount") is None
+
+
 async def test_event_broker_gets_only_new_events(make_store, domain):
     published = []
 
