@@ -56,7 +56,7 @@ class StoreConfig:
     outbox_batch_size: int = 200
     outbox_scan_interval: float = 30.0
     outbox_linger: float = 0.2
-    record_cache_size: int = 256
+    record_cache_size: int = 32
     sentinel_service: Optional[str] = None
     encryption_key_file: Optional[str] = None
     encryption_keys_env: str = "RPT_ENCRYPTION_KEYS"
