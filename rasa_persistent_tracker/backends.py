@@ -24,7 +24,7 @@ from rasa_persistent_tracker.errors import (
 from rasa_persistent_tracker.event_log import AsyncEventLog, SQLEventLog, make_engine
 from rasa_persistent_tracker.hot_state import HotState, RedisHotState
 from rasa_persistent_tracker.outbox import Outbox
-from rasa_persistent_tracker.window import validate_record
+from rasa_persistent_tracker.replay import validate_record
 
 STARTUP_TIMEOUT = 15.0
 

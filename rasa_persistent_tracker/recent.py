@@ -19,7 +19,7 @@ class Remembered:
     """A hot record as written: its payload digest, its decoded form, the
     JSON texts of its events and base (reused when the next record is written)
     and, once a retrieve parsed them, the base's slot events and the window's
-    events other than user messages (``window.rebuild_tracker``).
+    events other than user messages (``replay.rebuild_tracker``).
 
     What trackers rebuilt from an entry get is shared with it, as stored
     events are immutable. Rasa's one in-place edit of a stored event is

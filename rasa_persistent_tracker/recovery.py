@@ -24,6 +24,7 @@ from rasa_persistent_tracker.errors import (
     HotStateUnavailable,
 )
 from rasa_persistent_tracker.event_log import LogRow, Snapshot
+from rasa_persistent_tracker.events import EVENT_ERRORS, fingerprint, parse_event
 from rasa_persistent_tracker.hot_state import HotEntry
 from rasa_persistent_tracker.outbox import parse_entry
 
@@ -216,8 +217,8 @@ class Recovery:
         if record is not None:
             new = self._after_fingerprint(events, record["last_event"])
             if new is None:
-                known = {window.fingerprint(d) for d in record["events"]}
-                new = [e for e in events if window.fingerprint(e.as_dict()) not in known]
+                known = {fingerprint(d) for d in record["events"]}
+                new = [e for e in events if fingerprint(e.as_dict()) not in known]
             for event in new:
                 stored.update(event)
             return stored, new, entry.version, record["next_seq"], cache, previous
@@ -229,14 +230,14 @@ class Recovery:
             except EventLogUnavailable:
                 last = None
             if last is not None:
-                after = self._after_fingerprint(events, window.fingerprint(last))
+                after = self._after_fingerprint(events, fingerprint(last))
                 new = events if after is None else after
         return tracker, new, 0, next_seq, {}, None
 
     @staticmethod
     def _after_fingerprint(events: List[Event], mark: Optional[str]) -> Optional[List[Event]]:
         for i in range(len(events) - 1, -1, -1):
-            if window.fingerprint(events[i].as_dict()) == mark:
+            if fingerprint(events[i].as_dict()) == mark:
                 return events[i + 1:]
         return None
 
@@ -287,10 +288,10 @@ class Recovery:
         events: List[Event] = []
         for row in rows:
             try:
-                event = window.parse_event(self._store._codec.loads(row.data))
+                event = parse_event(self._store._codec.loads(row.data))
                 if event is None:
                     raise CorruptRecordError("unknown event type")
-            except (CorruptRecordError, *window.EVENT_ERRORS) as exc:
+            except (CorruptRecordError, *EVENT_ERRORS) as exc:
                 logger.warning("Conversation '%s': skipped corrupt log row seq=%d (%s).",
                                sender_id, row.seq, exc)
                 continue

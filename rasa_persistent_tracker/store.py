@@ -14,7 +14,7 @@ from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import Event, SlotSet, UserUttered, ActionExecuted
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import window
+from rasa_persistent_tracker import replay, window
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
@@ -118,7 +118,7 @@ class PersistentTrackerStore(TrackerStore):
             # The record this process wrote last is still current: no decoding.
             record = remembered.replayable()
             try:
-                tracker, cache, previous = window.rebuild_tracker(
+                tracker, cache, previous = replay.rebuild_tracker(
                     record, self.domain.slots, self.max_event_history, remembered.texts,
                     remembered.base_text, remembered.base_events, remembered.window_events)
                 remembered.base_events = previous.slot_events
@@ -149,8 +149,8 @@ class PersistentTrackerStore(TrackerStore):
 
         Raises CorruptRecordError if it cannot be decoded, validated or replayed.
         """
-        record = window.validate_record(self._codec.loads_record(payload), sender_id)
-        tracker, cache, previous = window.rebuild_tracker(
+        record = replay.validate_record(self._codec.loads_record(payload), sender_id)
+        tracker, cache, previous = replay.rebuild_tracker(
             record, self.domain.slots, self.max_event_history)
         return record, tracker, cache, previous
 
