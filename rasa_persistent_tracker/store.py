@@ -116,18 +116,10 @@ class PersistentTrackerStore(TrackerStore):
             return await self._recovery.quarantined(sender_id, entry.problem)
         if entry.unchanged and remembered is not None:
             # The record this process wrote last is still current: no decoding.
-            record = remembered.replayable()
-            try:
-                tracker, cache, previous = replay.rebuild_tracker(
-                    record, self.domain.slots, self.max_event_history, remembered.texts,
-                    remembered.base_text, remembered.base_events, remembered.window_events)
-                remembered.base_events = previous.slot_events
-                remembered.window_events = _shareable(known[0] for known in cache.values())
-            except CorruptRecordError as exc:  # a bug if ever: read the stored one
-                logger.warning("Conversation '%s': the record this process remembers does "
-                               "not replay (%s); reading the stored one.", sender_id, exc)
-                self._recent.forget(sender_id)
-                return await self.retrieve(sender_id)
+            rebuilt = self._rebuild_remembered(sender_id, remembered)
+            if rebuilt is None:
+                return await self.retrieve(sender_id)  # forgotten: read the stored one
+            record, tracker, cache, previous = rebuilt
         elif entry.payload is None:
             return await self._recovery.missing(sender_id, entry.outbox_seq)
         else:
@@ -142,6 +134,24 @@ class PersistentTrackerStore(TrackerStore):
                 return newer
         self._mark(tracker, entry.version, record["next_seq"], cache, previous)
         return tracker
+
+    def _rebuild_remembered(self, sender_id: str, remembered: Remembered) -> Optional[Tuple[
+            Dict[str, Any], DialogueStateTracker, window.Known, window.Previous]]:
+        """``_decode`` for the record this process remembers; None (and the
+        memory forgotten) if it does not replay, which would be a bug."""
+        record = remembered.replayable()
+        try:
+            tracker, cache, previous = replay.rebuild_tracker(
+                record, self.domain.slots, self.max_event_history, remembered.texts,
+                remembered.base_text, remembered.base_events, remembered.window_events)
+        except CorruptRecordError as exc:
+            logger.warning("Conversation '%s': the record this process remembers does not "
+                           "replay (%s); reading the stored one.", sender_id, exc)
+            self._recent.forget(sender_id)
+            return None
+        remembered.base_events = previous.slot_events
+        remembered.window_events = _shareable(known[0] for known in cache.values())
+        return record, tracker, cache, previous
 
     def _decode(self, sender_id: str, payload: str) -> Tuple[
             Dict[str, Any], DialogueStateTracker, window.Known, window.Previous]:
