@@ -7,6 +7,7 @@ whole family at once::
     ├── ConfigError              bad or unknown configuration key (start-up)
     ├── StorageUnavailable       a server could not be reached
     │   ├── HotStateUnavailable  Redis (or the embedded hot store) is down
+    │   │   └── HotStateBusy     every pooled Redis connection stayed busy
     │   └── EventLogUnavailable  the SQL event log is down
     ├── ConcurrentSaveError      optimistic lock lost: the tracker is stale
     ├── SlotValueError           a slot value cannot be stored faithfully
@@ -37,6 +38,14 @@ class StorageUnavailable(PersistentTrackerError, ConnectionError):
 
 class HotStateUnavailable(StorageUnavailable):
     """The hot-state store (Redis or the embedded store) is unreachable."""
+
+
+class HotStateBusy(HotStateUnavailable):
+    """Redis is up, but no pooled connection came free in time (overload).
+
+    Nothing about the stored state is in doubt, so the store neither falls back
+    to the SQL snapshot nor re-checks records afterwards; the turn fails.
+    """
 
 
 class EventLogUnavailable(StorageUnavailable):

@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable, List, Optional, Protocol
 
 from redis import exceptions as redis_errors
 
-from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateUnavailable
+from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateBusy, HotStateUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,8 @@ return {entries, r[1], r[2]}
 
 _TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError,
               redis_errors.BusyLoadingError, OSError, asyncio.TimeoutError)
+# What redis-py's connection pools raise when no connection comes free in time.
+_POOL_EXHAUSTED = ("No connection available.", "Too many connections")
 # Failover in progress (replica answering, cluster resharding): also transient.
 _RETRYABLE_RESPONSES = ("READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
@@ -241,6 +243,14 @@ class RedisHotState:
         try:
             client = self._client()
             return await client.eval(script, len(keys), *keys, *args)
+        except redis_errors.ConnectionError as exc:
+            if str(exc) in _POOL_EXHAUSTED:
+                raise HotStateBusy(
+                    f"Redis at {self._description}: no pooled connection came free in time "
+                    f"(every one busy; see redis_max_connections).") from exc
+            raise HotStateUnavailable(
+                f"Redis at {self._description} is unreachable ({type(exc).__name__})."
+            ) from exc
         except _TRANSIENT as exc:
             raise HotStateUnavailable(
                 f"Redis at {self._description} is unreachable ({type(exc).__name__})."

@@ -21,6 +21,7 @@ from rasa_persistent_tracker import window
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     EventLogUnavailable,
+    HotStateBusy,
     HotStateUnavailable,
 )
 from rasa_persistent_tracker.event_log import LogRow, Snapshot
@@ -83,6 +84,8 @@ class Recovery:
         for delay in _RETRY_DELAYS + (None,):
             try:
                 return await self._hot.load(sender_id, known)
+            except HotStateBusy:
+                raise  # overloaded, not down: the snapshot would only be staler
             except HotStateUnavailable as exc:
                 self.suspect()
                 if delay is None:

@@ -19,6 +19,7 @@ from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     EventLogUnavailable,
+    HotStateBusy,
     HotStateUnavailable,
     PersistentTrackerError,
     SlotValueError,
@@ -100,6 +101,7 @@ class PersistentTrackerStore(TrackerStore):
             HotStateUnavailable: the hot state is unreachable and the SQL log is
                 too, or holds nothing of the conversation yet (never a silent
                 fresh tracker).
+            HotStateBusy: no pooled Redis connection came free in time.
         """
         remembered = self._recent.get(sender_id)
         entry = await self._recovery.load(sender_id, remembered.digest if remembered else None)
@@ -235,6 +237,8 @@ class PersistentTrackerStore(TrackerStore):
                 read; nothing was written.
             SlotValueError: a slot value cannot be stored; nothing was written.
             HotStateUnavailable: the hot state is unreachable; nothing was written.
+            HotStateBusy: no pooled Redis connection came free in time; nothing
+                was written.
         """
         sender_id = tracker.sender_id
         marker = getattr(tracker, MARK, None)
@@ -258,6 +262,8 @@ class PersistentTrackerStore(TrackerStore):
         try:
             version = await self._hot.commit(sender_id, expected, payload,
                                              self.config.record_exp, entry)
+        except HotStateBusy:
+            raise  # overloaded: nothing was written, nothing to re-check
         except HotStateUnavailable:
             self._recovery.suspect()
             raise

@@ -10,7 +10,12 @@ import pytest
 import sqlalchemy as sa
 from rasa.shared.core.events import ActionExecuted, SlotSet, UserUttered
 
-from rasa_persistent_tracker import ConcurrentSaveError, HotStateUnavailable, PersistentTrackerStore
+from rasa_persistent_tracker import (
+    ConcurrentSaveError,
+    HotStateBusy,
+    HotStateUnavailable,
+    PersistentTrackerStore,
+)
 from rasa_persistent_tracker.codec import CHECKSUM_MARK, _checksum
 from tests.conftest import Backend, real_urls
 from tests.servers import throwaway_postgres, throwaway_redis  # noqa: F401 (fixtures)
@@ -334,6 +339,33 @@ async def test_postgres_down_turns_succeed_and_the_log_catches_up(throwaway_post
         client = __import__("redis").Redis.from_url(urls["redis"])
         for key in client.scan_iter(match=f"{prefix}:*"):
             client.delete(key)
+
+
+@pytest.mark.real
+async def test_busy_pool_fails_the_turn_without_falling_back(domain, tmp_path):
+    real_urls()
+    pair = Backend("real", str(tmp_path))
+    store = pair.make_store(domain, redis_max_connections=1, redis_socket_timeout=1.0)
+    try:
+        tracker = await store.get_or_create_tracker("busy")
+        turn(tracker, "before")
+        await store.save(tracker)
+        pool = store._hot._client().connection_pool
+        held = await pool.get_connection("PING")  # the only connection, kept busy
+        try:
+            with pytest.raises(HotStateBusy, match="redis_max_connections"):
+                await store.retrieve("busy")
+            turn(tracker, "during")
+            with pytest.raises(HotStateBusy):
+                await store.save(tracker)
+        finally:
+            await pool.release(held)
+        # Not an outage: no snapshot fallback happened, no re-checking follows.
+        assert not store._recovery.suspecting
+        again = await store.retrieve("busy")
+        assert again.get_slot("name") == "before"
+    finally:
+        await pair.cleanup()
 
 
 @pytest.mark.servers
