@@ -157,7 +157,8 @@ class Codec:
         ``base_text`` that of ``record["base"]`` (None: serialise it here); only
         the rest is serialised anew. ``record["events"]`` (and ``record["base"]``
         if its text is given) must hold values as they read back from JSON.
-        Raises ``TypeError`` for a value that cannot be stored.
+        Raises ``TypeError`` for a value that cannot be written and
+        ``CorruptRecordError`` for one that would not read back as written.
         """
         texts = [text if text is not None else self._plain.dumps(event)
                  for event, text in zip(record["events"], event_texts, strict=True)]
@@ -193,7 +194,8 @@ class Codec:
 
     def event_text(self, event: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
         """An event's JSON text and the event as it reads back from it.
-        Raises ``TypeError`` for a value that cannot be stored."""
+        Raises ``TypeError`` for a value that cannot be written and
+        ``CorruptRecordError`` for one that would not read back as written."""
         text = self._plain.dumps(event)
         return text, self._plain.loads(text)
 
