@@ -9,6 +9,7 @@ uses the schema ``rpt``), dropped at the end. Nothing else is touched.
 import asyncio
 import base64
 import io
+import json
 import os
 import platform
 import random
@@ -349,6 +350,18 @@ def machine(load_at_start: Sequence[float]) -> Dict[str, Any]:
             "platform": platform.platform(), "event_loop": loop,
             "loadavg_1_5_15_at_start": [round(x, 2) for x in load_at_start],
             "loadavg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def write_results(result: Dict[str, Any], path: str) -> None:
+    """Write a run's JSON and print where, how long, and on what machine."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1, default=str)
+    m = result["machine"]
+    print(f"\nResults written to {os.path.relpath(path)} ({result['runtime_s']:.0f}s).")
+    print(f"Machine: {m['cpus']} CPUs, load average (1/5/15 min) "
+          f"{m['loadavg_1_5_15_at_start']} at start, {m['loadavg_1_5_15_at_end']} at end; "
+          f"event loop: {m['event_loop']}.")
 
 
 def now() -> float:

@@ -754,14 +754,6 @@ if __name__ == "__main__":
         # asyncio's own loop, not uvloop: callbacks are timed by wrapping
         # asyncio.Handle._run, which uvloop's C handles do not go through.
         result = asyncio.run(main(arguments))
-        os.makedirs(os.path.dirname(arguments.output), exist_ok=True)
-        with open(arguments.output, "w", encoding="utf-8") as out:
-            json.dump(result, out, indent=1, default=str)
-        print(f"\nResults written to {os.path.relpath(arguments.output)} "
-              f"({result['runtime_s']:.0f}s).")
-        print(f"Machine: {result['machine']['cpus']} CPUs, load average (1/5/15 min) "
-              f"{result['machine']['loadavg_1_5_15_at_start']} at start, "
-              f"{result['machine']['loadavg_1_5_15_at_end']} at end; "
-              f"event loop: {result['machine']['event_loop']}.")
+        common.write_results(result, arguments.output)
     plot(load_json(arguments.output), per_turn_json, png)
     print(f"Plot written to {os.path.relpath(png)}.")

@@ -17,10 +17,8 @@ each), Rasa's stores 30 (12 at ~10,000 events, where a turn takes ~1 s).
 cProfile and prints the top cumulative entries from rasa and our package.
 """
 import argparse
-import asyncio
 import cProfile
 import gc
-import json
 import os
 import pstats
 import random
@@ -499,12 +497,4 @@ def parse_args() -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse_args()
     output = common.run(main(arguments), arguments.loop)
-    os.makedirs(os.path.dirname(arguments.output), exist_ok=True)
-    with open(arguments.output, "w", encoding="utf-8") as handle:
-        json.dump(output, handle, indent=1, default=str)
-    print(f"\nResults written to {os.path.relpath(arguments.output)} "
-          f"({output['runtime_s']:.0f}s).")
-    print(f"Machine: {output['machine']['cpus']} CPUs, load average (1/5/15 min) "
-          f"{output['machine']['loadavg_1_5_15_at_start']} at start, "
-          f"{output['machine']['loadavg_1_5_15_at_end']} at end; "
-          f"event loop: {output['machine']['event_loop']}.")
+    common.write_results(output, arguments.output)

@@ -11,7 +11,12 @@ the trackers rebuilt from an entry (see ``Remembered``).
 import collections
 import dataclasses
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+
+def shareable(events: Iterable[Any]) -> List[Optional[Any]]:
+    """Window events later rebuilds may reuse as they are: all but user messages."""
+    return [None if getattr(e, "type_name", None) == "user" else e for e in events]
 
 
 @dataclasses.dataclass

@@ -180,8 +180,9 @@ class Recovery:
             tracker, previous = window.last_session(tracker), None
         version = expected if expected is not None else (snapshot.version if snapshot else 0)
         if refill:
-            built = self._store.build_record(tracker, next_seq, cache, previous)
-            payload, remembered = self._store.encode_record(built)
+            built = self._store._turns.build(tracker, self._store.domain.slots, next_seq,
+                                             cache, previous)
+            payload, remembered = self._store._turns.encode(built)
             version = await self._hot.commit(sender_id, version, payload,
                                              self._store.config.record_exp, None)
             self._store._recent.put(sender_id, remembered)

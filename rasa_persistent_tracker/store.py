@@ -2,7 +2,7 @@
 
 This module only orchestrates: the hot record format is in ``window``, storage
 in ``hot_state`` / ``embedded`` / ``event_log``, delivery to SQL in ``outbox``,
-encoding in ``codec`` / ``crypto``, recovery in ``recovery``.
+encoding in ``codec`` / ``crypto`` / ``turns``, recovery in ``recovery``.
 """
 import logging
 import time
@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 from rasa.core.brokers.broker import EventBroker
 from rasa.core.tracker_store import TrackerStore
 from rasa.shared.core.domain import Domain
-from rasa.shared.core.events import Event, SlotSet, UserUttered, ActionExecuted
+from rasa.shared.core.events import Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import replay, window
@@ -21,24 +21,17 @@ from rasa_persistent_tracker.errors import (
     EventLogUnavailable,
     HotStateBusy,
     HotStateUnavailable,
-    PersistentTrackerError,
-    SlotValueError,
 )
-from rasa_persistent_tracker.event_log import LogRow
 from rasa_persistent_tracker.hot_state import UnusableValue, payload_digest
 from rasa_persistent_tracker.outbox import make_entry
-from rasa_persistent_tracker.recent import RecentRecords, Remembered
+from rasa_persistent_tracker.recent import RecentRecords, Remembered, shareable
 from rasa_persistent_tracker.recovery import Recovery
+from rasa_persistent_tracker.turns import TurnEncoder
 
 logger = logging.getLogger(__name__)
 
 # Attribute under which a tracker carries what the store knows about it.
 MARK = "_rpt_loaded"
-
-
-def _shareable(events: Iterable[Event]) -> List[Optional[Event]]:
-    """Window events a later rebuild may reuse: all but user messages."""
-    return [None if isinstance(e, UserUttered) else e for e in events]
 
 
 class PersistentTrackerStore(TrackerStore):
@@ -80,6 +73,7 @@ class PersistentTrackerStore(TrackerStore):
         self._outbox = self._backends.outbox
         self._recovery = Recovery(self)
         self._recent = RecentRecords(self.config.record_cache_size)
+        self._turns = TurnEncoder(self._codec, self._recent, self.config.max_history)
         self._shape_ok, self._outbox.snapshot_ok = self._outbox.snapshot_ok, self._snapshot_ok
         if self._backends.announce:
             logger.info(self._backends.announce)
@@ -152,7 +146,7 @@ class PersistentTrackerStore(TrackerStore):
             self._recent.forget(sender_id)
             return None
         remembered.base_events = previous.slot_events
-        remembered.window_events = _shareable(known[0] for known in cache.values())
+        remembered.window_events = shareable(known[0] for known in cache.values())
         return record, tracker, cache, previous
 
     def _decode(self, sender_id: str, payload: str) -> Tuple[
@@ -255,9 +249,9 @@ class PersistentTrackerStore(TrackerStore):
             if expected:
                 await self._hot.touch(sender_id, self.config.record_exp)
             return
-        rows = self._rows(sender_id, new, next_seq, cache)
-        built = self.build_record(state, next_seq + len(new), cache, previous)
-        payload, remembered = self.encode_record(built)
+        rows = self._turns.rows(sender_id, new, next_seq, cache)
+        built = self._turns.build(state, self.domain.slots, next_seq + len(new), cache, previous)
+        payload, remembered = self._turns.encode(built)
         entry = make_entry(rows, time.time())
         try:
             version = await self._hot.commit(sender_id, expected, payload,
@@ -288,72 +282,6 @@ class PersistentTrackerStore(TrackerStore):
         except EventLogUnavailable as exc:
             logger.warning("Conversation '%s': event log unreachable, rows kept in the outbox "
                            "for delivery later (%s).", sender_id, exc)
-
-    def _rows(self, sender_id: str, events: List[Event], first_seq: int,
-              cache: window.Known) -> List[LogRow]:
-        """The log rows of new ``events``; their stored forms go into ``cache``."""
-        rows: List[LogRow] = []
-        for offset, event in enumerate(events):
-            text, as_dict = self._encode_event(sender_id, event)
-            cache[id(event)] = (event, as_dict, text)
-            intent = event.intent_name if isinstance(event, UserUttered) else None
-            action = event.action_name if isinstance(event, ActionExecuted) else None
-            rows.append(LogRow(first_seq + offset, event.type_name, event.timestamp,
-                               intent, action, self._codec.protect_event(as_dict, text)))
-        return rows
-
-    def _encode_event(self, sender_id: str, event: Event) -> Tuple[str, Dict[str, Any]]:
-        try:
-            return self._codec.event_text(event.as_dict())
-        except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
-            if isinstance(event, SlotSet):
-                raise SlotValueError(event.key, str(exc)) from None
-            raise PersistentTrackerError(
-                f"Event '{event.type_name}' of conversation '{sender_id}' holds a value "
-                f"of type {exc} that cannot be stored. Nothing was saved.") from None
-
-    def build_record(self, tracker: DialogueStateTracker, next_seq: int,
-                     cache: Optional[window.Known] = None,
-                     previous: Optional[window.Previous] = None) -> window.Built:
-        """``window.build_record`` with this store's domain, config and encoder."""
-        return window.build_record(
-            tracker, self.domain.slots, self.config.max_history, next_seq,
-            lambda event: self._encode_event(tracker.sender_id, event), cache, previous)
-
-    def encode_record(self, built: window.Built) -> Tuple[str, Remembered]:
-        """The payload of a built record, and the record as it reads back.
-
-        Raises:
-            SlotValueError: a slot value cannot be stored (names the slot).
-            PersistentTrackerError: another value cannot be stored.
-        """
-        record = built.record
-        try:
-            encoded = self._codec.encode_record(record, built.texts, built.base_text)
-        except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
-            for name, value in record["state"]["slots"].items():
-                try:
-                    self._codec.event_text({"v": value})
-                except (TypeError, CorruptRecordError):
-                    raise SlotValueError(name, str(exc)) from None
-            raise PersistentTrackerError(
-                f"The state of conversation '{record['sender_id']}' holds a value of type "
-                f"{exc} that cannot be stored. Nothing was saved.") from None
-        texts = encoded.texts
-        if None in built.texts and len(built.kept) == len(texts):  # keep those made just now
-            for (key, (event, as_dict, _)), text in zip(list(built.kept.items()), texts):
-                built.kept[key] = (event, as_dict, text)
-        if built.previous is not None:
-            built.previous.text = encoded.base_text
-        # Events this store parsed from a remembered record stay shareable; the
-        # caller's own new events are parsed from their stored form next time.
-        before = self._recent.get(record["sender_id"])
-        parsed = {id(e) for e in (before.window_events or ()) if e is not None} if before else ()
-        return encoded.payload, Remembered.of(
-            payload_digest(encoded.payload), encoded.record, texts, encoded.base_text,
-            built.previous.slot_events if built.previous is not None else None,
-            [e if id(e) in parsed else None for e, _, _ in built.kept.values()]
-            if parsed and len(built.kept) == len(texts) else None)
 
     # --------------------------------------------------------------- lifecycle
 

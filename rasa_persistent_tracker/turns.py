@@ -1,0 +1,103 @@
+"""Turning a saved tracker into what is stored: log rows and the hot record.
+
+``TurnEncoder`` serialises each new event once (the text serves the log row,
+the record and the next turn), assembles the record payload from parts
+already serialised, and returns the record as it reads back, for the
+per-process memory (``recent``). Values that cannot be stored faithfully are
+refused here, naming the slot, before anything is written.
+"""
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from rasa.shared.core.events import ActionExecuted, Event, SlotSet, UserUttered
+from rasa.shared.core.slots import Slot
+from rasa.shared.core.trackers import DialogueStateTracker
+
+from rasa_persistent_tracker import window
+from rasa_persistent_tracker.codec import Codec
+from rasa_persistent_tracker.errors import (
+    CorruptRecordError,
+    PersistentTrackerError,
+    SlotValueError,
+)
+from rasa_persistent_tracker.event_log import LogRow
+from rasa_persistent_tracker.hot_state import payload_digest
+from rasa_persistent_tracker.recent import RecentRecords, Remembered
+
+
+class TurnEncoder:
+    """Encodes turns for one store (its codec, memory and ``max_history``)."""
+
+    def __init__(self, codec: Codec, recent: RecentRecords, max_history: int) -> None:
+        self._codec = codec
+        self._recent = recent
+        self._max_history = max_history
+
+    def rows(self, sender_id: str, events: List[Event], first_seq: int,
+             cache: window.Known) -> List[LogRow]:
+        """The log rows of new ``events``; their stored forms go into ``cache``.
+
+        Raises:
+            SlotValueError / PersistentTrackerError: a value cannot be stored.
+        """
+        rows: List[LogRow] = []
+        for offset, event in enumerate(events):
+            text, as_dict = self._event(sender_id, event)
+            cache[id(event)] = (event, as_dict, text)
+            intent = event.intent_name if isinstance(event, UserUttered) else None
+            action = event.action_name if isinstance(event, ActionExecuted) else None
+            rows.append(LogRow(first_seq + offset, event.type_name, event.timestamp,
+                               intent, action, self._codec.protect_event(as_dict, text)))
+        return rows
+
+    def _event(self, sender_id: str, event: Event) -> Tuple[str, Dict[str, Any]]:
+        try:
+            return self._codec.event_text(event.as_dict())
+        except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
+            if isinstance(event, SlotSet):
+                raise SlotValueError(event.key, str(exc)) from None
+            raise PersistentTrackerError(
+                f"Event '{event.type_name}' of conversation '{sender_id}' holds a value "
+                f"of type {exc} that cannot be stored. Nothing was saved.") from None
+
+    def build(self, tracker: DialogueStateTracker, slots: Iterable[Slot], next_seq: int,
+              cache: Optional[window.Known] = None,
+              previous: Optional[window.Previous] = None) -> window.Built:
+        """``window.build_record`` with this encoder's serialiser and ``max_history``."""
+        return window.build_record(
+            tracker, slots, self._max_history, next_seq,
+            lambda event: self._event(tracker.sender_id, event), cache, previous)
+
+    def encode(self, built: window.Built) -> Tuple[str, Remembered]:
+        """The payload of a built record, and the record as it reads back.
+
+        Raises:
+            SlotValueError: a slot value cannot be stored (names the slot).
+            PersistentTrackerError: another value cannot be stored.
+        """
+        record = built.record
+        try:
+            encoded = self._codec.encode_record(record, built.texts, built.base_text)
+        except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
+            for name, value in record["state"]["slots"].items():
+                try:
+                    self._codec.event_text({"v": value})
+                except (TypeError, CorruptRecordError):
+                    raise SlotValueError(name, str(exc)) from None
+            raise PersistentTrackerError(
+                f"The state of conversation '{record['sender_id']}' holds a value of type "
+                f"{exc} that cannot be stored. Nothing was saved.") from None
+        texts = encoded.texts
+        if None in built.texts and len(built.kept) == len(texts):  # keep those made just now
+            for (key, (event, as_dict, _)), text in zip(list(built.kept.items()), texts):
+                built.kept[key] = (event, as_dict, text)
+        if built.previous is not None:
+            built.previous.text = encoded.base_text
+        # Events this store parsed from a remembered record stay shareable; the
+        # caller's own new events are parsed from their stored form next time.
+        before = self._recent.get(record["sender_id"])
+        parsed = {id(e) for e in (before.window_events or ()) if e is not None} if before else ()
+        return encoded.payload, Remembered.of(
+            payload_digest(encoded.payload), encoded.record, texts, encoded.base_text,
+            built.previous.slot_events if built.previous is not None else None,
+            [e if id(e) in parsed else None for e, _, _ in built.kept.values()]
+            if parsed and len(built.kept) == len(texts) else None)
