@@ -140,9 +140,13 @@ class SQLiteHotState:
     async def quarantine_entry(self, conversation_id: str, entry: str, ttl: float) -> str:
         def keep() -> str:
             now = self._clock()
-            cur = self._conn.execute(
-                "INSERT INTO rpt_quarantine (conversation_id, payload, created_at, expires_at) "
-                "VALUES (?,?,?,?)", (conversation_id, entry, now, now + ttl))
+            with self._conn:
+                cur = self._conn.execute(
+                    "INSERT INTO rpt_quarantine (conversation_id, payload, created_at, "
+                    "expires_at) VALUES (?,?,?,?)", (conversation_id, entry, now, now + ttl))
+                self._conn.execute(
+                    "DELETE FROM rpt_outbox WHERE id = (SELECT MIN(id) FROM rpt_outbox "
+                    "WHERE conversation_id=? AND entry=?)", (conversation_id, entry))
             return f"{self.path}#rpt_quarantine/{cur.lastrowid}"
         return await self._run(keep)
 

@@ -65,6 +65,18 @@ class LogRow:
                 "data": self.data}
 
 
+# Rows already logged among a batch's keys; keys are looked up in chunks that
+# stay under every backend's limit on bound parameters.
+_EXISTING = sa.select(EVENTS.c.conversation_id, EVENTS.c.seq, EVENTS.c.data).where(
+    sa.tuple_(EVENTS.c.conversation_id, EVENTS.c.seq).in_(sa.bindparam("keys", expanding=True)))
+_KEYS_PER_LOOKUP = 400
+
+# A LogRow as a dict (``LogRow.as_dict()``): the form rows travel in from the
+# outbox to the log.
+RowDict = Dict[str, Any]
+ROW_FIELDS = frozenset(f.name for f in dataclasses.fields(LogRow))
+
+
 @dataclasses.dataclass
 class Snapshot:
     """The latest hot record of a conversation, kept in SQL."""
@@ -109,8 +121,11 @@ class SQLEventLog:
     def migrate(self) -> List[int]:
         return migrate(self.engine)
 
-    def append(self, rows: Dict[str, Sequence[LogRow]], snapshots: Dict[str, Snapshot]) -> int:
+    def append(self, rows: Dict[str, Sequence[RowDict]], snapshots: Dict[str, Snapshot]) -> int:
         """Insert rows and upsert snapshots of many conversations in one transaction.
+
+        ``rows`` maps each conversation to its rows as ``LogRow.as_dict()`` gives
+        them, in sequence order.
 
         Idempotent: a row already present with the same data is skipped (an
         outbox entry delivered twice). A row whose sequence number is taken by
@@ -132,12 +147,17 @@ class SQLEventLog:
                            "were re-sequenced after the existing history.", repaired)
         return repaired
 
-    def _append_once(self, rows: Dict[str, Sequence[LogRow]], snapshots: Dict[str, Snapshot]) -> int:
+    def _append_once(self, rows: Dict[str, Sequence[RowDict]],
+                     snapshots: Dict[str, Snapshot]) -> int:
+        # A constant number of statements per batch, whatever the number of
+        # conversations in it: one lookup of the rows already there (per
+        # chunk of keys), one insert, one snapshot upsert.
         repaired = 0
         with self.engine.begin() as conn:
+            existing = self._existing(conn, rows)
             values: List[Dict[str, Any]] = []
             for cid, conv_rows in rows.items():
-                fresh, moved = self._place(conn, cid, conv_rows)
+                fresh, moved = self._place(conn, cid, conv_rows, existing)
                 values.extend(fresh)
                 repaired += moved
             if values:
@@ -145,44 +165,55 @@ class SQLEventLog:
                 # order, so they wait for each other instead of deadlocking.
                 values.sort(key=lambda v: (v["conversation_id"], v["seq"]))
                 conn.execute(EVENTS.insert(), values)
-            for cid, snap in snapshots.items():
-                self._upsert_snapshot(conn, cid, snap)
+            if snapshots:
+                self._upsert_snapshots(conn, snapshots)
         return repaired
 
     @staticmethod
-    def _place(conn: Any, cid: str, conv_rows: Sequence[LogRow]) -> "tuple[List[Dict[str, Any]], int]":
-        seqs = [r.seq for r in conv_rows]
-        existing = {seq: data for seq, data in conn.execute(
-            sa.select(EVENTS.c.seq, EVENTS.c.data).where(
-                EVENTS.c.conversation_id == cid,
-                EVENTS.c.seq >= min(seqs), EVENTS.c.seq <= max(seqs)))}
-        clashing = [r for r in conv_rows if r.seq in existing and existing[r.seq] != r.data]
-        fresh = [r for r in conv_rows if r.seq not in existing]
+    def _existing(conn: Any, rows: Dict[str, Sequence[RowDict]]) -> Dict[Any, str]:
+        """``data`` of the rows already logged under the keys of ``rows``."""
+        keys = [(cid, r["seq"]) for cid, conv_rows in rows.items() for r in conv_rows]
+        found: Dict[Any, str] = {}
+        for start in range(0, len(keys), _KEYS_PER_LOOKUP):
+            found.update(((cid, seq), data) for cid, seq, data in conn.execute(
+                _EXISTING, {"keys": keys[start:start + _KEYS_PER_LOOKUP]}))
+        return found
+
+    @staticmethod
+    def _place(conn: Any, cid: str, conv_rows: Sequence[RowDict], existing: Dict[Any, str]
+               ) -> "tuple[List[Dict[str, Any]], int]":
+        clashing = [r for r in conv_rows
+                    if (cid, r["seq"]) in existing and existing[cid, r["seq"]] != r["data"]]
+        fresh = [r for r in conv_rows if (cid, r["seq"]) not in existing]
         if not clashing:
-            return [dict(r.as_dict(), conversation_id=cid) for r in fresh], 0
+            return [dict(r, conversation_id=cid) for r in fresh], 0
         top = conn.execute(sa.select(sa.func.max(EVENTS.c.seq)).where(
             EVENTS.c.conversation_id == cid)).scalar() or 0
         placed = []
-        for offset, row in enumerate(sorted(clashing + fresh, key=lambda r: r.seq), 1):
-            placed.append(dict(row.as_dict(), seq=top + offset, conversation_id=cid))
+        for offset, row in enumerate(sorted(clashing + fresh, key=lambda r: r["seq"]), 1):
+            placed.append(dict(row, seq=top + offset, conversation_id=cid))
         return placed, len(clashing)
 
-    def _upsert_snapshot(self, conn: Any, cid: str, snap: Snapshot) -> None:
-        values = dict(dataclasses.asdict(snap), conversation_id=cid)
+    def _upsert_snapshots(self, conn: Any, snapshots: Dict[str, Snapshot]) -> None:
+        values = [dict(dataclasses.asdict(snap), conversation_id=cid)
+                  for cid, snap in sorted(snapshots.items())]
         if self._insert is not None:
-            stmt = self._insert(SNAPSHOTS).values(values)
+            # Never moves a snapshot backwards (an older batch delivered late).
+            stmt = self._insert(SNAPSHOTS)
             conn.execute(stmt.on_conflict_do_update(
                 index_elements=["conversation_id"],
                 set_={k: stmt.excluded[k] for k in ("next_seq", "version", "saved_at", "payload")},
                 where=SNAPSHOTS.c.next_seq <= stmt.excluded.next_seq,
-            ))
+            ), values)
             return
-        updated = conn.execute(SNAPSHOTS.update().where(
-            SNAPSHOTS.c.conversation_id == cid, SNAPSHOTS.c.next_seq <= snap.next_seq,
-        ).values(values)).rowcount
-        if not updated and not conn.execute(sa.select(SNAPSHOTS.c.conversation_id).where(
-                SNAPSHOTS.c.conversation_id == cid)).first():
-            conn.execute(SNAPSHOTS.insert().values(values))
+        for row in values:
+            updated = conn.execute(SNAPSHOTS.update().where(
+                SNAPSHOTS.c.conversation_id == row["conversation_id"],
+                SNAPSHOTS.c.next_seq <= row["next_seq"],
+            ).values(row)).rowcount
+            if not updated and not conn.execute(sa.select(SNAPSHOTS.c.conversation_id).where(
+                    SNAPSHOTS.c.conversation_id == row["conversation_id"])).first():
+                conn.execute(SNAPSHOTS.insert().values(row))
 
     def read(self, conversation_id: str, after_seq: int = 0) -> List[LogRow]:
         """All rows of one conversation with ``seq > after_seq``, in order."""

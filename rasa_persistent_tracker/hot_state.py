@@ -88,7 +88,8 @@ class HotState(Protocol):
         """Move the current value aside under a quarantine key; return its name."""
 
     async def quarantine_entry(self, conversation_id: str, entry: str, ttl: float) -> str:
-        """Keep one unreadable outbox entry under a quarantine key."""
+        """Move one unreadable outbox entry out of the outbox, atomically, to a
+        quarantine key; return its name. The entries around it stay queued."""
 
     async def pending(self, conversation_id: str, limit: int) -> Pending:
         """Oldest ``limit`` outbox entries and the current record."""
@@ -164,6 +165,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
+"""
+
+_QUARANTINE_ENTRY = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return redis.call('LREM', KEYS[2], 1, ARGV[1])
 """
 
 _ACK = """
@@ -308,8 +314,8 @@ class RedisHotState:
 
     async def quarantine_entry(self, conversation_id: str, entry: str, ttl: float) -> str:
         target = self._quarantine_key(conversation_id)
-        await self._call("redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])",
-                         [target], entry, int(ttl * 1000))
+        await self._call(_QUARANTINE_ENTRY, [target, self._keys(conversation_id)[1]],
+                         entry, int(ttl * 1000))
         return target
 
     def _quarantine_key(self, conversation_id: str) -> str:

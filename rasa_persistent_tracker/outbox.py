@@ -19,10 +19,17 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from rasa_persistent_tracker.errors import EventLogUnavailable, HotStateUnavailable
-from rasa_persistent_tracker.event_log import AsyncEventLog, LogRow, Snapshot
+from rasa_persistent_tracker.event_log import ROW_FIELDS, AsyncEventLog, LogRow, RowDict, Snapshot
 from rasa_persistent_tracker.hot_state import HotState
 
 logger = logging.getLogger(__name__)
+
+
+# What each field of an entry row must hold (anything else would fail in SQL,
+# over and over, instead of being quarantined once).
+_ROW_TYPES = (("seq", int), ("type_name", str), ("timestamp", (int, float, type(None))),
+              ("intent_name", (str, type(None))), ("action_name", (str, type(None))),
+              ("data", str))
 
 
 def make_entry(rows: List[LogRow], saved_at: float) -> str:
@@ -33,9 +40,28 @@ def make_entry(rows: List[LogRow], saved_at: float) -> str:
 
 def parse_entry(entry: str) -> Tuple[float, List[LogRow]]:
     """Inverse of ``make_entry``. Raises ValueError/TypeError/KeyError if malformed."""
+    saved_at, rows = parse_entry_dicts(entry)
+    return saved_at, [LogRow(**row) for row in rows]
+
+
+def parse_entry_dicts(entry: str) -> Tuple[float, List[RowDict]]:
+    """``parse_entry`` with the rows left as the dicts JSON gives (what delivery
+    passes to the log). Dicts of plain values are not tracked by the garbage
+    collector, so a batch in flight does not age into the old generation."""
     last, saved_at, body = entry.split("|", 2)
-    rows = [LogRow(**item) for item in json.loads(body)]
-    if not rows or rows[-1].seq != int(last):
+    rows = json.loads(body)
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("entry holds no rows")
+    for row in rows:
+        if not isinstance(row, dict):
+            raise TypeError(f"entry row is a {type(row).__name__}, not an object")
+        if row.keys() != ROW_FIELDS:
+            raise KeyError(f"entry row has fields {sorted(map(str, row))}, "
+                           f"expected {sorted(ROW_FIELDS)}")
+        for field, kinds in _ROW_TYPES:
+            if not isinstance(row[field], kinds) or isinstance(row[field], bool):
+                raise TypeError(f"entry row field {field!r} is a {type(row[field]).__name__}")
+    if rows[-1]["seq"] != int(last):
         raise ValueError("entry header does not match its rows")
     return float(saved_at), rows
 
@@ -156,37 +182,36 @@ class Outbox:
             raise
 
     async def _deliver_taken(self, ids: List[str]) -> int:
-        rows: Dict[str, List[LogRow]] = {}
+        rows: Dict[str, List[RowDict]] = {}
         snapshots: Dict[str, Snapshot] = {}
         upto: Dict[str, int] = {}
         unfinished: List[str] = []
         for cid in ids:
             pending = await self._hot.pending(cid, self._batch_size)
-            good: List[LogRow] = []
+            good: List[RowDict] = []
             saved_at = 0.0
             for entry in pending.entries:
                 try:
-                    saved_at, entry_rows = parse_entry(entry)
-                except (ValueError, TypeError, KeyError):
+                    saved_at, entry_rows = parse_entry_dicts(entry)
+                except (ValueError, TypeError, KeyError) as exc:
+                    # Moved out of the outbox; the entries around it stay queued
+                    # (none is acknowledged before SQL holds it).
                     key = await self._hot.quarantine_entry(cid, entry, self._quarantine_ttl)
-                    logger.warning("Conversation '%s': unreadable outbox entry moved to %s.",
-                                   cid, key)
-                    # Pop it (its header may be unreadable too) so delivery goes on.
-                    await self._hot.ack(cid, good[-1].seq if good else 0)
-                    unfinished.append(cid)
-                    break
+                    logger.warning("Conversation '%s': unreadable outbox entry (%s) moved to %s.",
+                                   cid, exc, key)
+                    continue
                 good.extend(entry_rows)
+            if not pending.complete:
+                unfinished.append(cid)
             if not good:
                 continue
             rows[cid] = good
-            upto[cid] = good[-1].seq
+            upto[cid] = good[-1]["seq"]
             # Never let an unreadable hot value replace the last good snapshot.
-            if (pending.complete and pending.payload is not None and cid not in unfinished
+            if (pending.complete and pending.payload is not None
                     and self.snapshot_ok(cid, pending.payload)):
-                snapshots[cid] = Snapshot(next_seq=good[-1].seq + 1, version=pending.version,
+                snapshots[cid] = Snapshot(next_seq=good[-1]["seq"] + 1, version=pending.version,
                                           saved_at=saved_at, payload=pending.payload)
-            elif not pending.complete:
-                unfinished.append(cid)
         if rows:
             await self._log.run(self._log.sync.append, rows, snapshots)
             for cid, seq in upto.items():

@@ -1,0 +1,139 @@
+"""The SQL event log's append path and the outbox entries that feed it.
+
+Runs on SQLite (with fakeredis) and on PostgreSQL (with Redis): delivery
+batches rows of many conversations into a constant number of statements, so
+these pin what that must keep: a redelivered row is skipped, a row numbered
+over someone else's is moved after them (in order, nothing dropped), key
+lookups split into chunks still see every key, and a snapshot never moves
+backwards. An outbox entry that does not parse is quarantined and delivery
+goes on past it.
+"""
+import json
+import logging
+
+import pytest
+import sqlalchemy as sa
+
+from rasa_persistent_tracker import event_log
+from rasa_persistent_tracker.event_log import LogRow, Snapshot, SQLEventLog
+from rasa_persistent_tracker.outbox import make_entry, parse_entry, parse_entry_dicts
+from tests.dialogue import turn
+
+
+@pytest.fixture
+def log(backend):
+    log = SQLEventLog(backend.engine())
+    log.migrate()
+    yield log
+    log.engine.dispose()
+
+
+def rows(first: int, last: int, tag: str = "a"):
+    """Row dicts (the form delivery passes) for seqs first..last."""
+    return [LogRow(seq, "slot", 1.0 + seq, None, None, json.dumps({"v": f"{tag}{seq}"})).as_dict()
+            for seq in range(first, last + 1)]
+
+
+def logged(log, cid):
+    return [(r.seq, json.loads(r.data)["v"]) for r in log.read(cid)]
+
+
+def test_a_redelivered_batch_writes_nothing_twice(log):
+    batch = {"c1": rows(1, 3), "c2": rows(1, 2), "c3": rows(1, 1)}
+    assert log.append(batch, {}) == 0
+    # The same entries again, plus new rows for one conversation (an outbox
+    # entry delivered, then delivered again with the next one after a crash).
+    assert log.append({**batch, "c2": rows(1, 4)}, {}) == 0
+    assert logged(log, "c1") == [(1, "a1"), (2, "a2"), (3, "a3")]
+    assert logged(log, "c2") == [(1, "a1"), (2, "a2"), (3, "a3"), (4, "a4")]
+    assert logged(log, "c3") == [(1, "a1")]
+
+
+def test_rows_numbered_over_other_rows_go_after_them_in_order(log, caplog):
+    log.append({"c1": rows(1, 3), "c2": rows(1, 2)}, {})
+    caplog.set_level(logging.WARNING, logger="rasa_persistent_tracker")
+    # c1's rows 2..4 were numbered without knowing the log's end: 2 and 3 clash.
+    moved = log.append({"c1": rows(2, 4, tag="b"), "c2": rows(3, 3)}, {})
+    assert moved == 2
+    assert logged(log, "c1") == [(1, "a1"), (2, "a2"), (3, "a3"),
+                                 (4, "b2"), (5, "b3"), (6, "b4")]
+    assert logged(log, "c2") == [(1, "a1"), (2, "a2"), (3, "a3")]
+    assert any("re-sequenced" in r.getMessage() for r in caplog.records)
+
+
+def test_a_batch_larger_than_one_key_lookup_is_checked_whole(log):
+    per = event_log._KEYS_PER_LOOKUP // 2 + 7  # three conversations span two lookups
+    batch = {f"c{i}": rows(1, per, tag=f"x{i}-") for i in range(3)}
+    log.append(batch, {})
+    # Redelivered, with one clash at the far end of the last chunk.
+    again = dict(batch, c2=batch["c2"][:-1] + rows(per, per, tag="other"))
+    assert log.append(again, {}) == 1
+    for i in range(3):
+        got = logged(log, f"c{i}")
+        assert [s for s, _ in got] == list(range(1, per + 1 + (i == 2)))
+    assert logged(log, "c2")[-2:] == [(per, f"x2-{per}"), (per + 1, f"other{per}")]
+
+
+def test_snapshots_of_a_batch_are_upserted_and_never_go_backwards(log):
+    log.append({"c1": rows(1, 2), "c2": rows(1, 2)},
+               {"c1": Snapshot(3, 1, 10.0, "one"), "c2": Snapshot(3, 1, 10.0, "two")})
+    log.append({"c1": rows(3, 3), "c2": rows(3, 3), "c3": rows(1, 1)},
+               {"c1": Snapshot(2, 0, 5.0, "stale"),  # an older batch delivered late
+                "c2": Snapshot(4, 2, 11.0, "two-b"), "c3": Snapshot(2, 1, 12.0, "three")})
+    assert log.snapshot("c1") == Snapshot(3, 1, 10.0, "one")
+    assert log.snapshot("c2") == Snapshot(4, 2, 11.0, "two-b")
+    assert log.snapshot("c3") == Snapshot(2, 1, 12.0, "three")
+
+
+def test_entries_round_trip_as_rows_and_as_dicts():
+    original = [LogRow(**r) for r in rows(7, 9)]
+    entry = make_entry(original, 123.5)
+    assert parse_entry(entry) == (123.5, original)
+    saved_at, dicts = parse_entry_dicts(entry)
+    assert saved_at == 123.5 and dicts == [r.as_dict() for r in original]
+
+
+@pytest.mark.parametrize("body, complaint", [
+    ('[{"seq": 0, "bogus": 1}]', "fields"),
+    ("[1, 2", "JSON"),
+    ("[]", "no rows"),
+    ('{"seq": 0}', "no rows"),
+    ('["row"]', "not an object"),
+    ('[{"seq": "0", "type_name": "slot", "timestamp": 1.0, "intent_name": null, '
+     '"action_name": null, "data": "{}"}]', "'seq' is a str"),
+    ('[{"seq": 0, "type_name": "slot", "timestamp": 1.0, "intent_name": null, '
+     '"action_name": null, "data": {"v": 1}}]', "'data' is a dict"),
+])
+def test_a_malformed_entry_is_refused_with_a_reason(body, complaint):
+    with pytest.raises((ValueError, KeyError, TypeError)) as caught:
+        parse_entry_dicts(f"0|1.0|{body}")
+    assert complaint in str(caught.value) or complaint == "JSON"
+
+
+async def test_an_unreadable_outbox_entry_is_quarantined_and_delivery_goes_on(
+        make_store, backend, caplog):
+    store = make_store()
+    tracker = await store.get_or_create_tracker("q1")
+    turn(tracker, 1)
+    await store.save(tracker)
+    await store.flush()
+    client = backend.redis_client()
+    outbox = f"{backend.prefix}:o:{{q1}}"
+    bogus = '0|1.0|[{"seq": 0, "bogus": 1}]'
+    client.rpush(outbox, bogus)
+    caplog.set_level(logging.WARNING, logger="rasa_persistent_tracker")
+    tracker = await store.retrieve("q1")
+    turn(tracker, 2)
+    await store.save(tracker)  # its entry waits behind the bogus one
+    await store.flush()
+    quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:{{q1}}:*"))
+    assert [client.get(k).decode() for k in quarantined] == [bogus]
+    assert any("unreadable outbox entry" in r.getMessage() for r in caplog.records)
+    assert client.llen(outbox) == 0
+    with backend.engine().connect() as conn:
+        seqs = [s for (s,) in conn.execute(sa.text(
+            "SELECT seq FROM rpt_events WHERE conversation_id='q1' ORDER BY seq"))]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 5
+    names = [e.value for e in (await store.retrieve_full_tracker("q1")).events
+             if getattr(e, "key", None) == "name"]
+    assert names == ["bob 1", "bob 2"]
