@@ -71,6 +71,14 @@ _EXISTING = sa.select(EVENTS.c.conversation_id, EVENTS.c.seq, EVENTS.c.data).whe
     sa.tuple_(EVENTS.c.conversation_id, EVENTS.c.seq).in_(sa.bindparam("keys", expanding=True)))
 _KEYS_PER_LOOKUP = 400
 
+# The snapshot upsert in one statement on PostgreSQL; never moves a snapshot
+# backwards (an older batch delivered late).
+_PG_UPSERT_SNAPSHOTS = (
+    f"INSERT INTO {SNAPSHOTS.name} (conversation_id, next_seq, version, saved_at, payload) "
+    f"VALUES %s ON CONFLICT (conversation_id) DO UPDATE SET next_seq = excluded.next_seq, "
+    f"version = excluded.version, saved_at = excluded.saved_at, payload = excluded.payload "
+    f"WHERE {SNAPSHOTS.name}.next_seq <= excluded.next_seq")
+
 # A LogRow as a dict (``LogRow.as_dict()``): the form rows travel in from the
 # outbox to the log.
 RowDict = Dict[str, Any]
@@ -195,6 +203,16 @@ class SQLEventLog:
         return placed, len(clashing)
 
     def _upsert_snapshots(self, conn: Any, snapshots: Dict[str, Snapshot]) -> None:
+        if self.engine.dialect.driver == "psycopg2":
+            # SQLAlchemy runs an ON CONFLICT DO UPDATE executemany one row per
+            # round trip (it cannot know the keys are distinct); they are.
+            from psycopg2.extras import execute_values
+
+            with conn.connection.cursor() as cursor:  # inside this transaction
+                execute_values(cursor, _PG_UPSERT_SNAPSHOTS, [
+                    (cid, s.next_seq, s.version, s.saved_at, s.payload)
+                    for cid, s in sorted(snapshots.items())], page_size=len(snapshots))
+            return
         values = [dict(dataclasses.asdict(snap), conversation_id=cid)
                   for cid, snap in sorted(snapshots.items())]
         if self._insert is not None:
