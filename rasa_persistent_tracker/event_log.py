@@ -16,8 +16,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_errors
-from sqlalchemy.dialects import postgresql, sqlite
 
+from rasa_persistent_tracker import bulk
+from rasa_persistent_tracker.bulk import sort_rows
 from rasa_persistent_tracker.config import mask_url
 from rasa_persistent_tracker.errors import EventLogUnavailable
 from rasa_persistent_tracker.migrations import migrate
@@ -65,20 +66,6 @@ class LogRow:
                 "data": self.data}
 
 
-# Rows already logged among a batch's keys; keys are looked up in chunks that
-# stay under every backend's limit on bound parameters.
-_EXISTING = sa.select(EVENTS.c.conversation_id, EVENTS.c.seq, EVENTS.c.data).where(
-    sa.tuple_(EVENTS.c.conversation_id, EVENTS.c.seq).in_(sa.bindparam("keys", expanding=True)))
-_KEYS_PER_LOOKUP = 400
-
-# The snapshot upsert in one statement on PostgreSQL; never moves a snapshot
-# backwards (an older batch delivered late).
-_PG_UPSERT_SNAPSHOTS = (
-    f"INSERT INTO {SNAPSHOTS.name} (conversation_id, next_seq, version, saved_at, payload) "
-    f"VALUES %s ON CONFLICT (conversation_id) DO UPDATE SET next_seq = excluded.next_seq, "
-    f"version = excluded.version, saved_at = excluded.saved_at, payload = excluded.payload "
-    f"WHERE {SNAPSHOTS.name}.next_seq <= excluded.next_seq")
-
 # A LogRow as a dict (``LogRow.as_dict()``): the form rows travel in from the
 # outbox to the log.
 RowDict = Dict[str, Any]
@@ -120,8 +107,7 @@ class SQLEventLog:
 
     def __init__(self, engine: sa.engine.Engine) -> None:
         self.engine = engine
-        self._insert = {"postgresql": postgresql.insert,
-                        "sqlite": sqlite.insert}.get(engine.dialect.name)
+        self._bulk = bulk.for_engine(engine, EVENTS, SNAPSHOTS)
 
     def __repr__(self) -> str:
         return f"SQLEventLog({mask_url(str(self.engine.url))})"
@@ -158,80 +144,38 @@ class SQLEventLog:
     def _append_once(self, rows: Dict[str, Sequence[RowDict]],
                      snapshots: Dict[str, Snapshot]) -> int:
         # A constant number of statements per batch, whatever the number of
-        # conversations in it: one lookup of the rows already there (per
-        # chunk of keys), one insert, one snapshot upsert.
+        # conversations in it (bulk.py).
         repaired = 0
         with self.engine.begin() as conn:
-            existing = self._existing(conn, rows)
-            values: List[Dict[str, Any]] = []
+            existing = self._bulk.existing(conn, [
+                (cid, r["seq"]) for cid, conv_rows in rows.items() for r in conv_rows])
+            values: List[tuple] = []
             for cid, conv_rows in rows.items():
                 fresh, moved = self._place(conn, cid, conv_rows, existing)
                 values.extend(fresh)
                 repaired += moved
             if values:
-                # Key order: concurrent writers lock index entries in the same
-                # order, so they wait for each other instead of deadlocking.
-                values.sort(key=lambda v: (v["conversation_id"], v["seq"]))
-                conn.execute(EVENTS.insert(), values)
+                self._bulk.insert(conn, sort_rows(values))
             if snapshots:
-                self._upsert_snapshots(conn, snapshots)
+                self._bulk.upsert_snapshots(conn, [
+                    (cid, s.next_seq, s.version, s.saved_at, s.payload)
+                    for cid, s in sorted(snapshots.items())])
         return repaired
 
     @staticmethod
-    def _existing(conn: Any, rows: Dict[str, Sequence[RowDict]]) -> Dict[Any, str]:
-        """``data`` of the rows already logged under the keys of ``rows``."""
-        keys = [(cid, r["seq"]) for cid, conv_rows in rows.items() for r in conv_rows]
-        found: Dict[Any, str] = {}
-        for start in range(0, len(keys), _KEYS_PER_LOOKUP):
-            found.update(((cid, seq), data) for cid, seq, data in conn.execute(
-                _EXISTING, {"keys": keys[start:start + _KEYS_PER_LOOKUP]}))
-        return found
-
-    @staticmethod
     def _place(conn: Any, cid: str, conv_rows: Sequence[RowDict], existing: Dict[Any, str]
-               ) -> "tuple[List[Dict[str, Any]], int]":
+               ) -> "tuple[List[tuple], int]":
+        """(rows to insert, as ``ROW_COLUMNS`` tuples; how many were re-sequenced)."""
         clashing = [r for r in conv_rows
                     if (cid, r["seq"]) in existing and existing[cid, r["seq"]] != r["data"]]
         fresh = [r for r in conv_rows if (cid, r["seq"]) not in existing]
-        if not clashing:
-            return [dict(r, conversation_id=cid) for r in fresh], 0
-        top = conn.execute(sa.select(sa.func.max(EVENTS.c.seq)).where(
-            EVENTS.c.conversation_id == cid)).scalar() or 0
-        placed = []
-        for offset, row in enumerate(sorted(clashing + fresh, key=lambda r: r["seq"]), 1):
-            placed.append(dict(row, seq=top + offset, conversation_id=cid))
-        return placed, len(clashing)
-
-    def _upsert_snapshots(self, conn: Any, snapshots: Dict[str, Snapshot]) -> None:
-        if self.engine.dialect.driver == "psycopg2":
-            # SQLAlchemy runs an ON CONFLICT DO UPDATE executemany one row per
-            # round trip (it cannot know the keys are distinct); they are.
-            from psycopg2.extras import execute_values
-
-            with conn.connection.cursor() as cursor:  # inside this transaction
-                execute_values(cursor, _PG_UPSERT_SNAPSHOTS, [
-                    (cid, s.next_seq, s.version, s.saved_at, s.payload)
-                    for cid, s in sorted(snapshots.items())], page_size=len(snapshots))
-            return
-        values = [dict(dataclasses.asdict(snap), conversation_id=cid)
-                  for cid, snap in sorted(snapshots.items())]
-        if self._insert is not None:
-            # Never moves a snapshot backwards (an older batch delivered late).
-            stmt = self._insert(SNAPSHOTS)
-            conn.execute(stmt.on_conflict_do_update(
-                index_elements=["conversation_id"],
-                set_={k: stmt.excluded[k] for k in ("next_seq", "version", "saved_at", "payload")},
-                where=SNAPSHOTS.c.next_seq <= stmt.excluded.next_seq,
-            ), values)
-            return
-        for row in values:
-            updated = conn.execute(SNAPSHOTS.update().where(
-                SNAPSHOTS.c.conversation_id == row["conversation_id"],
-                SNAPSHOTS.c.next_seq <= row["next_seq"],
-            ).values(row)).rowcount
-            if not updated and not conn.execute(sa.select(SNAPSHOTS.c.conversation_id).where(
-                    SNAPSHOTS.c.conversation_id == row["conversation_id"])).first():
-                conn.execute(SNAPSHOTS.insert().values(row))
+        if clashing:
+            top = conn.execute(sa.select(sa.func.max(EVENTS.c.seq)).where(
+                EVENTS.c.conversation_id == cid)).scalar() or 0
+            fresh = [dict(row, seq=top + offset) for offset, row in
+                     enumerate(sorted(clashing + fresh, key=lambda r: r["seq"]), 1)]
+        return [(cid, r["seq"], r["type_name"], r["timestamp"], r["intent_name"],
+                 r["action_name"], r["data"]) for r in fresh], len(clashing)
 
     def read(self, conversation_id: str, after_seq: int = 0) -> List[LogRow]:
         """All rows of one conversation with ``seq > after_seq``, in order."""

@@ -14,7 +14,7 @@ import logging
 import pytest
 import sqlalchemy as sa
 
-from rasa_persistent_tracker import event_log
+from rasa_persistent_tracker import bulk
 from rasa_persistent_tracker.event_log import LogRow, Snapshot, SQLEventLog
 from rasa_persistent_tracker.outbox import make_entry, parse_entry, parse_entry_dicts
 from tests.dialogue import turn
@@ -62,7 +62,7 @@ def test_rows_numbered_over_other_rows_go_after_them_in_order(log, caplog):
 
 
 def test_a_batch_larger_than_one_key_lookup_is_checked_whole(log):
-    per = event_log._KEYS_PER_LOOKUP // 2 + 7  # three conversations span two lookups
+    per = bulk.KEYS_PER_LOOKUP // 2 + 7  # three conversations span two lookups
     batch = {f"c{i}": rows(1, per, tag=f"x{i}-") for i in range(3)}
     log.append(batch, {})
     # Redelivered, with one clash at the far end of the last chunk.
