@@ -6,11 +6,11 @@ logged already, insert the rows, upsert the snapshots. Rows and snapshots
 arrive as tuples in column order (``ROW_COLUMNS``, ``SNAPSHOT_COLUMNS``).
 
 ``CoreBulk`` is SQLAlchemy Core and works everywhere (SQLite, the embedded
-default). ``Psycopg2Bulk`` hands the tuples to psycopg2 on the same
-transaction: its C adaptation replaces SQLAlchemy's per-row parameter
-processing, which ran in the SQL worker thread while the event loop waited
-for the GIL, and an upsert of distinct keys goes in one statement where
-SQLAlchemy would send one per row.
+default). ``PostgresBulk`` (psycopg2) sends each column as one array: the
+driver's C adaptation replaces SQLAlchemy's per-row parameter processing,
+which ran in the SQL worker thread while the event loop waited for the GIL,
+and an upsert of distinct keys goes in one statement where SQLAlchemy would
+send one per row.
 """
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -69,47 +69,56 @@ class CoreBulk:
                 conn.execute(table.insert().values(row))
 
 
-class Psycopg2Bulk:
-    """The same statements through psycopg2, inside the SQLAlchemy transaction."""
+class PostgresBulk:
+    """The same statements as PostgreSQL text: each column goes as one array
+    parameter, expanded with ``unnest``. psycopg2 adapts the arrays in C, and
+    SQLAlchemy still executes them, so its error translation (integrity,
+    disconnects) and connection invalidation apply as for any statement."""
 
     def __init__(self, events: sa.Table, snapshots: sa.Table) -> None:
-        from psycopg2.extras import execute_values
-
-        self._execute_values = execute_values
         ev, sn = events.name, snapshots.name
-        self._lookup = (f"SELECT conversation_id, seq, data FROM {ev} "
-                        f"WHERE (conversation_id, seq) IN %s")
-        self._insert = f"INSERT INTO {ev} ({', '.join(ROW_COLUMNS)}) VALUES %s"
+        row_arrays = _unnest(events, ROW_COLUMNS)
+        self._lookup = (f"SELECT conversation_id, seq, data FROM {ev} WHERE (conversation_id, "
+                        f"seq) IN (SELECT * FROM {_unnest(events, ROW_COLUMNS[:2])})")
+        self._insert = f"INSERT INTO {ev} ({', '.join(ROW_COLUMNS)}) SELECT * FROM {row_arrays}"
         updates = ", ".join(f"{c} = excluded.{c}" for c in SNAPSHOT_COLUMNS[1:])
-        self._upsert = (f"INSERT INTO {sn} ({', '.join(SNAPSHOT_COLUMNS)}) VALUES %s "
+        self._upsert = (f"INSERT INTO {sn} ({', '.join(SNAPSHOT_COLUMNS)}) "
+                        f"SELECT * FROM {_unnest(snapshots, SNAPSHOT_COLUMNS)} "
                         f"ON CONFLICT (conversation_id) DO UPDATE SET {updates} "
                         f"WHERE {sn}.next_seq <= excluded.next_seq")
 
     def existing(self, conn: Any, keys: Sequence[Key]) -> Dict[Key, str]:
         found: Dict[Key, str] = {}
-        with conn.connection.cursor() as cursor:
-            for start in range(0, len(keys), KEYS_PER_LOOKUP):
-                cursor.execute(self._lookup, (tuple(keys[start:start + KEYS_PER_LOOKUP]),))
-                found.update(((cid, seq), data) for cid, seq, data in cursor.fetchall())
+        for start in range(0, len(keys), KEYS_PER_LOOKUP):
+            found.update(((cid, seq), data) for cid, seq, data in
+                         self._run(conn, self._lookup, keys[start:start + KEYS_PER_LOOKUP], 2))
         return found
 
     def insert(self, conn: Any, rows: Sequence[tuple]) -> None:
-        self._values(conn, self._insert, rows)
+        self._run(conn, self._insert, rows, len(ROW_COLUMNS))
 
     def upsert_snapshots(self, conn: Any, rows: Sequence[tuple]) -> None:
         # One statement: the keys are distinct (a batch has one snapshot per
         # conversation), which ON CONFLICT DO UPDATE requires.
-        self._values(conn, self._upsert, rows)
+        self._run(conn, self._upsert, rows, len(SNAPSHOT_COLUMNS))
 
-    def _values(self, conn: Any, statement: str, rows: Sequence[tuple]) -> None:
-        with conn.connection.cursor() as cursor:
-            self._execute_values(cursor, statement, list(rows), page_size=max(len(rows), 1))
+    @staticmethod
+    def _run(conn: Any, statement: str, rows: Sequence[tuple], width: int) -> Any:
+        columns = tuple(list(column) for column in zip(*rows)) or ([],) * width
+        return conn.exec_driver_sql(statement, [columns])
+
+
+def _unnest(table: sa.Table, names: Sequence[str]) -> str:
+    """``unnest(%s::<type>[], ...)`` for these columns of ``table``."""
+    types = {sa.BigInteger: "bigint", sa.Float: "float8"}
+    casts = (types.get(type(table.c[name].type), "text") for name in names)
+    return "unnest(" + ", ".join(f"%s::{cast}[]" for cast in casts) + ")"
 
 
 def for_engine(engine: sa.engine.Engine, events: sa.Table, snapshots: sa.Table) -> Any:
     """The batch statements for this engine's driver."""
-    if engine.dialect.driver == "psycopg2":
-        return Psycopg2Bulk(events, snapshots)
+    if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg2":
+        return PostgresBulk(events, snapshots)
     from sqlalchemy.dialects import postgresql, sqlite
 
     upsert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(engine.dialect.name)

@@ -48,7 +48,12 @@ def parse_entry_dicts(entry: str) -> Tuple[float, List[RowDict]]:
     """``parse_entry`` with the rows left as the dicts JSON gives (what delivery
     passes to the log). Dicts of plain values are not tracked by the garbage
     collector, so a batch in flight does not age into the old generation."""
-    last, saved_at, body = entry.split("|", 2)
+    # Error messages name what is wrong, never the entry's content.
+    try:
+        last, saved_at, body = entry.split("|", 2)
+        last_seq, saved = int(last), float(saved_at)
+    except ValueError:
+        raise ValueError("entry header is not '<last seq>|<saved_at>|'") from None
     rows = json.loads(body)
     if not isinstance(rows, list) or not rows:
         raise ValueError("entry holds no rows")
@@ -56,14 +61,14 @@ def parse_entry_dicts(entry: str) -> Tuple[float, List[RowDict]]:
         if not isinstance(row, dict):
             raise TypeError(f"entry row is a {type(row).__name__}, not an object")
         if row.keys() != ROW_FIELDS:
-            raise KeyError(f"entry row has fields {sorted(map(str, row))}, "
-                           f"expected {sorted(ROW_FIELDS)}")
+            raise KeyError(f"entry row lacks {sorted(ROW_FIELDS - row.keys())} and has "
+                           f"{len(row.keys() - ROW_FIELDS)} unknown field(s)")
         for field, kinds in _ROW_TYPES:
             if not isinstance(row[field], kinds) or isinstance(row[field], bool):
                 raise TypeError(f"entry row field {field!r} is a {type(row[field]).__name__}")
-    if rows[-1]["seq"] != int(last):
+    if rows[-1]["seq"] != last_seq:
         raise ValueError("entry header does not match its rows")
-    return float(saved_at), rows
+    return saved, rows
 
 
 class Outbox:

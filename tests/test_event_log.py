@@ -74,6 +74,30 @@ def test_a_batch_larger_than_one_key_lookup_is_checked_whole(log):
     assert logged(log, "c2")[-2:] == [(per, f"x2-{per}"), (per + 1, f"other{per}")]
 
 
+def test_a_concurrent_delivery_of_the_same_rows_is_retried_not_raised(log, monkeypatch):
+    log.append({"c1": rows(1, 3)}, {})
+    # Another process committed these rows after our lookup ran: the insert
+    # hits the unique key, and the next attempt must find them and skip them.
+    real = log._bulk.existing
+    lookups = []
+
+    def stale_then_real(conn, keys):
+        lookups.append(len(keys))
+        return {} if len(lookups) == 1 else real(conn, keys)
+
+    monkeypatch.setattr(log._bulk, "existing", stale_then_real)
+    assert log.append({"c1": rows(1, 4)}, {}) == 0
+    assert len(lookups) == 2
+    assert logged(log, "c1") == [(1, "a1"), (2, "a2"), (3, "a3"), (4, "a4")]
+
+
+def test_values_reach_the_log_exactly_as_given(log):
+    odd = LogRow(1, "user", None, None, "act%s", '{"t": "100% it\'s %(x)s"}').as_dict()
+    log.append({"c%1": [odd]}, {"c%1": Snapshot(2, 1, 0.5, "p%s'")})
+    assert log.read("c%1") == [LogRow(**odd)]
+    assert log.snapshot("c%1") == Snapshot(2, 1, 0.5, "p%s'")
+
+
 def test_snapshots_of_a_batch_are_upserted_and_never_go_backwards(log):
     log.append({"c1": rows(1, 2), "c2": rows(1, 2)},
                {"c1": Snapshot(3, 1, 10.0, "one"), "c2": Snapshot(3, 1, 10.0, "two")})
@@ -94,7 +118,7 @@ def test_entries_round_trip_as_rows_and_as_dicts():
 
 
 @pytest.mark.parametrize("body, complaint", [
-    ('[{"seq": 0, "bogus": 1}]', "fields"),
+    ('[{"seq": 0, "bogus": 1}]', "1 unknown field"),
     ("[1, 2", "JSON"),
     ("[]", "no rows"),
     ('{"seq": 0}', "no rows"),
@@ -108,6 +132,14 @@ def test_a_malformed_entry_is_refused_with_a_reason(body, complaint):
     with pytest.raises((ValueError, KeyError, TypeError)) as caught:
         parse_entry_dicts(f"0|1.0|{body}")
     assert complaint in str(caught.value) or complaint == "JSON"
+
+
+def test_a_refused_entry_is_described_without_its_content():
+    secret = "card 4111 1111 1111 1111"
+    for entry in (f"{secret}|x|[]", f"0|1.0|[{{\"{secret}\": 1}}]", f"0|{secret}|[]"):
+        with pytest.raises((ValueError, KeyError, TypeError)) as caught:
+            parse_entry_dicts(entry)
+        assert "4111" not in str(caught.value)
 
 
 async def test_an_unreadable_outbox_entry_is_quarantined_and_delivery_goes_on(
