@@ -140,13 +140,18 @@ class SQLiteHotState:
     async def quarantine_entry(self, conversation_id: str, entry: str, ttl: float) -> str:
         def keep() -> str:
             now = self._clock()
-            with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")  # autocommit connection: one transaction
+            try:
                 cur = self._conn.execute(
                     "INSERT INTO rpt_quarantine (conversation_id, payload, created_at, "
                     "expires_at) VALUES (?,?,?,?)", (conversation_id, entry, now, now + ttl))
                 self._conn.execute(
                     "DELETE FROM rpt_outbox WHERE id = (SELECT MIN(id) FROM rpt_outbox "
                     "WHERE conversation_id=? AND entry=?)", (conversation_id, entry))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
             return f"{self.path}#rpt_quarantine/{cur.lastrowid}"
         return await self._run(keep)
 
@@ -173,7 +178,7 @@ class SQLiteHotState:
                     if entry_seq(entry) > upto_seq:
                         break
                 except ValueError:
-                    pass  # unreadable header: drop it with the delivered ones
+                    break  # unreadable: delivery quarantines it when it reads it
                 ids.append(row_id)
             self._conn.executemany("DELETE FROM rpt_outbox WHERE id=?", [(i,) for i in ids])
             return len(ids)

@@ -82,6 +82,15 @@ class Snapshot:
     payload: str
 
 
+# The log's key column holds conversation ids up to this length, without NUL.
+MAX_ID_LENGTH = 255
+
+
+def loggable(conversation_id: str) -> bool:
+    """Whether the log can hold this conversation id (``save`` refuses others)."""
+    return len(conversation_id) <= MAX_ID_LENGTH and "\x00" not in conversation_id
+
+
 def make_engine(url: str, pool_size: int) -> sa.engine.Engine:
     """Create the engine; SQLite gets WAL and a busy timeout for many writers."""
     parsed = sa.engine.make_url(url)
@@ -170,15 +179,25 @@ class SQLEventLog:
                     if (cid, r["seq"]) in existing and existing[cid, r["seq"]] != r["data"]]
         fresh = [r for r in conv_rows if (cid, r["seq"]) not in existing]
         if clashing:
+            # Rows moved by an earlier delivery of this same batch (a crash before
+            # its acknowledgement, or another process) are there already, after
+            # the clash, with the same data: skip them, never move them twice.
+            since = min(r["seq"] for r in clashing)
+            moved_before = {data for (data,) in conn.execute(sa.select(EVENTS.c.data).where(
+                EVENTS.c.conversation_id == cid, EVENTS.c.seq > since))}
             top = conn.execute(sa.select(sa.func.max(EVENTS.c.seq)).where(
                 EVENTS.c.conversation_id == cid)).scalar() or 0
-            fresh = [dict(row, seq=top + offset) for offset, row in
-                     enumerate(sorted(clashing + fresh, key=lambda r: r["seq"]), 1)]
+            pending = sorted((r for r in clashing + fresh if r["data"] not in moved_before),
+                             key=lambda r: r["seq"])
+            fresh = [dict(row, seq=top + offset) for offset, row in enumerate(pending, 1)]
+            clashing = [r for r in clashing if r["data"] not in moved_before]
         return [(cid, r["seq"], r["type_name"], r["timestamp"], r["intent_name"],
                  r["action_name"], r["data"]) for r in fresh], len(clashing)
 
     def read(self, conversation_id: str, after_seq: int = 0) -> List[LogRow]:
         """All rows of one conversation with ``seq > after_seq``, in order."""
+        if not loggable(conversation_id):
+            return []
         query = sa.select(EVENTS.c.seq, EVENTS.c.type_name, EVENTS.c.timestamp,
                           EVENTS.c.intent_name, EVENTS.c.action_name, EVENTS.c.data).where(
             EVENTS.c.conversation_id == conversation_id, EVENTS.c.seq > after_seq,
@@ -188,6 +207,8 @@ class SQLEventLog:
 
     def next_seq(self, conversation_id: str) -> int:
         """One past the highest logged sequence number (1 for a new conversation)."""
+        if not loggable(conversation_id):
+            return 1
         with self.engine.connect() as conn:
             top = conn.execute(sa.select(sa.func.max(EVENTS.c.seq)).where(
                 EVENTS.c.conversation_id == conversation_id)).scalar()
@@ -198,6 +219,8 @@ class SQLEventLog:
             return [r[0] for r in conn.execute(sa.select(EVENTS.c.conversation_id).distinct())]
 
     def snapshot(self, conversation_id: str) -> Optional[Snapshot]:
+        if not loggable(conversation_id):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(
                 SNAPSHOTS.c.next_seq, SNAPSHOTS.c.version, SNAPSHOTS.c.saved_at,

@@ -178,7 +178,8 @@ while true do
   local head = redis.call('LINDEX', KEYS[1], 0)
   if not head then break end
   local seq = tonumber(string.match(head, '^(%d+)|') or '')
-  if seq ~= nil and seq > tonumber(ARGV[1]) then break end
+  -- An unreadable head stays: delivery quarantines it when it reads it.
+  if seq == nil or seq > tonumber(ARGV[1]) then break end
   redis.call('LPOP', KEYS[1])
   n = n + 1
 end
@@ -315,7 +316,7 @@ class RedisHotState:
     async def quarantine_entry(self, conversation_id: str, entry: str, ttl: float) -> str:
         target = self._quarantine_key(conversation_id)
         await self._call(_QUARANTINE_ENTRY, [target, self._keys(conversation_id)[1]],
-                         entry, int(ttl * 1000))
+                         entry.encode("utf-8", "surrogateescape"), int(ttl * 1000))
         return target
 
     def _quarantine_key(self, conversation_id: str) -> str:
@@ -325,7 +326,10 @@ class RedisHotState:
     async def pending(self, conversation_id: str, limit: int) -> Pending:
         hot, outbox = self._keys(conversation_id)
         entries, version, payload = await self._call(_PENDING, [hot, outbox], limit - 1)
-        texts = [_decode(e) or "" for e in entries]
+        # surrogateescape: an entry that is not UTF-8 keeps its exact bytes, so
+        # quarantine_entry can find it in the list (parsing refuses it).
+        texts = [e.decode("utf-8", "surrogateescape") if isinstance(e, bytes) else str(e)
+                 for e in entries]
         text_version = _decode(version)
         return Pending(
             entries=texts,

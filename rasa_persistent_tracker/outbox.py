@@ -25,11 +25,13 @@ from rasa_persistent_tracker.hot_state import HotState
 logger = logging.getLogger(__name__)
 
 
-# What each field of an entry row must hold (anything else would fail in SQL,
-# over and over, instead of being quarantined once).
+# What each field of an entry row must hold, within the SQL columns' limits
+# (anything else would fail in SQL, over and over, instead of being
+# quarantined once).
 _ROW_TYPES = (("seq", int), ("type_name", str), ("timestamp", (int, float, type(None))),
               ("intent_name", (str, type(None))), ("action_name", (str, type(None))),
               ("data", str))
+_MAX_LENGTH = {"type_name": 64, "intent_name": 255, "action_name": 255}
 
 
 def make_entry(rows: List[LogRow], saved_at: float) -> str:
@@ -50,6 +52,10 @@ def parse_entry_dicts(entry: str) -> Tuple[float, List[RowDict]]:
     collector, so a batch in flight does not age into the old generation."""
     # Error messages name what is wrong, never the entry's content.
     try:
+        entry.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("entry is not UTF-8 text") from None
+    try:
         last, saved_at, body = entry.split("|", 2)
         last_seq, saved = int(last), float(saved_at)
     except ValueError:
@@ -64,8 +70,14 @@ def parse_entry_dicts(entry: str) -> Tuple[float, List[RowDict]]:
             raise KeyError(f"entry row lacks {sorted(ROW_FIELDS - row.keys())} and has "
                            f"{len(row.keys() - ROW_FIELDS)} unknown field(s)")
         for field, kinds in _ROW_TYPES:
-            if not isinstance(row[field], kinds) or isinstance(row[field], bool):
-                raise TypeError(f"entry row field {field!r} is a {type(row[field]).__name__}")
+            value = row[field]
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise TypeError(f"entry row field {field!r} is a {type(value).__name__}")
+            if isinstance(value, str) and ("\x00" in value or len(value) > _MAX_LENGTH.get(
+                    field, len(value))):
+                raise ValueError(f"entry row field {field!r} is too long or holds NUL")
+        if not 1 <= row["seq"] < 2 ** 63:
+            raise ValueError("entry row seq is out of range")
     if rows[-1]["seq"] != last_seq:
         raise ValueError("entry header does not match its rows")
     return saved, rows
@@ -96,6 +108,7 @@ class Outbox:
         self._outage_logged = False
         self._saved = False
         self.delivered = 0
+        self.quarantined = 0
 
     def notify(self, conversation_id: str) -> None:
         """Mark a conversation as having fresh entries and start delivery."""
@@ -195,17 +208,24 @@ class Outbox:
             pending = await self._hot.pending(cid, self._batch_size)
             good: List[RowDict] = []
             saved_at = 0.0
+            seen: Dict[int, str] = {}
             for entry in pending.entries:
                 try:
                     saved_at, entry_rows = parse_entry_dicts(entry)
+                    if any(seen.get(r["seq"], r["data"]) != r["data"] for r in entry_rows):
+                        # Only corruption gives two entries of one outbox the same
+                        # numbers with different events.
+                        raise ValueError("entry reuses sequence numbers of an earlier one")
                 except (ValueError, TypeError, KeyError) as exc:
                     # Moved out of the outbox; the entries around it stay queued
                     # (none is acknowledged before SQL holds it).
                     key = await self._hot.quarantine_entry(cid, entry, self._quarantine_ttl)
+                    self.quarantined += 1
                     logger.warning("Conversation '%s': unreadable outbox entry (%s) moved to %s.",
                                    cid, exc, key)
                     continue
-                good.extend(entry_rows)
+                good.extend(r for r in entry_rows if r["seq"] not in seen)  # copies: once
+                seen.update((r["seq"], r["data"]) for r in entry_rows)
             if not pending.complete:
                 unfinished.append(cid)
             if not good:
@@ -230,11 +250,10 @@ class Outbox:
         """Deliver everything this process knows of, plus a scan; used by close()."""
         await self._scan()
         while self._dirty:
-            before = set(self._dirty)
-            await self.deliver(before)
-            if self._dirty == before:
-                # Nothing could be moved: an entry keeps failing to parse.
-                break
+            quarantined = self.quarantined
+            moved = await self.deliver(set(self._dirty))
+            if not moved and self.quarantined == quarantined:
+                break  # no progress (cannot happen while every pass moves or quarantines)
 
     async def stop(self) -> None:
         """Stop the background task (entries stay safe in the outbox)."""

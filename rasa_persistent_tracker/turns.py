@@ -19,7 +19,7 @@ from rasa_persistent_tracker.errors import (
     PersistentTrackerError,
     SlotValueError,
 )
-from rasa_persistent_tracker.event_log import LogRow
+from rasa_persistent_tracker.event_log import MAX_ID_LENGTH, LogRow, loggable
 from rasa_persistent_tracker.hot_state import payload_digest
 from rasa_persistent_tracker.recent import RecentRecords, Remembered
 
@@ -39,14 +39,20 @@ class TurnEncoder:
         Raises:
             SlotValueError / PersistentTrackerError: a value cannot be stored.
         """
+        if not loggable(sender_id):
+            raise PersistentTrackerError(
+                f"Conversation id of {len(sender_id)} characters"
+                f"{' containing NUL' if chr(0) in sender_id else ''} cannot be logged "
+                f"(at most {MAX_ID_LENGTH}, no NUL). Nothing was saved.")
         rows: List[LogRow] = []
         for offset, event in enumerate(events):
             text, as_dict = self._event(sender_id, event)
             cache[id(event)] = (event, as_dict, text)
             intent = event.intent_name if isinstance(event, UserUttered) else None
             action = event.action_name if isinstance(event, ActionExecuted) else None
-            rows.append(LogRow(first_seq + offset, event.type_name, event.timestamp,
-                               intent, action, self._codec.protect_event(as_dict, text)))
+            rows.append(LogRow(first_seq + offset, _column(event.type_name, 64), event.timestamp,
+                               _column(intent, 255), _column(action, 255),
+                               self._codec.protect_event(as_dict, text)))
         return rows
 
     def _event(self, sender_id: str, event: Event) -> Tuple[str, Dict[str, Any]]:
@@ -101,3 +107,12 @@ class TurnEncoder:
             built.previous.slot_events if built.previous is not None else None,
             [e if id(e) in parsed else None for e, _, _ in built.kept.values()]
             if parsed and len(built.kept) == len(texts) else None)
+
+
+def _column(value: Optional[str], limit: int) -> Optional[str]:
+    """An analytics column's value: NUL removed, cut to the column's length.
+    Intent names can come from users ("/<intent>" messages); the whole event
+    is in ``data`` either way."""
+    if value is None:
+        return None
+    return value.replace("\x00", "")[:limit]

@@ -76,19 +76,21 @@ async def test_corrupt_embedded_record_is_quarantined(tmp_path, domain, caplog):
 
 
 async def test_unreadable_outbox_entry_is_moved_out_and_delivery_goes_on(tmp_path, domain):
-    store = make(tmp_path, domain)
+    # Between two good entries, with a header no acknowledgement would pop.
+    store = make(tmp_path, domain, outbox_linger=600)
     tracker = await store.get_or_create_tracker("o")
     turn(tracker, 1)
     await store.save(tracker)
-    await store.flush()
-    bogus = '0|1.0|[{"seq": 0, "bogus": 1}]'
+    bogus = '99|1.0|[{"seq": 99, "bogus": 1}]'
     store._hot._conn.execute("INSERT INTO rpt_outbox (conversation_id, last_seq, entry, "
-                             "expires_at) VALUES ('o', 0, ?, 1e12)", (bogus,))
+                             "expires_at) VALUES ('o', 99, ?, 1e12)", (bogus,))
     tracker = await store.retrieve("o")
     turn(tracker, 2)
-    await store.save(tracker)  # its entry waits behind the bogus one
-    await store.flush()
+    await store.save(tracker)
     conn = store._hot._conn
+    queued = [e for (e,) in conn.execute("SELECT entry FROM rpt_outbox ORDER BY id")]
+    assert bogus in queued[1:-1]
+    await store.flush()
     assert conn.execute("SELECT payload FROM rpt_quarantine").fetchall() == [(bogus,)]
     assert conn.execute("SELECT COUNT(*) FROM rpt_outbox").fetchone()[0] == 0
     full = await store.retrieve_full_tracker("o")

@@ -17,6 +17,10 @@ import sqlalchemy as sa
 from rasa_persistent_tracker import bulk
 from rasa_persistent_tracker.event_log import LogRow, Snapshot, SQLEventLog
 from rasa_persistent_tracker.outbox import make_entry, parse_entry, parse_entry_dicts
+from rasa.shared.core.events import UserUttered
+from rasa.shared.core.trackers import DialogueStateTracker
+
+from rasa_persistent_tracker import PersistentTrackerError
 from tests.dialogue import turn
 
 
@@ -120,6 +124,14 @@ def test_entries_round_trip_as_rows_and_as_dicts():
 @pytest.mark.parametrize("body, complaint", [
     ('[{"seq": 0, "bogus": 1}]', "1 unknown field"),
     ("[1, 2", "JSON"),
+    ('[{"seq": 0, "type_name": "slot", "timestamp": 1.0, "intent_name": null, '
+     '"action_name": null, "data": "{}"}]', "seq is out of range"),
+    ('[{"seq": 9223372036854775808, "type_name": "slot", "timestamp": 1.0, "intent_name": '
+     'null, "action_name": null, "data": "{}"}]', "seq is out of range"),
+    ('[{"seq": 0, "type_name": "slot", "timestamp": 1.0, "intent_name": "' + "i" * 256 + '", '
+     '"action_name": null, "data": "{}"}]', "too long"),
+    ('[{"seq": 0, "type_name": "slot", "timestamp": 1.0, "intent_name": null, '
+     '"action_name": null, "data": "a\\u0000b"}]', "NUL"),
     ("[]", "no rows"),
     ('{"seq": 0}', "no rows"),
     ('["row"]', "not an object"),
@@ -142,30 +154,135 @@ def test_a_refused_entry_is_described_without_its_content():
         assert "4111" not in str(caught.value)
 
 
+def log_seqs(backend, cid):
+    with backend.engine().connect() as conn:
+        return [s for (s,) in conn.execute(sa.text(
+            "SELECT seq FROM rpt_events WHERE conversation_id=:c ORDER BY seq"), {"c": cid})]
+
+
 async def test_an_unreadable_outbox_entry_is_quarantined_and_delivery_goes_on(
         make_store, backend, caplog):
-    store = make_store()
+    # Delivery waits for flush(): the bad entry sits between two good ones,
+    # with a header no acknowledgement would pop, so only moving it out can.
+    store = make_store(outbox_linger=600)
     tracker = await store.get_or_create_tracker("q1")
     turn(tracker, 1)
     await store.save(tracker)
-    await store.flush()
     client = backend.redis_client()
     outbox = f"{backend.prefix}:o:{{q1}}"
-    bogus = '0|1.0|[{"seq": 0, "bogus": 1}]'
+    bogus = '99|1.0|[{"seq": 99, "bogus": 1}]'
     client.rpush(outbox, bogus)
     caplog.set_level(logging.WARNING, logger="rasa_persistent_tracker")
     tracker = await store.retrieve("q1")
     turn(tracker, 2)
-    await store.save(tracker)  # its entry waits behind the bogus one
+    await store.save(tracker)
+    queued = [e.decode() for e in client.lrange(outbox, 0, -1)]
+    assert bogus in queued[1:-1]
     await store.flush()
     quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:{{q1}}:*"))
     assert [client.get(k).decode() for k in quarantined] == [bogus]
     assert any("unreadable outbox entry" in r.getMessage() for r in caplog.records)
     assert client.llen(outbox) == 0
-    with backend.engine().connect() as conn:
-        seqs = [s for (s,) in conn.execute(sa.text(
-            "SELECT seq FROM rpt_events WHERE conversation_id='q1' ORDER BY seq"))]
+    seqs = log_seqs(backend, "q1")
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 5
     names = [e.value for e in (await store.retrieve_full_tracker("q1")).events
              if getattr(e, "key", None) == "name"]
     assert names == ["bob 1", "bob 2"]
+
+
+async def test_an_entry_that_is_not_utf8_is_moved_out_byte_for_byte(make_store, backend):
+    store = make_store(outbox_linger=600)
+    tracker = await store.get_or_create_tracker("u1")
+    turn(tracker, 1)
+    await store.save(tracker)
+    client = backend.redis_client()
+    outbox = f"{backend.prefix}:o:{{u1}}"
+    bogus = b"\xff1|1.0|[]"
+    client.rpush(outbox, bogus)  # at the tail: nothing after it would pop it
+    for _ in range(3):
+        await store.flush()
+    quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:{{u1}}:*"))
+    assert [client.get(k) for k in quarantined] == [bogus]
+    assert client.llen(outbox) == 0
+    assert len(log_seqs(backend, "u1")) > 1
+
+
+async def test_an_unreadable_entry_past_the_window_is_not_dropped_unseen(make_store, backend):
+    store = make_store(outbox_linger=600, outbox_batch_size=1)
+    tracker = await store.get_or_create_tracker("w1")
+    client = backend.redis_client()
+    outbox = f"{backend.prefix}:o:{{w1}}"
+    for i in (1, 2, 3):
+        turn(tracker, i)
+        await store.save(tracker)
+        tracker = await store.retrieve("w1")
+        if i == 1:  # right after an entry that is alone in its delivery window
+            client.rpush(outbox, "garbage, not an entry")
+    await store.flush()
+    quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:{{w1}}:*"))
+    assert [client.get(k) for k in quarantined] == [b"garbage, not an entry"]
+    assert client.llen(outbox) == 0
+    names = [e.value for e in (await store.retrieve_full_tracker("w1")).events
+             if getattr(e, "key", None) == "name"]
+    assert names == ["bob 1", "bob 2", "bob 3"]
+
+
+async def test_a_copied_entry_is_logged_once_and_a_conflicting_one_is_quarantined(
+        make_store, backend):
+    store = make_store(outbox_linger=600)
+    tracker = await store.get_or_create_tracker("d1")
+    turn(tracker, 1)
+    await store.save(tracker)
+    client = backend.redis_client()
+    outbox = f"{backend.prefix}:o:{{d1}}"
+    first = client.lindex(outbox, -1)
+    client.rpush(outbox, first)  # the same entry twice
+    saved_at, conflicting = parse_entry(first.decode())
+    conflicting[-1].data = json.dumps({"event": "slot", "name": "name", "value": "forged"})
+    client.rpush(outbox, make_entry(conflicting, saved_at))
+    await store.flush()
+    assert client.llen(outbox) == 0
+    quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:{{d1}}:*"))
+    assert len(quarantined) == 1 and b"forged" in client.get(quarantined[0])
+    seqs = log_seqs(backend, "d1")
+    assert seqs == list(range(1, len(seqs) + 1))
+    names = [e.value for e in (await store.retrieve_full_tracker("d1")).events
+             if getattr(e, "key", None) == "name"]
+    assert names == ["bob 1"]
+
+
+def test_redelivering_re_sequenced_rows_moves_nothing_twice(log):
+    log.append({"c1": rows(1, 3)}, {})
+    assert log.append({"c1": rows(2, 4, tag="b")}, {}) == 2
+    # The acknowledgement was lost: the same batch comes again.
+    assert log.append({"c1": rows(2, 4, tag="b")}, {}) == 0
+    assert logged(log, "c1") == [(1, "a1"), (2, "a2"), (3, "a3"),
+                                 (4, "b2"), (5, "b3"), (6, "b4")]
+
+
+async def test_a_conversation_id_the_log_cannot_hold_is_refused_with_nothing_saved(make_store):
+    store = make_store()
+    for bad in ("x" * 256, "nul\x00id"):
+        tracker = DialogueStateTracker.from_events(bad, [], store.domain.slots)
+        turn(tracker, 1)
+        with pytest.raises(PersistentTrackerError, match="cannot be logged") as caught:
+            await store.save(tracker)
+        assert bad not in str(caught.value)
+        assert await store.retrieve(bad) is None
+
+
+async def test_a_user_typed_intent_name_too_long_for_its_column_is_cut_there_only(
+        make_store, backend):
+    store = make_store()
+    tracker = await store.get_or_create_tracker("i1")
+    long_intent = "i" * 300
+    tracker.update(UserUttered(f"/{long_intent}", {"name": long_intent, "confidence": 1.0}))
+    await store.save(tracker)
+    await store.flush()
+    with backend.engine().connect() as conn:
+        intent, data = conn.execute(sa.text(
+            "SELECT intent_name, data FROM rpt_events WHERE conversation_id='i1' "
+            "AND type_name='user'")).one()
+    assert intent == "i" * 255
+    full = await store.retrieve_full_tracker("i1")
+    assert [e.intent_name for e in full.events if isinstance(e, UserUttered)] == [long_intent]
