@@ -160,95 +160,92 @@ def log_seqs(backend, cid):
             "SELECT seq FROM rpt_events WHERE conversation_id=:c ORDER BY seq"), {"c": cid})]
 
 
+class Held:
+    """A store whose delivery waits for flush(), one turn saved, and the
+    conversation's outbox and quarantine as a client sees them."""
+
+    def __init__(self, store, backend, cid):
+        self.store, self.cid = store, cid
+        self.client = backend.redis_client()
+        self.outbox = f"{backend.prefix}:o:{{{cid}}}"
+        self._quarantine = f"{backend.prefix}:q:{{{cid}}}:*"
+
+    @classmethod
+    async def start(cls, make_store, backend, cid, **config):
+        held = cls(make_store(outbox_linger=600, **config), backend, cid)
+        await held.turn(1, tracker=await held.store.get_or_create_tracker(cid))
+        return held
+
+    async def turn(self, i, tracker=None):
+        tracker = tracker or await self.store.retrieve(self.cid)
+        turn(tracker, i)
+        await self.store.save(tracker)
+
+    def quarantined(self):
+        return [self.client.get(k) for k in self.client.scan_iter(match=self._quarantine)]
+
+    async def names(self):
+        full = await self.store.retrieve_full_tracker(self.cid)
+        return [e.value for e in full.events if getattr(e, "key", None) == "name"]
+
+
 async def test_an_unreadable_outbox_entry_is_quarantined_and_delivery_goes_on(
         make_store, backend, caplog):
-    # Delivery waits for flush(): the bad entry sits between two good ones,
-    # with a header no acknowledgement would pop, so only moving it out can.
-    store = make_store(outbox_linger=600)
-    tracker = await store.get_or_create_tracker("q1")
-    turn(tracker, 1)
-    await store.save(tracker)
-    client = backend.redis_client()
-    outbox = f"{backend.prefix}:o:{{q1}}"
+    # The bad entry sits between two good ones, with a header no
+    # acknowledgement would pop, so only moving it out can.
+    held = await Held.start(make_store, backend, "q1")
     bogus = '99|1.0|[{"seq": 99, "bogus": 1}]'
-    client.rpush(outbox, bogus)
+    held.client.rpush(held.outbox, bogus)
     caplog.set_level(logging.WARNING, logger="rasa_persistent_tracker")
-    tracker = await store.retrieve("q1")
-    turn(tracker, 2)
-    await store.save(tracker)
-    queued = [e.decode() for e in client.lrange(outbox, 0, -1)]
-    assert bogus in queued[1:-1]
-    await store.flush()
-    quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:{{q1}}:*"))
-    assert [client.get(k).decode() for k in quarantined] == [bogus]
+    await held.turn(2)
+    assert bogus in [e.decode() for e in held.client.lrange(held.outbox, 0, -1)][1:-1]
+    await held.store.flush()
+    assert held.quarantined() == [bogus.encode()]
     assert any("unreadable outbox entry" in r.getMessage() for r in caplog.records)
-    assert client.llen(outbox) == 0
+    assert held.client.llen(held.outbox) == 0
     seqs = log_seqs(backend, "q1")
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 5
-    names = [e.value for e in (await store.retrieve_full_tracker("q1")).events
-             if getattr(e, "key", None) == "name"]
-    assert names == ["bob 1", "bob 2"]
+    assert await held.names() == ["bob 1", "bob 2"]
 
 
 async def test_an_entry_that_is_not_utf8_is_moved_out_byte_for_byte(make_store, backend):
-    store = make_store(outbox_linger=600)
-    tracker = await store.get_or_create_tracker("u1")
-    turn(tracker, 1)
-    await store.save(tracker)
-    client = backend.redis_client()
-    outbox = f"{backend.prefix}:o:{{u1}}"
+    held = await Held.start(make_store, backend, "u1")
     bogus = b"\xff1|1.0|[]"
-    client.rpush(outbox, bogus)  # at the tail: nothing after it would pop it
+    held.client.rpush(held.outbox, bogus)  # at the tail: nothing after it would pop it
     for _ in range(3):
-        await store.flush()
-    quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:{{u1}}:*"))
-    assert [client.get(k) for k in quarantined] == [bogus]
-    assert client.llen(outbox) == 0
+        await held.store.flush()
+    assert held.quarantined() == [bogus]
+    assert held.client.llen(held.outbox) == 0
     assert len(log_seqs(backend, "u1")) > 1
 
 
 async def test_an_unreadable_entry_past_the_window_is_not_dropped_unseen(make_store, backend):
-    store = make_store(outbox_linger=600, outbox_batch_size=1)
-    tracker = await store.get_or_create_tracker("w1")
-    client = backend.redis_client()
-    outbox = f"{backend.prefix}:o:{{w1}}"
-    for i in (1, 2, 3):
-        turn(tracker, i)
-        await store.save(tracker)
-        tracker = await store.retrieve("w1")
-        if i == 1:  # right after an entry that is alone in its delivery window
-            client.rpush(outbox, "garbage, not an entry")
-    await store.flush()
-    quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:{{w1}}:*"))
-    assert [client.get(k) for k in quarantined] == [b"garbage, not an entry"]
-    assert client.llen(outbox) == 0
-    names = [e.value for e in (await store.retrieve_full_tracker("w1")).events
-             if getattr(e, "key", None) == "name"]
-    assert names == ["bob 1", "bob 2", "bob 3"]
+    held = await Held.start(make_store, backend, "w1", outbox_batch_size=1)
+    # Right after an entry that is alone in its delivery window.
+    held.client.rpush(held.outbox, "garbage, not an entry")
+    await held.turn(2)
+    await held.turn(3)
+    await held.store.flush()
+    assert held.quarantined() == [b"garbage, not an entry"]
+    assert held.client.llen(held.outbox) == 0
+    assert await held.names() == ["bob 1", "bob 2", "bob 3"]
 
 
 async def test_a_copied_entry_is_logged_once_and_a_conflicting_one_is_quarantined(
         make_store, backend):
-    store = make_store(outbox_linger=600)
-    tracker = await store.get_or_create_tracker("d1")
-    turn(tracker, 1)
-    await store.save(tracker)
-    client = backend.redis_client()
-    outbox = f"{backend.prefix}:o:{{d1}}"
-    first = client.lindex(outbox, -1)
-    client.rpush(outbox, first)  # the same entry twice
+    held = await Held.start(make_store, backend, "d1")
+    first = held.client.lindex(held.outbox, -1)
+    held.client.rpush(held.outbox, first)  # the same entry twice
     saved_at, conflicting = parse_entry(first.decode())
     conflicting[-1].data = json.dumps({"event": "slot", "name": "name", "value": "forged"})
-    client.rpush(outbox, make_entry(conflicting, saved_at))
-    await store.flush()
-    assert client.llen(outbox) == 0
-    quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:{{d1}}:*"))
-    assert len(quarantined) == 1 and b"forged" in client.get(quarantined[0])
+    held.client.rpush(held.outbox, make_entry(conflicting, saved_at))
+    await held.store.flush()
+    assert held.client.llen(held.outbox) == 0
+    quarantined = held.quarantined()
+    assert len(quarantined) == 1 and b"forged" in quarantined[0]
     seqs = log_seqs(backend, "d1")
     assert seqs == list(range(1, len(seqs) + 1))
-    names = [e.value for e in (await store.retrieve_full_tracker("d1")).events
-             if getattr(e, "key", None) == "name"]
-    assert names == ["bob 1"]
+    assert await held.names() == ["bob 1"]
 
 
 def test_redelivering_re_sequenced_rows_moves_nothing_twice(log):
