@@ -97,7 +97,8 @@ def make_engine(url: str, pool_size: int) -> sa.engine.Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                                  hide_parameters=True)
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -107,8 +108,9 @@ def make_engine(url: str, pool_size: int) -> sa.engine.Engine:
             cursor.close()
 
         return engine
+    # hide_parameters: a failing statement's message must not carry event data.
     return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size,
-                            pool_pre_ping=True, pool_timeout=10)
+                            pool_pre_ping=True, pool_timeout=10, hide_parameters=True)
 
 
 class SQLEventLog:

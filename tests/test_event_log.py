@@ -95,6 +95,14 @@ def test_a_concurrent_delivery_of_the_same_rows_is_retried_not_raised(log, monke
     assert logged(log, "c1") == [(1, "a1"), (2, "a2"), (3, "a3"), (4, "a4")]
 
 
+def test_a_failing_statement_does_not_carry_event_data_in_its_message(log):
+    secret = json.dumps({"text": "my card is 4111 1111 1111 1111"})
+    row = LogRow(1, "user", 1.0, None, None, secret).as_dict()
+    with pytest.raises(sa.exc.DBAPIError) as caught:
+        log.append({"c1": [row, row]}, {})  # the unique key refuses the second
+    assert "4111" not in str(caught.value)
+
+
 def test_values_reach_the_log_exactly_as_given(log):
     odd = LogRow(1, "user", None, None, "act%s", '{"t": "100% it\'s %(x)s"}').as_dict()
     log.append({"c%1": [odd]}, {"c%1": Snapshot(2, 1, 0.5, "p%s'")})
