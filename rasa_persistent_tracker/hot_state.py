@@ -3,8 +3,8 @@
 ``HotState`` is the boundary the store talks to; ``RedisHotState`` implements
 it on redis-py's asyncio client (standalone, Sentinel or Cluster), and
 ``embedded.SQLiteHotState`` on a local file. Per conversation there are three
-keys, all sharing the hash tag ``{<conversation id>}`` so the Lua scripts touch
-one cluster slot:
+keys, all sharing the hash tag ``{<conversation id>}`` so the Lua scripts
+(``redis_scripts.py``) touch one cluster slot:
 
 * ``<prefix>:h:{id}`` hash ``v`` (version) + ``d`` (record payload), TTL
   ``record_exp``, refreshed on every save;
@@ -22,6 +22,7 @@ from typing import AsyncIterator, Callable, List, Optional, Protocol
 
 from redis import exceptions as redis_errors
 
+from rasa_persistent_tracker import redis_scripts as scripts
 from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateBusy, HotStateUnavailable
 
 logger = logging.getLogger(__name__)
@@ -121,80 +122,6 @@ def entry_seq(entry: str) -> int:
     return int(entry.split("|", 1)[0])
 
 
-_LOAD = """
-local ok, r = pcall(redis.call, 'HMGET', KEYS[1], 'v', 'd')
--- Servers without redis.sha1hex (some Redis look-alikes) always send the record.
-if ok and r[2] and ARGV[1] ~= '' and redis.sha1hex and redis.sha1hex(r[2]) == ARGV[1] then
-  return {'hash', r[1], false, '0', 1}
-end
-local t = redis.call('TYPE', KEYS[1])['ok']
-local okl, last = pcall(redis.call, 'LINDEX', KEYS[2], -1)
-local seq = '0'
-if okl and last then seq = string.match(last, '^(%d+)|') or '0' end
-if t ~= 'hash' then return {t, false, false, seq, 0} end
-return {t, r[1], r[2], seq, 0}
-"""
-
-_COMMIT = """
-local t = redis.call('TYPE', KEYS[1])['ok']
-if t ~= 'none' and t ~= 'hash' then return {-2, t} end
-local cur = 0
-if t == 'hash' then
-  cur = tonumber(redis.call('HGET', KEYS[1], 'v'))
-  if cur == nil then return {-3, 'version'} end
-end
-if ARGV[1] ~= '' then
-  local expected = tonumber(ARGV[1])
-  if t == 'hash' and cur ~= expected then return {-1, cur} end
-  if t == 'none' then cur = expected end
-end
-local ot = redis.call('TYPE', KEYS[2])['ok']
-if ARGV[4] ~= '' and ot ~= 'none' and ot ~= 'list' then return {-2, 'outbox ' .. ot} end
-local new = cur + 1
-redis.call('HSET', KEYS[1], 'v', new, 'd', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if ARGV[4] ~= '' then
-  redis.call('RPUSH', KEYS[2], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-end
-return {new, 'ok'}
-"""
-
-_QUARANTINE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('RENAME', KEYS[1], KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return 1
-"""
-
-_QUARANTINE_ENTRY = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return redis.call('LREM', KEYS[2], 1, ARGV[1])
-"""
-
-_ACK = """
-local n = 0
-while true do
-  local head = redis.call('LINDEX', KEYS[1], 0)
-  if not head then break end
-  local seq = tonumber(string.match(head, '^(%d+)|') or '')
-  -- An unreadable head stays: delivery quarantines it when it reads it.
-  if seq == nil or seq > tonumber(ARGV[1]) then break end
-  redis.call('LPOP', KEYS[1])
-  n = n + 1
-end
-return n
-"""
-
-_PENDING = """
-local ok, entries = pcall(redis.call, 'LRANGE', KEYS[2], 0, tonumber(ARGV[1]))
-if not ok then entries = {} end
-local t = redis.call('TYPE', KEYS[1])['ok']
-if t ~= 'hash' then return {entries, false, false} end
-local r = redis.call('HMGET', KEYS[1], 'v', 'd')
-return {entries, r[1], r[2]}
-"""
-
 _TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError,
               redis_errors.BusyLoadingError, OSError, asyncio.TimeoutError)
 # What redis-py's connection pools raise when no connection comes free in time.
@@ -271,7 +198,7 @@ class RedisHotState:
 
     async def load(self, conversation_id: str, known: Optional[str] = None) -> HotEntry:
         kind, version, payload, seq, same = await self._call(
-            _LOAD, self._keys(conversation_id), known or "")
+            scripts.LOAD, self._keys(conversation_id), known or "")
         kind = _decode(kind)
         outbox_seq = int(_decode(seq) or 0)
         if kind == "none":
@@ -296,7 +223,7 @@ class RedisHotState:
     async def commit(self, conversation_id: str, expected_version: Optional[int],
                      payload: str, ttl: float, outbox_entry: Optional[str]) -> int:
         result = await self._call(
-            _COMMIT, self._keys(conversation_id),
+            scripts.COMMIT, self._keys(conversation_id),
             "" if expected_version is None else expected_version, payload,
             max(1, int(ttl * 1000)), outbox_entry or "", self._outbox_ttl_ms,
         )
@@ -310,12 +237,12 @@ class RedisHotState:
     async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:
         hot = self._keys(conversation_id)[0]
         target = self._quarantine_key(conversation_id)
-        moved = await self._call(_QUARANTINE, [hot, target], int(ttl * 1000))
+        moved = await self._call(scripts.QUARANTINE, [hot, target], int(ttl * 1000))
         return target if int(moved) else None
 
     async def quarantine_entry(self, conversation_id: str, entry: str, ttl: float) -> str:
         target = self._quarantine_key(conversation_id)
-        await self._call(_QUARANTINE_ENTRY, [target, self._keys(conversation_id)[1]],
+        await self._call(scripts.QUARANTINE_ENTRY, [target, self._keys(conversation_id)[1]],
                          entry.encode("utf-8", "surrogateescape"), int(ttl * 1000))
         return target
 
@@ -325,7 +252,7 @@ class RedisHotState:
 
     async def pending(self, conversation_id: str, limit: int) -> Pending:
         hot, outbox = self._keys(conversation_id)
-        entries, version, payload = await self._call(_PENDING, [hot, outbox], limit - 1)
+        entries, version, payload = await self._call(scripts.PENDING, [hot, outbox], limit - 1)
         # surrogateescape: an entry that is not UTF-8 keeps its exact bytes, so
         # quarantine_entry can find it in the list (parsing refuses it).
         texts = [e.decode("utf-8", "surrogateescape") if isinstance(e, bytes) else str(e)
@@ -339,7 +266,7 @@ class RedisHotState:
         )
 
     async def ack(self, conversation_id: str, upto_seq: int) -> int:
-        return int(await self._call(_ACK, [self._keys(conversation_id)[1]], upto_seq))
+        return int(await self._call(scripts.ACK, [self._keys(conversation_id)[1]], upto_seq))
 
     async def touch(self, conversation_id: str, ttl: float) -> None:
         await self._call("return redis.call('PEXPIRE', KEYS[1], ARGV[1])",

@@ -1,0 +1,81 @@
+"""The hot state's Lua scripts: each is one atomic step on one conversation's
+keys (``KEYS[1]`` its record ``<prefix>:h:{id}``, ``KEYS[2]`` its outbox
+``<prefix>:o:{id}``, or a quarantine key with the same hash tag), so they run
+unchanged on Redis Cluster. ``hot_state.RedisHotState`` calls them.
+
+Outbox entries start with their last sequence number: ``<seq>|...``.
+"""
+
+LOAD = """
+local ok, r = pcall(redis.call, 'HMGET', KEYS[1], 'v', 'd')
+-- Servers without redis.sha1hex (some Redis look-alikes) always send the record.
+if ok and r[2] and ARGV[1] ~= '' and redis.sha1hex and redis.sha1hex(r[2]) == ARGV[1] then
+  return {'hash', r[1], false, '0', 1}
+end
+local t = redis.call('TYPE', KEYS[1])['ok']
+local okl, last = pcall(redis.call, 'LINDEX', KEYS[2], -1)
+local seq = '0'
+if okl and last then seq = string.match(last, '^(%d+)|') or '0' end
+if t ~= 'hash' then return {t, false, false, seq, 0} end
+return {t, r[1], r[2], seq, 0}
+"""
+
+COMMIT = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'none' and t ~= 'hash' then return {-2, t} end
+local cur = 0
+if t == 'hash' then
+  cur = tonumber(redis.call('HGET', KEYS[1], 'v'))
+  if cur == nil then return {-3, 'version'} end
+end
+if ARGV[1] ~= '' then
+  local expected = tonumber(ARGV[1])
+  if t == 'hash' and cur ~= expected then return {-1, cur} end
+  if t == 'none' then cur = expected end
+end
+local ot = redis.call('TYPE', KEYS[2])['ok']
+if ARGV[4] ~= '' and ot ~= 'none' and ot ~= 'list' then return {-2, 'outbox ' .. ot} end
+local new = cur + 1
+redis.call('HSET', KEYS[1], 'v', new, 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+return {new, 'ok'}
+"""
+
+QUARANTINE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+QUARANTINE_ENTRY = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return redis.call('LREM', KEYS[2], 1, ARGV[1])
+"""
+
+ACK = """
+local n = 0
+while true do
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  if not head then break end
+  local seq = tonumber(string.match(head, '^(%d+)|') or '')
+  -- An unreadable head stays: delivery quarantines it when it reads it.
+  if seq == nil or seq > tonumber(ARGV[1]) then break end
+  redis.call('LPOP', KEYS[1])
+  n = n + 1
+end
+return n
+"""
+
+PENDING = """
+local ok, entries = pcall(redis.call, 'LRANGE', KEYS[2], 0, tonumber(ARGV[1]))
+if not ok then entries = {} end
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'hash' then return {entries, false, false} end
+local r = redis.call('HMGET', KEYS[1], 'v', 'd')
+return {entries, r[1], r[2]}
+"""
