@@ -82,8 +82,12 @@ class Snapshot:
     payload: str
 
 
-# The log's key column holds conversation ids up to this length, without NUL.
-MAX_ID_LENGTH = 255
+# Lengths of the log's string columns, as the tables declare them: what
+# parsing, row building and save() check values against.
+COLUMN_LIMITS = {c.name: c.type.length for c in EVENTS.columns
+                 if isinstance(c.type, sa.String) and c.type.length}
+# Conversation ids up to this length, without NUL.
+MAX_ID_LENGTH = COLUMN_LIMITS["conversation_id"]
 
 
 def loggable(conversation_id: str) -> bool:

@@ -19,7 +19,7 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from rasa_persistent_tracker.errors import EventLogUnavailable, HotStateUnavailable
-from rasa_persistent_tracker.event_log import ROW_FIELDS, AsyncEventLog, LogRow, RowDict, Snapshot
+from rasa_persistent_tracker.event_log import COLUMN_LIMITS, ROW_FIELDS, AsyncEventLog, LogRow, RowDict, Snapshot
 from rasa_persistent_tracker.hot_state import HotState
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 _ROW_TYPES = (("seq", int), ("type_name", str), ("timestamp", (int, float, type(None))),
               ("intent_name", (str, type(None))), ("action_name", (str, type(None))),
               ("data", str))
-_MAX_LENGTH = {"type_name": 64, "intent_name": 255, "action_name": 255}
 
 
 def make_entry(rows: List[LogRow], saved_at: float) -> str:
@@ -73,7 +72,7 @@ def parse_entry_dicts(entry: str) -> Tuple[float, List[RowDict]]:
             value = row[field]
             if not isinstance(value, kinds) or isinstance(value, bool):
                 raise TypeError(f"entry row field {field!r} is a {type(value).__name__}")
-            if isinstance(value, str) and ("\x00" in value or len(value) > _MAX_LENGTH.get(
+            if isinstance(value, str) and ("\x00" in value or len(value) > COLUMN_LIMITS.get(
                     field, len(value))):
                 raise ValueError(f"entry row field {field!r} is too long or holds NUL")
         if not 1 <= row["seq"] < 2 ** 63:

@@ -19,7 +19,7 @@ from rasa_persistent_tracker.errors import (
     PersistentTrackerError,
     SlotValueError,
 )
-from rasa_persistent_tracker.event_log import MAX_ID_LENGTH, LogRow, loggable
+from rasa_persistent_tracker.event_log import COLUMN_LIMITS, MAX_ID_LENGTH, LogRow, loggable
 from rasa_persistent_tracker.hot_state import payload_digest
 from rasa_persistent_tracker.recent import RecentRecords, Remembered
 
@@ -50,8 +50,9 @@ class TurnEncoder:
             cache[id(event)] = (event, as_dict, text)
             intent = event.intent_name if isinstance(event, UserUttered) else None
             action = event.action_name if isinstance(event, ActionExecuted) else None
-            rows.append(LogRow(first_seq + offset, _column(event.type_name, 64), event.timestamp,
-                               _column(intent, 255), _column(action, 255),
+            rows.append(LogRow(first_seq + offset, _column("type_name", event.type_name),
+                               event.timestamp, _column("intent_name", intent),
+                               _column("action_name", action),
                                self._codec.protect_event(as_dict, text)))
         return rows
 
@@ -109,10 +110,10 @@ class TurnEncoder:
             if parsed and len(built.kept) == len(texts) else None)
 
 
-def _column(value: Optional[str], limit: int) -> Optional[str]:
+def _column(name: str, value: Optional[str]) -> Optional[str]:
     """An analytics column's value: NUL removed, cut to the column's length.
     Intent names can come from users ("/<intent>" messages); the whole event
     is in ``data`` either way."""
     if value is None:
         return None
-    return value.replace("\x00", "")[:limit]
+    return value.replace("\x00", "")[:COLUMN_LIMITS[name]]
