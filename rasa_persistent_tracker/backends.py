@@ -6,8 +6,11 @@ the outbox. Unreachable servers fail here, fast, naming the URL (password
 masked), so ``rasa run`` stops at start-up instead of on the first message.
 """
 import dataclasses
+import logging
 from typing import Any, Dict, Mapping, Optional
 
+import sqlalchemy as sa
+from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_errors
 
 from rasa_persistent_tracker.codec import Codec, JsonSerializer
@@ -16,7 +19,9 @@ from rasa_persistent_tracker.connect import redis_client_factory, run_blocking
 from rasa_persistent_tracker.crypto import build_protected
 from rasa_persistent_tracker.embedded import SQLiteHotState
 from rasa_persistent_tracker.errors import (
+    ConfigError,
     CorruptRecordError,
+    EncryptionKeyMissing,
     EventLogUnavailable,
     HotStateUnavailable,
     StorageUnavailable,
@@ -25,6 +30,9 @@ from rasa_persistent_tracker.event_log import AsyncEventLog, SQLEventLog, make_e
 from rasa_persistent_tracker.hot_state import HotState, RedisHotState
 from rasa_persistent_tracker.outbox import Outbox
 from rasa_persistent_tracker.replay import validate_record
+from rasa_persistent_tracker.startup import check_encryption, rasa_store_keys, rasa_store_warning
+
+logger = logging.getLogger("rasa_persistent_tracker.store")
 
 STARTUP_TIMEOUT = 15.0
 
@@ -50,46 +58,109 @@ def open_hot_state(config: StoreConfig) -> HotState:
 
 
 def check_hot_state(hot: HotState, config: StoreConfig) -> None:
-    """Raise HotStateUnavailable naming the URL unless the hot state answers."""
-    async def ping() -> None:
+    """Raise HotStateUnavailable naming the URL unless the hot state answers;
+    warn if the Redis database still holds Rasa's own tracker keys."""
+    async def ping() -> int:
         try:
             await hot.ping()
         finally:
             if not config.embedded:
                 await hot.close()
+        if config.embedded:
+            return 0
+        client = redis_client_factory(config)()
+        try:
+            return await rasa_store_keys(client, config.key_prefix)
+        except RedisError:
+            return 0  # a best-effort hint (e.g. SCAN not allowed by an ACL)
+        finally:
+            await client.close()
     try:
-        run_blocking(ping, STARTUP_TIMEOUT)
+        foreign = run_blocking(ping, STARTUP_TIMEOUT)
     except StorageUnavailable as exc:
         where = config.embedded_path if config.embedded else mask_url(config.redis_url)
         raise HotStateUnavailable(f"Cannot reach the hot state at {where}: {exc}") from exc
+    warning = rasa_store_warning(foreign, mask_url(config.redis_url))
+    if warning:
+        logger.warning(warning)
+
+
+# The packages SQLAlchemy needs for each database kind, by the URL's driver.
+_DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary (pip install 'rasa-persistent-tracker[postgres]')",
+                    "asyncpg": "asyncpg", "pymysql": "PyMySQL", "mysqldb": "mysqlclient"}
+
+
+def driver_message(exc: BaseException, url: str) -> str:
+    """The driver's own words for a failed connection (first line, password masked)."""
+    original = getattr(exc, "orig", None) or exc
+    text = " ".join(str(original).split()) or type(original).__name__
+    password = _url_password(url)
+    if password:
+        text = text.replace(password, "***")
+    return f"{type(original).__name__}: {text[:300]}"
+
+
+def _url_password(url: str) -> Optional[str]:
+    try:
+        return sa.engine.make_url(url).password
+    except sa_errors.ArgumentError:
+        return None
 
 
 def open_event_log(config: StoreConfig) -> SQLEventLog:
-    """Connect to the SQL log and apply pending migrations."""
+    """Connect to the SQL log and apply pending migrations.
+
+    Raises:
+        ConfigError: the URL is unusable, or its database driver is not installed
+            (an ImportError would make Rasa fall back to an in-memory store).
+        EventLogUnavailable: the database cannot be reached; the message carries
+            the driver's reason (e.g. ``database "x" does not exist``).
+    """
+    where = mask_url(config.sql_url)
     try:
         log = SQLEventLog(make_engine(config.sql_url, config.sql_pool_size))
         log.ping()
         log.migrate()
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        package = _DRIVER_PACKAGES.get(str(missing).split(".")[0], missing)
+        raise ConfigError(
+            f"Config key 'sql_url' ({where}) needs the database driver '{missing}', which "
+            f"is not installed: install {package}.") from None
     except (sa_errors.OperationalError, sa_errors.InterfaceError) as exc:
         raise EventLogUnavailable(
-            f"Cannot reach the SQL event log at {mask_url(config.sql_url)}: "
-            f"{type(exc.orig or exc).__name__}") from exc
+            f"Cannot reach the SQL event log at {where}: "
+            f"{driver_message(exc, config.sql_url)}") from exc
+    except sa_errors.NoSuchModuleError as exc:
+        raise ConfigError(
+            f"Config key 'sql_url' ({where}) names an unknown database dialect: {exc}") from None
     except sa_errors.ArgumentError as exc:
-        raise EventLogUnavailable(
-            f"Config key 'sql_url' is not usable ({mask_url(config.sql_url)}): {exc}") from exc
+        raise ConfigError(
+            f"Config key 'sql_url' is not usable ({where}): {exc}") from None
     return log
 
 
 def assemble(config: StoreConfig, hot: HotState, log: SQLEventLog,
              environ: Optional[Mapping[str, str]] = None) -> Backends:
-    """Wire already-open storage together (tests use this with fakes)."""
-    codec = Codec(JsonSerializer(), *build_protected(config, environ))
+    """Wire already-open storage together (tests use this with fakes).
+
+    Raises:
+        EncryptionKeyMissing / ConfigError: the log holds ciphertext this
+            process has no key for (``startup.check_encryption``).
+    """
+    protected, is_sensitive = build_protected(config, environ)
+    try:
+        check_encryption(log, getattr(protected, "keyring", None), mask_url(config.sql_url))
+    except (sa_errors.OperationalError, sa_errors.InterfaceError) as exc:
+        raise EventLogUnavailable(f"Cannot read the SQL event log at {mask_url(config.sql_url)}: "
+                                  f"{driver_message(exc, config.sql_url)}") from exc
+    codec = Codec(JsonSerializer(), protected, is_sensitive)
     async_log = AsyncEventLog(log, config.sql_workers)
     def snapshot_ok(conversation_id: str, payload: str) -> bool:
         try:
             validate_record(codec.loads_record(payload), conversation_id)
             return True
-        except CorruptRecordError:
+        except (CorruptRecordError, EncryptionKeyMissing):
             return False
 
     outbox = Outbox(hot, async_log, config.outbox_batch_size, config.outbox_scan_interval,

@@ -18,9 +18,11 @@ import json
 import uuid
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
-from rasa_persistent_tracker.errors import CorruptRecordError
+from rasa_persistent_tracker.errors import CorruptRecordError, EncryptionKeyMissing
 
 TYPE_TAG = "__rpt_type__"
+# How every ciphertext begins (``crypto.PREFIX`` is this plus the format version).
+ENCRYPTED_MARK = "rpt-enc:"
 
 
 class Serializer(Protocol):
@@ -209,7 +211,11 @@ class Codec:
         """Read any payload: plain JSON, or ciphertext when a key is configured."""
         if self._protected is not None and not text[:1] in ("{", "["):
             return self._protected.loads(text)
+        if text.startswith(ENCRYPTED_MARK):
+            raise EncryptionKeyMissing(
+                "stored data is encrypted, but no encryption key is configured: give this "
+                "process the keys it was written with (RPT_ENCRYPTION_KEYS or "
+                "'encryption_key_file'); nothing was changed")
         if text[:1] not in ("{", "["):
-            raise CorruptRecordError("payload is neither JSON nor readable ciphertext "
-                                     "(encrypted data needs the encryption keys)")
+            raise CorruptRecordError("payload is neither JSON nor readable ciphertext")
         return self._plain.loads(text)

@@ -8,9 +8,10 @@ addresses: an explicit key in endpoints.yml, then the environment
 embedded SQLite default.
 """
 import dataclasses
+import difflib
 import os
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from rasa_persistent_tracker.errors import ConfigError
@@ -147,6 +148,17 @@ def _sql_url(url: str) -> str:
     return url
 
 
+def _unknown_keys_message(unknown: List[str], known: Set[str]) -> str:
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"'{close[0]}' for '{key}'")
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    return (f"Unknown config key(s) {unknown} for rasa_persistent_tracker{hint}; "
+            f"known keys: {sorted(known)}.")
+
+
 def parse_config(
     kwargs: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
 ) -> StoreConfig:
@@ -175,10 +187,10 @@ def parse_config(
     known = {f.name for f in dataclasses.fields(StoreConfig)} - {"redis_url"}
     unknown = sorted(set(given) - known)
     if unknown:
-        raise ConfigError(
-            f"Unknown config key(s) {unknown} for rasa_persistent_tracker; known keys: "
-            f"{sorted(known | {'url', 'host', *_REDIS_PARTS})}."
-        )
+        raise ConfigError(_unknown_keys_message(unknown, known | {"url", *_REDIS_PARTS}))
+    if host is not None and not isinstance(host, str):
+        raise ConfigError(f"Config key 'url' must be a URL or host name (a string), "
+                          f"got a {type(host).__name__}: {host!r}.")
 
     values: Dict[str, Any] = {}
     values["redis_url"] = _redis_url(host, parts) or env.get("REDIS_URL") or EMBEDDED
@@ -198,7 +210,7 @@ def parse_config(
         elif key in ("encrypt_user_text", "sync_log"):
             values[key] = _boolean(key, value)
         elif key == "sensitive_slots":
-            if isinstance(value, str) or not all(isinstance(s, str) for s in value):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
                 raise ConfigError(
                     f"Config key 'sensitive_slots' must be a list of slot names, "
                     f"got {value!r}."

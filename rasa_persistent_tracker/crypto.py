@@ -15,6 +15,8 @@ errors, logs or reprs.
 """
 import base64
 import binascii
+import hashlib
+import hmac
 import os
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from rasa_persistent_tracker.codec import Serializer
 from rasa_persistent_tracker.config import StoreConfig
-from rasa_persistent_tracker.errors import ConfigError, CorruptRecordError
+from rasa_persistent_tracker.errors import ConfigError, CorruptRecordError, EncryptionKeyMissing
 
 PREFIX = "rpt-enc:1:"
 _KID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
@@ -34,6 +36,7 @@ _PLAIN_EVENT_TYPES = frozenset({
     "reset_slots", "user_featurization", "loop_interrupted", "action_execution_rejected",
 })
 _PLAIN_SLOTS = frozenset({"requested_slot"})
+_CHECK_MESSAGE = b"rasa_persistent_tracker key check v1"
 
 
 class Keyring:
@@ -44,6 +47,10 @@ class Keyring:
             raise ConfigError("Encryption is configured but no key was given.")
         self.primary = keys[0][0]
         self._ciphers = {kid: AESGCM(key) for kid, key in keys}
+        # A key check value (as banks use for key ceremonies): tells whether a
+        # key is the one data was written with, without revealing the key.
+        self._checks = {kid: hmac.new(key, _CHECK_MESSAGE, hashlib.sha256).hexdigest()[:32]
+                        for kid, key in keys}
 
     def __repr__(self) -> str:
         return f"Keyring(primary={self.primary!r}, ids={sorted(self._ciphers)!r})"
@@ -54,6 +61,10 @@ class Keyring:
     @property
     def ids(self) -> List[str]:
         return list(self._ciphers)
+
+    def check_value(self, kid: str) -> str:
+        """The key check value of key ``kid`` (safe to store and to show)."""
+        return self._checks[kid]
 
 
 def parse_keys(text: str, source: str) -> Keyring:
@@ -135,7 +146,11 @@ class EncryptedSerializer:
         kid, _, body = text[len(PREFIX):].partition(":")
         cipher = self.keyring.cipher(kid)
         if cipher is None:
-            raise CorruptRecordError(f"encrypted with key id '{kid}', which is not configured")
+            if _KID_RE.match(kid):
+                raise EncryptionKeyMissing(
+                    f"stored data is encrypted with key id '{kid}', which this process was not "
+                    f"given (configured: {', '.join(self.keyring.ids)}); nothing was changed")
+            raise CorruptRecordError("ciphertext names no valid key id")
         try:
             blob = base64.urlsafe_b64decode(body.encode("ascii"))
             plain = cipher.decrypt(blob[:12], blob[12:], (PREFIX + kid).encode("ascii"))

@@ -5,6 +5,9 @@ whole family at once::
 
     PersistentTrackerError
     ├── ConfigError              bad or unknown configuration key (start-up)
+    ├── EncryptionKeyMissing     stored data is encrypted with a key this
+    │                            process does not have (never taken for
+    │                            corruption: nothing is quarantined or replaced)
     ├── StorageUnavailable       a server could not be reached
     │   ├── HotStateUnavailable  Redis (or the embedded hot store) is down
     │   │   └── HotStateBusy     every pooled Redis connection stayed busy
@@ -29,6 +32,16 @@ class ConfigError(PersistentTrackerError, ValueError):
     """A configuration key is unknown or its value is invalid.
 
     The message always names the key and the offending value (secrets masked).
+    """
+
+
+class EncryptionKeyMissing(PersistentTrackerError):
+    """Stored data is encrypted with a key this process was not given.
+
+    A configuration error, not corruption: the value is left exactly as it is
+    (never quarantined, never replaced by a fresh session). Raised at start-up
+    when the event log is known to hold ciphertext and no key is configured,
+    and by any read of a value under a key id that is not configured.
     """
 
 

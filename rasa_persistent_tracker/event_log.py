@@ -47,6 +47,13 @@ SNAPSHOTS = sa.Table(
     sa.Column("payload", sa.Text),
 )
 
+# Facts about the stored data (``facts``), e.g. ``encrypted``.
+FACTS = sa.Table(
+    "rpt_facts", _meta,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text),
+)
+
 
 @dataclasses.dataclass
 class LogRow:
@@ -129,6 +136,27 @@ class SQLEventLog:
 
     def migrate(self) -> List[int]:
         return migrate(self.engine)
+
+    def fact(self, name: str) -> Optional[str]:
+        """A recorded fact about the stored data (None: never recorded)."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(FACTS.c.value).where(FACTS.c.name == name)).scalar()
+
+    def record_fact(self, name: str, value: str) -> None:
+        """Record a fact, replacing an earlier value (racing writers: one wins)."""
+        with self.engine.begin() as conn:
+            if conn.execute(FACTS.update().where(FACTS.c.name == name).values(value=value)
+                            ).rowcount == 0:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(FACTS.insert().values(name=name, value=value))
+                except sa_errors.IntegrityError:
+                    pass  # another process recorded it first: same fact
+
+    def sample_snapshot_payloads(self, limit: int) -> List[str]:
+        """Up to ``limit`` snapshot payloads, any order (start-up checks)."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(SNAPSHOTS.c.payload).limit(limit)).scalars())
 
     def append(self, rows: Dict[str, Sequence[RowDict]], snapshots: Dict[str, Snapshot]) -> int:
         """Insert rows and upsert snapshots of many conversations in one transaction.

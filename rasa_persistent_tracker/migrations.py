@@ -66,9 +66,23 @@ def _v2_query_indexes(conn: Connection) -> None:
         sa.Index(name, *(events.c[c] for c in columns)).create(conn, checkfirst=True)
 
 
+def _v3_facts(conn: Connection) -> None:
+    # Facts about the stored data that every process must agree on, such as
+    # "this log holds ciphertext" (a process without the key then refuses to
+    # start instead of taking ciphertext for corruption).
+    meta = sa.MetaData()
+    sa.Table(
+        "rpt_facts", meta,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+    )
+    meta.create_all(conn, checkfirst=True)
+
+
 MIGRATIONS: List[Migration] = [
     Migration(1, "create rpt_events and rpt_snapshots", _v1_create_log),
     Migration(2, "indexes for querying by type, time and intent", _v2_query_indexes),
+    Migration(3, "create rpt_facts", _v3_facts),
 ]
 
 

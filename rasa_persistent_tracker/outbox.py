@@ -99,6 +99,7 @@ class Outbox:
         self._scan_interval = scan_interval
         self._quarantine_ttl = quarantine_ttl
         self._dirty: Set[str] = set()
+        self._in_flight: Set[str] = set()
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -108,6 +109,29 @@ class Outbox:
         self._saved = False
         self.delivered = 0
         self.quarantined = 0
+
+    def start(self) -> None:
+        """Start delivery on the running loop, if any: entries a previous
+        process left behind are delivered at start-up, not after the next turn."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: the first notify or retrieve starts it
+        self._ensure_running()
+
+    def undelivered(self) -> Set[str]:
+        """Conversations this process saved whose entries are not in SQL yet."""
+        return self._dirty | self._in_flight
+
+    async def deliver_at_exit(self) -> int:
+        """Deliver ``undelivered()`` on the current (new) loop, without starting
+        the background task; used when the process exits after its loop stopped."""
+        self._loop, self._lock = asyncio.get_running_loop(), asyncio.Lock()
+        ids, moved = list(self.undelivered()), 0
+        async with self._lock:
+            for start in range(0, len(ids), 50):
+                moved += await self._deliver_batch(ids[start:start + 50])
+        return moved
 
     def notify(self, conversation_id: str) -> None:
         """Mark a conversation as having fresh entries and start delivery."""
@@ -192,11 +216,14 @@ class Outbox:
         # Taken now, so a save made while this batch is in flight marks its
         # conversation dirty again instead of being forgotten.
         self._dirty.difference_update(ids)
+        self._in_flight.update(ids)
         try:
             return await self._deliver_taken(ids)
         except BaseException:
             self._dirty.update(ids)
             raise
+        finally:
+            self._in_flight.difference_update(ids)
 
     async def _deliver_taken(self, ids: List[str]) -> int:
         rows: Dict[str, List[RowDict]] = {}

@@ -24,6 +24,7 @@ from rasa_persistent_tracker.errors import (
     ConcurrentSaveError,
     ConfigError,
     CorruptRecordError,
+    EncryptionKeyMissing,
 )
 from rasa_persistent_tracker.event_log import EVENTS, SNAPSHOTS
 from rasa_persistent_tracker.hot_state import UnusableValue
@@ -270,7 +271,7 @@ async def _rotate_record(backends: Backends, primary: str, cid: str, report: Rot
             return
         try:
             new = _reencode_record(backends, primary, entry.payload)
-        except CorruptRecordError as exc:
+        except (CorruptRecordError, EncryptionKeyMissing) as exc:
             report.unreadable_value(phase, f"Hot record of '{cid}'", exc)
             if key_id_of(entry.payload) not in (None, primary):
                 report.old_key[phase] = report.old_key.get(phase, 0) + 1
@@ -307,7 +308,7 @@ async def _rotate_table(backends: Backends, primary: str, report: RotationReport
         for row_key, value in rows:
             try:
                 new = encode(backends, primary, value)
-            except CorruptRecordError as exc:
+            except (CorruptRecordError, EncryptionKeyMissing) as exc:
                 report.unreadable_value(phase, f"{phase} {key}={row_key}", exc)
                 continue
             if new is not None:

@@ -14,7 +14,7 @@ from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import replay, window
+from rasa_persistent_tracker import lifecycle, replay, startup, window
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
@@ -64,6 +64,8 @@ class PersistentTrackerStore(TrackerStore):
         environ: Optional[Dict[str, str]] = None,
         **kwargs: Any,
     ) -> None:
+        self._domain: Optional[Domain] = None
+        self._checked_domain: Optional[Domain] = None
         super().__init__(domain, event_broker)
         self._backends = backends or open_backends({"host": host, **kwargs}, environ)
         self.config = self._backends.config
@@ -77,6 +79,31 @@ class PersistentTrackerStore(TrackerStore):
         self._shape_ok, self._outbox.snapshot_ok = self._outbox.snapshot_ok, self._snapshot_ok
         if self._backends.announce:
             logger.info(self._backends.announce)
+        lifecycle.deliver_on_exit(self._outbox, self._hot)
+        self._outbox.start()  # rows a previous process left are delivered now
+
+    @property
+    def domain(self) -> Optional[Domain]:
+        """The assistant's domain; Rasa sets it after loading the model."""
+        return self._domain
+
+    @domain.setter
+    def domain(self, value: Optional[Domain]) -> None:
+        self._domain = value
+        # Rasa creates the store with a placeholder domain and sets the model's
+        # here once it is loaded: the moment to compare them with the config.
+        if hasattr(self, "config"):  # not during TrackerStore.__init__
+            self._check_domain(startup.policies_of_loading_agent())
+
+    def _check_domain(self, policies: Iterable[Tuple[str, Dict[str, Any]]] = ()) -> None:
+        """Warn once per loaded domain/model about settings that do not fit."""
+        domain = self._domain
+        if domain is None or domain is self._checked_domain:
+            return
+        self._checked_domain = domain
+        for warning in (startup.domain_warnings(domain, self.config.record_exp)
+                        + startup.policy_warnings(policies, self.config.max_history)):
+            logger.warning(warning)
 
     def __repr__(self) -> str:
         return f"PersistentTrackerStore({self.config!r})"
@@ -97,6 +124,7 @@ class PersistentTrackerStore(TrackerStore):
                 fresh tracker).
             HotStateBusy: no pooled Redis connection came free in time.
         """
+        self._outbox.start()
         remembered = self._recent.get(sender_id)
         entry = await self._recovery.load(sender_id, remembered.digest if remembered else None)
         if entry is None:  # hot state down: degraded read from the snapshot
@@ -291,6 +319,7 @@ class PersistentTrackerStore(TrackerStore):
 
     async def close(self) -> None:
         """Flush pending log writes and release connections."""
+        lifecycle.forget(self._outbox)
         try:
             await self._outbox.drain()
         finally:

@@ -15,7 +15,7 @@ from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import ActionExecuted, BotUttered, SlotSet, UserUttered
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import ConfigError, PersistentTrackerStore
+from rasa_persistent_tracker import ConfigError, EncryptionKeyMissing, PersistentTrackerStore
 from rasa_persistent_tracker.backends import assemble
 from rasa_persistent_tracker.config import parse_config
 from rasa_persistent_tracker.crypto import key_id_of, new_key_entry
@@ -231,38 +231,64 @@ async def test_tampered_log_row_is_skipped_with_its_seq(backend, domain, caplog)
     assert (await store.retrieve("t4")).get_slot("name") == "Zed Secret2"
 
 
-@pytest.mark.parametrize("keys, reason", [
-    (K1_OTHER, "decryption failed"),  # same key id, different key material
-    (K2, "key id 'k1', which is not configured"),
-    (None, "encrypted data needs the encryption keys"),  # started without keys
-], ids=["wrong-key", "unknown-key-id", "no-key"])
-async def test_unreadable_keys_fall_back_without_crashing(backend, domain, caplog, keys, reason):
+def stored_state(backend: Any) -> Any:
+    """Every Redis key of this test (with its value) and every log/snapshot row."""
+    client = backend.redis_client()
+    try:
+        keys = {}
+        for key in client.scan_iter(match=f"{backend.prefix}:*"):
+            kind = client.type(key)
+            keys[key] = (kind, client.hgetall(key) if kind == b"hash" else
+                         client.lrange(key, 0, -1) if kind == b"list" else client.get(key))
+    finally:
+        client.close()
+    engine = backend.engine()
+    try:
+        with engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(sa.select(EVENTS).order_by(EVENTS.c.id))]
+            snaps = [tuple(r) for r in conn.execute(sa.select(SNAPSHOTS))]
+    finally:
+        engine.dispose()
+    return keys, rows, snaps
+
+
+@pytest.mark.parametrize("keys, error, reason", [
+    (K1_OTHER, ConfigError, "is not the key the stored data under id 'k1' was written with"),
+    (None, EncryptionKeyMissing, "holds data encrypted at rest, but no encryption key"),
+], ids=["wrong-key", "no-key"])
+async def test_a_process_without_the_key_refuses_to_start(backend, domain, keys, error, reason):
+    # Issue 11: such a process used to take every value for corruption,
+    # quarantine the live record and start a fresh session.
     writer = keyed_store(backend, domain, K1)
     await chat(writer, "w1", 2)
     await writer.flush()
-    reader = keyed_store(backend, domain, keys)
-    with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
-        tracker = await reader.retrieve("w1")
-        full = await reader.retrieve_full_tracker("w1")
-    assert tracker is not None and tracker.get_slot("name") is None  # never a wrong value
-    assert any(reason in w for w in warnings_of(caplog, "unreadable"))
-    assert warnings_of(caplog, "snapshot is unreadable too")
-    skipped = warnings_of(caplog, "skipped corrupt log row")
-    # The user, bot and slot rows of both turns, each named by its seq.
-    assert {w.split("seq=")[1].split(" ")[0] for w in skipped} == {"2", "4", "5", "7", "9", "10"}
-    assert [e.type_name for e in full.events] == ["action"] * (1 + 2 * 2)
+    before = stored_state(backend)
+    with pytest.raises(error, match=reason):
+        keyed_store(backend, domain, keys)
+    assert stored_state(backend) == before
 
 
-@pytest.mark.parametrize("keys", [K1_OTHER, K2, None],
-                         ids=["wrong-key", "unknown-key-id", "no-key"])
-async def test_misconfigured_reader_does_not_damage_the_conversation(backend, domain, keys):
+async def test_a_value_under_an_unconfigured_key_id_is_refused_not_quarantined(
+        backend, domain, caplog):
     writer = keyed_store(backend, domain, K1)
-    await chat(writer, "w2", 2)
+    await chat(writer, "w1", 2)
     await writer.flush()
-    await keyed_store(backend, domain, keys).retrieve("w2")  # a read, nothing saved
-    fixed = keyed_store(backend, domain, K1)  # the right key is back
-    assert (await fixed.retrieve("w2")).get_slot("name") == "Zed Secret1"
-    assert len((await fixed.retrieve_full_tracker("w2")).events) == 1 + 2 * 5
+    before = stored_state(backend)
+    reader = keyed_store(backend, domain, K2)  # a key, but not the one k1 data needs
+    with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
+        with pytest.raises(EncryptionKeyMissing, match="key id 'k1', which this process"):
+            await reader.retrieve("w1")
+        with pytest.raises(EncryptionKeyMissing):
+            await reader.retrieve_full_tracker("w1")
+        tracker = DialogueStateTracker.from_events("w1", [], domain.slots)
+        tracker.update(UserUttered("hello"))
+        with pytest.raises(EncryptionKeyMissing):
+            await reader.save(tracker)  # what Rasa's FailSafe store does next
+    assert not warnings_of(caplog, "unreadable")
+    assert stored_state(backend) == before
+    fixed = keyed_store(backend, domain, f"{K2},{K1}")  # the right key is back
+    assert (await fixed.retrieve("w1")).get_slot("name") == "Zed Secret1"
+    assert len((await fixed.retrieve_full_tracker("w1")).events) == 1 + 2 * 5
 
 
 async def test_old_key_second_still_reads_and_new_writes_use_new_key(backend, domain):
@@ -374,6 +400,12 @@ async def test_undecryptable_rows_never_resurrect_an_older_value(backend, domain
     keyed = keyed_store(backend, domain, K1)
     await chat(keyed, "s1", 1, start=1)  # name = "Zed Secret1", encrypted
     await keyed.flush()
+    # Without any key the process refuses to start; with another key the
+    # conversation is refused: never an older value believed (issue 11).
+    if keys is None:
+        with pytest.raises(EncryptionKeyMissing):
+            keyed_store(backend, domain, keys)
+        return
     reader = keyed_store(backend, domain, keys)
-    tracker = await reader.retrieve("s1")
-    assert tracker.get_slot("name") != "Zed Secret0"
+    with pytest.raises(EncryptionKeyMissing):
+        await reader.retrieve("s1")
