@@ -1,4 +1,4 @@
-"""``rasa-persistent-tracker``: key generation, key rotation, inspection.
+"""``rasa-persistent-tracker``: keys, rotation, inspection, quarantine.
 
 * ``new-key [--id KID]`` prints a fresh ``kid:base64key`` entry.
 * ``rotate-keys`` re-encrypts everything under the newest (first) key: the hot
@@ -12,6 +12,11 @@
   ``ConcurrentSaveError``, so run it when traffic is low.
 * ``inspect ID`` summarises one conversation without printing slot values
   (``--show-values`` prints them).
+* ``quarantine list [ID]`` / ``quarantine restore REF [--force]``: see
+  ``quarantine.py``.
+
+Relative embedded paths in the endpoints file are read from that file's
+folder, as ``rasa run`` started there reads them.
 
 Exit codes: 0 done, 1 storage failure or work left, 2 configuration error.
 Key material is never printed.
@@ -23,12 +28,12 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import sqlalchemy as sa
 
 from rasa_persistent_tracker.backends import Backends, open_backends
-from rasa_persistent_tracker.config import mask_url
+from rasa_persistent_tracker.config import mask_url, parse_config
 from rasa_persistent_tracker.crypto import key_id_of, new_key_entry
 from rasa_persistent_tracker.errors import (
     ConfigError,
@@ -36,6 +41,7 @@ from rasa_persistent_tracker.errors import (
     PersistentTrackerError,
 )
 from rasa_persistent_tracker.event_log import EVENTS
+from rasa_persistent_tracker.quarantine import QuarantineAdmin
 from rasa_persistent_tracker.rotation import (  # noqa: F401  (re-exported for callers)
     PHASES,
     Progress,
@@ -134,7 +140,33 @@ def load_endpoint_backends(path: str) -> Backends:
     if endpoint.type and not str(endpoint.type).startswith("rasa_persistent_tracker"):
         raise ConfigError(f"The 'tracker_store' in '{path}' has type {endpoint.type!r}, "
                           f"not rasa_persistent_tracker.PersistentTrackerStore.")
-    return open_backends({"host": endpoint.url, **endpoint.kwargs})
+    kwargs = {"host": endpoint.url, **endpoint.kwargs}
+    return open_backends({**kwargs, **_paths_beside(kwargs, os.path.dirname(os.path.abspath(path)))})
+
+
+def _paths_beside(kwargs: Dict[str, Any], folder: str) -> Dict[str, str]:
+    """The embedded files as the bot finds them: ``rasa run`` is started in the
+    project folder, so relative paths are read from the endpoints file's folder,
+    not from wherever the CLI runs. Missing files are an error: the CLI must not
+    create an empty store next to a typo."""
+    config = parse_config(kwargs)
+    paths: Dict[str, str] = {}
+    if config.embedded:
+        paths["embedded_path"] = os.path.join(folder, config.embedded_path)
+        if not os.path.isfile(paths["embedded_path"]):
+            raise ConfigError(
+                f"No embedded hot state at {paths['embedded_path']}: the bot has not stored "
+                f"anything there. Relative paths are read from the endpoints file's folder, "
+                f"as `rasa run` started there reads them; is --endpoints the bot's file?")
+    url = sa.engine.make_url(config.sql_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        database = os.path.join(folder, url.database)
+        if not os.path.isfile(database):
+            raise ConfigError(
+                f"No SQLite event log at {database}: relative paths are read from the "
+                f"endpoints file's folder; is --endpoints the bot's file?")
+        paths["sql_url"] = url.set(database=database).render_as_string(hide_password=False)
+    return paths
 
 
 def _raw_access(backends: Backends) -> RawHotAccess:
@@ -173,7 +205,36 @@ async def _run_inspect(backends: Backends, args: argparse.Namespace) -> int:
         found = await inspect_conversation(backends, raw, args.conversation_id, args.show_values)
     finally:
         await _close(backends, raw)
+    if not found:
+        print(f"Conversation '{args.conversation_id}' not found: no hot record, log rows, "
+              f"outbox entries or quarantined copies.", file=sys.stderr)
     return EXIT_OK if found else EXIT_FAILED
+
+
+async def _run_quarantine(backends: Backends, args: argparse.Namespace) -> int:
+    client = None
+    if not backends.config.embedded:
+        from rasa_persistent_tracker.connect import redis_client_factory
+
+        client = redis_client_factory(backends.config)()
+    admin = QuarantineAdmin(backends, client)
+    try:
+        if args.action == "list":
+            copies = await admin.list_copies(args.conversation_id)
+            for copy in copies:
+                print(copy.line())
+            readable = sum(c.problem is None for c in copies)
+            print(f"{len(copies)} quarantined cop{'y' if len(copies) == 1 else 'ies'}, "
+                  f"{readable} readable with the configured keys.")
+            return EXIT_OK
+        print(await admin.restore(args.ref, force=args.force))
+        return EXIT_OK
+    finally:
+        if client is not None:
+            await client.close()
+        await backends.outbox.stop()
+        await backends.hot.close()
+        backends.log.close()
 
 
 def _positive(text: str) -> int:
@@ -212,7 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd = commands.add_parser("inspect", help="summarise one conversation")
     inspect_cmd.add_argument("conversation_id", metavar="CONVERSATION_ID",
                              help="the conversation (sender) id")
-    for sub in (rotate_cmd, inspect_cmd):
+    quarantine_cmd = commands.add_parser(
+        "quarantine", help="list quarantined copies, or put one back",
+        description="Unreadable hot records and outbox entries are moved aside, never "
+                    "deleted. 'list' shows them (without content) and whether they read "
+                    "with the configured keys; 'restore REF' puts one back: a hot record as "
+                    "the live record, an outbox entry's rows into the SQL log.")
+    actions = quarantine_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    list_cmd = actions.add_parser("list", help="list quarantined copies")
+    list_cmd.add_argument("conversation_id", nargs="?", metavar="CONVERSATION_ID",
+                          help="only this conversation's copies")
+    restore_cmd = actions.add_parser("restore", help="put one quarantined copy back")
+    restore_cmd.add_argument("ref", metavar="REF", help="the copy, as 'list' prints it")
+    restore_cmd.add_argument("--force", action="store_true",
+                             help="replace a live hot record (it is quarantined first)")
+    for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd):
         sub.add_argument("--endpoints", default="endpoints.yml",
                          help="Rasa endpoints file with the tracker_store block "
                               "(default: endpoints.yml)")
@@ -234,7 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(new_key_entry(args.id or f"k{int(time.time())}"))
             return EXIT_OK
         backends = load_endpoint_backends(args.endpoints)
-        runner = _run_rotate if args.command == "rotate-keys" else _run_inspect
+        runner = {"rotate-keys": _run_rotate, "inspect": _run_inspect,
+                  "quarantine": _run_quarantine}[args.command]
         return asyncio.run(runner(backends, args))
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
