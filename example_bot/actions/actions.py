@@ -431,6 +431,24 @@ class ActionClearTask(Action):
         return events
 
 
+class ActionLogOut(Action):
+    """Ends the login: the next balance or transfer asks for the account again.
+
+    A locked session stays locked: logging out must not reset the PIN attempts.
+    """
+
+    def name(self) -> Text:
+        return "action_log_out"
+
+    def run(
+        self, dispatcher: CollectingDispatcher, tracker: Tracker, domain: DomainDict
+    ) -> List[EventType]:
+        events = [SlotSet(slot, None) for slot in TRANSFER_RESET]
+        events += [SlotSet("pin", None), SlotSet("account_number", None),
+                   SlotSet("account_holder", None), SlotSet("authenticated", False)]
+        return events
+
+
 _SLOT_LABELS = {
     "account_number": "your account number",
     "pin": "your PIN",
