@@ -12,6 +12,8 @@
   ``ConcurrentSaveError``, so run it when traffic is low.
 * ``inspect ID`` summarises one conversation without printing slot values
   (``--show-values`` prints them).
+* ``import --from OLD_ENDPOINTS [--dry-run]`` copies every conversation of
+  another tracker store into this one (see ``importer.py``).
 * ``quarantine list [ID]`` / ``quarantine restore REF [--force]``: see
   ``quarantine.py``.
 
@@ -28,102 +30,47 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import sqlalchemy as sa
 
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.config import mask_url, parse_config
-from rasa_persistent_tracker.crypto import key_id_of, new_key_entry
-from rasa_persistent_tracker.errors import (
-    ConfigError,
-    CorruptRecordError,
-    PersistentTrackerError,
-)
-from rasa_persistent_tracker.event_log import EVENTS
+from rasa_persistent_tracker.crypto import new_key_entry
+from rasa_persistent_tracker.errors import ConfigError, PersistentTrackerError
+from rasa_persistent_tracker import importer
+from rasa_persistent_tracker.inspection import inspect_conversation
 from rasa_persistent_tracker.quarantine import QuarantineAdmin
-from rasa_persistent_tracker.rotation import (  # noqa: F401  (re-exported for callers)
-    PHASES,
-    Progress,
-    RawHotAccess,
-    RotationReport,
-    _primary_key_id,
-    rotate,
-)
+from rasa_persistent_tracker.rotation import Progress, RawHotAccess, primary_key_id, rotate
+
+__all__ = ["Progress", "RawHotAccess", "inspect_conversation", "main", "rotate"]
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-async def inspect_conversation(backends: Backends, raw: RawHotAccess, conversation_id: str,
-                               show_values: bool = False,
-                               out: Callable[[str], None] = print) -> bool:
-    """Print a summary of one conversation; return False if it is unknown."""
-    hot, log, codec, cid = backends.hot, backends.log, backends.codec, conversation_id
-    entry = await hot.load(cid)
-    found = entry.payload is not None or bool(entry.problem)
-    out(f"Conversation '{cid}'")
-    if entry.problem:
-        out(f"  hot record: unusable ({entry.problem})")
-    elif entry.payload is None:
-        out("  hot record: none")
-    else:
-        ttl = await raw.ttl(cid)
-        kid = key_id_of(entry.payload)
-        expiry = f"expires in {ttl:.0f} s" if ttl is not None else "expired"
-        out(f"  hot record: version {entry.version}, "
-            f"{'encrypted with key ' + repr(kid) if kid else 'plaintext'}, {expiry}")
-        try:
-            record = codec.loads_record(entry.payload)
-            slots = dict(record["state"]["slots"])
-            out(f"  next_seq {record['next_seq']}, {len(record['events'])} events kept, "
-                f"active loop {(record['state'].get('active_loop') or {}).get('name')}")
-            if show_values:
-                out("  slots:" + ("".join(f"\n    {k} = {v!r}" for k, v in sorted(slots.items()))
-                                  or " none set"))
-            else:
-                out(f"  slots set: {', '.join(sorted(slots)) or 'none'} "
-                    f"(values hidden; --show-values prints them)")
-        except (CorruptRecordError, KeyError, TypeError, AttributeError) as exc:
-            out(f"  record cannot be read: {exc}")
-    engine = log.sync.engine
-    count, first, last = await log.run(_log_extent, engine, cid)
-    found = found or count > 0
-    out(f"  event log: {count} events" + (f" (seq {first}..{last})" if count else ""))
-    snapshot = await log.run(log.sync.snapshot, cid)
-    if snapshot is not None:
-        kid = key_id_of(snapshot.payload)
-        out(f"  snapshot: next_seq {snapshot.next_seq}, version {snapshot.version}, saved "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snapshot.saved_at))}, "
-            f"{'key ' + repr(kid) if kid else 'plaintext'}")
-    pending = await hot.pending(cid, 100_000)
-    found = found or bool(pending.entries)
-    out(f"  outbox: {len(pending.entries)} pending entries")
-    quarantined = await raw.quarantined(cid)
-    found = found or bool(quarantined)
-    out(f"  quarantined: {len(quarantined)}" + "".join(f"\n    {k}" for k in quarantined))
-    return found
-
-
-def _log_extent(engine: sa.engine.Engine, cid: str) -> Tuple[int, Optional[int], Optional[int]]:
-    query = sa.select(sa.func.count(), sa.func.min(EVENTS.c.seq), sa.func.max(EVENTS.c.seq)
-                      ).where(EVENTS.c.conversation_id == cid)
-    with engine.connect() as conn:
-        count, first, last = conn.execute(query).first()
-    return int(count or 0), first, last
-
-
 # ------------------------------------------------------------------ command line
 
 
-def load_endpoint_backends(path: str) -> Backends:
+def load_endpoint_backends(path: str, must_exist: bool = True) -> Backends:
     """Open the storage of the ``tracker_store`` block of ``path`` as Rasa would.
 
     Raises:
         ConfigError: the file is missing or unreadable, or names no tracker store.
         StorageUnavailable: a server is unreachable.
     """
+    endpoint = _tracker_store_block(path)
+    if endpoint.type and not str(endpoint.type).startswith("rasa_persistent_tracker"):
+        raise ConfigError(f"The 'tracker_store' in '{path}' has type {endpoint.type!r}, "
+                          f"not rasa_persistent_tracker.PersistentTrackerStore.")
+    kwargs = {"host": endpoint.url, **endpoint.kwargs}
+    folder = os.path.dirname(os.path.abspath(path))
+    return open_backends({**kwargs, **_paths_beside(kwargs, folder, must_exist)})
+
+
+def _tracker_store_block(path: str) -> Any:
+    """The ``tracker_store`` EndpointConfig of an endpoints file."""
     with warnings.catch_warnings():  # Rasa's imports warn about its own dependencies
         warnings.simplefilter("ignore")
         from rasa.core.utils import read_endpoints_from_path
@@ -137,14 +84,10 @@ def load_endpoint_backends(path: str) -> Backends:
         raise ConfigError(f"Endpoints file '{path}' cannot be read: {exc}") from None
     if endpoint is None:
         raise ConfigError(f"Endpoints file '{path}' has no 'tracker_store' block.")
-    if endpoint.type and not str(endpoint.type).startswith("rasa_persistent_tracker"):
-        raise ConfigError(f"The 'tracker_store' in '{path}' has type {endpoint.type!r}, "
-                          f"not rasa_persistent_tracker.PersistentTrackerStore.")
-    kwargs = {"host": endpoint.url, **endpoint.kwargs}
-    return open_backends({**kwargs, **_paths_beside(kwargs, os.path.dirname(os.path.abspath(path)))})
+    return endpoint
 
 
-def _paths_beside(kwargs: Dict[str, Any], folder: str) -> Dict[str, str]:
+def _paths_beside(kwargs: Dict[str, Any], folder: str, must_exist: bool) -> Dict[str, str]:
     """The embedded files as the bot finds them: ``rasa run`` is started in the
     project folder, so relative paths are read from the endpoints file's folder,
     not from wherever the CLI runs. Missing files are an error: the CLI must not
@@ -153,7 +96,7 @@ def _paths_beside(kwargs: Dict[str, Any], folder: str) -> Dict[str, str]:
     paths: Dict[str, str] = {}
     if config.embedded:
         paths["embedded_path"] = os.path.join(folder, config.embedded_path)
-        if not os.path.isfile(paths["embedded_path"]):
+        if must_exist and not os.path.isfile(paths["embedded_path"]):
             raise ConfigError(
                 f"No embedded hot state at {paths['embedded_path']}: the bot has not stored "
                 f"anything there. Relative paths are read from the endpoints file's folder, "
@@ -161,7 +104,7 @@ def _paths_beside(kwargs: Dict[str, Any], folder: str) -> Dict[str, str]:
     url = sa.engine.make_url(config.sql_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         database = os.path.join(folder, url.database)
-        if not os.path.isfile(database):
+        if must_exist and not os.path.isfile(database):
             raise ConfigError(
                 f"No SQLite event log at {database}: relative paths are read from the "
                 f"endpoints file's folder; is --endpoints the bot's file?")
@@ -187,7 +130,7 @@ async def _close(backends: Backends, raw: RawHotAccess) -> None:
 async def _run_rotate(backends: Backends, args: argparse.Namespace) -> int:
     raw = _raw_access(backends)
     try:
-        print(f"Rotating to key '{_primary_key_id(backends)}' (hot state "
+        print(f"Rotating to key '{primary_key_id(backends)}' (hot state "
               f"{mask_url(backends.config.redis_url)}, log {mask_url(backends.config.sql_url)}).")
         report = await rotate(
             backends, args.batch_size, max_batches=args.max_batches, ttl_of=raw.ttl,
@@ -235,6 +178,38 @@ async def _run_quarantine(backends: Backends, args: argparse.Namespace) -> int:
         await backends.outbox.stop()
         await backends.hot.close()
         backends.log.close()
+
+
+async def _run_import(backends: Backends, args: argparse.Namespace) -> int:
+    from rasa.core.tracker_store import TrackerStore
+    from rasa.shared.core.domain import Domain
+
+    from rasa_persistent_tracker.store import PersistentTrackerStore
+
+    domain_path = args.domain or os.path.join(
+        os.path.dirname(os.path.abspath(args.endpoints)), "domain.yml")
+    if not os.path.exists(domain_path):
+        raise ConfigError(f"Domain '{domain_path}' does not exist: pass --domain (the bot's "
+                          f"domain.yml or domain folder; trackers are rebuilt with its slots).")
+    domain = Domain.load(domain_path)
+    source_endpoint = _tracker_store_block(args.source)
+    if str(source_endpoint.type or "").startswith("rasa_persistent_tracker"):
+        raise ConfigError(f"'{args.source}' already uses rasa_persistent_tracker: --from names "
+                          f"the endpoints file of the store to copy from.")
+    source = TrackerStore.create(source_endpoint, domain)
+    target = PersistentTrackerStore(domain, backends=backends)
+    tty = sys.stdout.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if tty or done == total or done % 100 == 0:
+            print(f"\r{done}/{total} conversations", end="" if tty and done < total else "\n",
+                  flush=True)
+    try:
+        report = await importer.import_all(source, target, args.dry_run, progress)
+    finally:
+        await target.close()
+    print(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _positive(text: str) -> int:
@@ -287,7 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("ref", metavar="REF", help="the copy, as 'list' prints it")
     restore_cmd.add_argument("--force", action="store_true",
                              help="replace a live hot record (it is quarantined first)")
-    for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd):
+    import_cmd = commands.add_parser(
+        "import", help="copy every conversation from another tracker store into this one",
+        description="Reads every conversation of the tracker store in --from (any type Rasa "
+                    "supports: redis, sql, mongod, dynamo) through Rasa's own API, writes its "
+                    "whole history into this store's log and its current session into the hot "
+                    "state, and checks each read back equal. Safe to run again: done "
+                    "conversations are skipped, interrupted ones completed.")
+    import_cmd.add_argument("--from", dest="source", required=True, metavar="OLD_ENDPOINTS",
+                            help="endpoints file whose tracker_store is the old store")
+    import_cmd.add_argument("--domain", default=None,
+                            help="the bot's domain (default: domain.yml beside --endpoints)")
+    import_cmd.add_argument("--dry-run", action="store_true",
+                            help="count what would be imported; write nothing")
+    for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd, import_cmd):
         sub.add_argument("--endpoints", default="endpoints.yml",
                          help="Rasa endpoints file with the tracker_store block "
                               "(default: endpoints.yml)")
@@ -308,9 +296,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "new-key":
             print(new_key_entry(args.id or f"k{int(time.time())}"))
             return EXIT_OK
-        backends = load_endpoint_backends(args.endpoints)
+        backends = load_endpoint_backends(args.endpoints, must_exist=args.command != "import")
         runner = {"rotate-keys": _run_rotate, "inspect": _run_inspect,
-                  "quarantine": _run_quarantine}[args.command]
+                  "quarantine": _run_quarantine, "import": _run_import}[args.command]
         return asyncio.run(runner(backends, args))
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)

@@ -140,7 +140,7 @@ class RawHotAccess:
 # ------------------------------------------------------------------ rotation
 
 
-def _primary_key_id(backends: Backends) -> str:
+def primary_key_id(backends: Backends) -> str:
     kid = key_id_of(backends.codec.dumps_record({}))
     if kid is None:
         raise ConfigError(
@@ -222,7 +222,7 @@ async def rotate(backends: Backends, batch_size: int = 500,
         ConfigError: no encryption key is configured.
         StorageUnavailable: a server failed; completed batches stay done.
     """
-    primary = _primary_key_id(backends)
+    primary = primary_key_id(backends)
     report = RotationReport(primary)
     batches = 0
 

@@ -196,3 +196,39 @@ def test_turns_saved_just_before_exit_reach_sql(tmp_path):
             "SELECT count(*) FROM rpt_events WHERE conversation_id='u1'")).scalar()
     engine.dispose()
     assert count == 3  # action_listen, the user message, action_listen
+
+
+class _Node:
+    def __init__(self, uses, config):
+        self.uses, self.config = uses, config
+
+
+class _Agent:
+    """Stands in for rasa.core.agent.Agent.load_model: the processor with the
+    model's schema, then ``tracker_store.domain = ...``."""
+
+    def __init__(self, nodes):
+        schema = type("Schema", (), {"nodes": nodes})()
+        metadata = type("Metadata", (), {"predict_schema": schema})()
+        self.processor = type("Processor", (), {"model_metadata": metadata})()
+
+    def load_model(self, store, domain):
+        store.domain = domain
+
+
+async def test_policy_warnings_come_from_the_model_rasa_loads(tmp_path, monkeypatch, caplog):
+    from rasa.core.policies.memoization import MemoizationPolicy
+    from rasa.core.policies.ted_policy import TEDPolicy
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    store = create(None, max_history=4)
+    agent = _Agent({"run_MemoizationPolicy0": _Node(MemoizationPolicy, {"max_history": 5}),
+                    "run_TEDPolicy1": _Node(TEDPolicy, {"epochs": 1})})  # default: None
+    with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
+        agent.load_model(store, Domain.from_yaml(DOMAIN_60_MIN))
+    lines = [r.getMessage() for r in caplog.records if "Policy" in r.getMessage()]
+    assert len(lines) == 2
+    assert "MemoizationPolicy has max_history 5" in lines[0]
+    assert "TEDPolicy has max_history None" in lines[1]
+    await store.close()
