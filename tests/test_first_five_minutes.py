@@ -232,3 +232,13 @@ async def test_policy_warnings_come_from_the_model_rasa_loads(tmp_path, monkeypa
     assert "MemoizationPolicy has max_history 5" in lines[0]
     assert "TEDPolicy has max_history None" in lines[1]
     await store.close()
+
+
+def test_cli_help_prints_no_warnings():
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS",)}
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable),
+                                        "rasa-persistent-tracker"), "--help"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "usage: rasa-persistent-tracker" in done.stdout
+    assert "Warning" not in done.stderr, done.stderr[-1000:]
