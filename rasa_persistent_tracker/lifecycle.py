@@ -8,13 +8,14 @@ exports the log expects every answered turn to be there.
 
 ``deliver_on_exit`` registers a hook that runs when the interpreter shuts
 down, before ``concurrent.futures`` stops its thread pools (so the SQL worker
-threads still run): it delivers, on a fresh event loop and with a time limit,
+threads still run): it delivers, on a fresh event loop and within 10 s in all,
 whatever this process saved and did not deliver yet. ``kill -9`` skips it;
 the next start-up delivers those rows instead.
 """
 import asyncio
 import logging
 import threading
+import time
 import weakref
 from typing import Any, Dict
 
@@ -50,13 +51,17 @@ def forget(outbox: Any) -> None:
 
 
 def _deliver_all() -> None:
+    # One time budget for all stores: an exit must not hang on a server that
+    # is gone (the rows stay queued for the next start).
+    deadline = time.monotonic() + EXIT_DELIVERY_TIMEOUT
     for key, outbox in list(_HOOKED.items()):
         hot_ref = _HOT.get(key)
         hot = hot_ref() if hot_ref is not None else None
-        if hot is None or not outbox.undelivered():
+        left = deadline - time.monotonic()
+        if hot is None or not outbox.undelivered() or left <= 0:
             continue
         try:
-            moved = asyncio.run(_deliver(outbox, hot))
+            moved = asyncio.run(_deliver(outbox, hot, left))
             logger.info("Delivered %d event(s) to the SQL log at exit.", moved)
         except Exception as exc:  # the rows stay in the outbox for the next start
             logger.warning("Could not deliver the last turns to the SQL log at exit (%s); "
@@ -64,8 +69,8 @@ def _deliver_all() -> None:
                            type(exc).__name__)
 
 
-async def _deliver(outbox: Any, hot: Any) -> int:
+async def _deliver(outbox: Any, hot: Any, timeout: float) -> int:
     try:
-        return await asyncio.wait_for(outbox.deliver_at_exit(), EXIT_DELIVERY_TIMEOUT)
+        return await asyncio.wait_for(outbox.deliver_at_exit(), timeout)
     finally:
         await hot.close()
