@@ -26,7 +26,7 @@ from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import cli
 from rasa_persistent_tracker.importer import import_all
-from tests.conftest import DOMAIN_YAML, real_urls
+from tests.conftest import DOMAIN_YAML, Backend, real_urls
 
 
 def conversation(domain: Any, cid: str, rng: random.Random) -> DialogueStateTracker:
@@ -133,10 +133,9 @@ async def test_a_conversation_that_differs_here_is_left_alone(make_store, domain
 
 
 @pytest.mark.real
-async def test_import_from_rasas_redis_and_postgresql_stores(backend, domain, tmp_path):
-    if backend.kind != "real":
-        pytest.skip("Rasa's Redis and PostgreSQL stores need the real servers")
-    urls = real_urls()
+async def test_import_from_rasas_redis_and_postgresql_stores(domain, tmp_path):
+    urls = real_urls()  # Rasa's Redis and PostgreSQL stores need the real servers
+    backend = Backend("real", str(tmp_path))
     redis_url = sa.engine.make_url(urls["redis"].replace("redis://", "postgresql://"))
     redis_source = RedisTrackerStore(domain, host=redis_url.host, port=redis_url.port or 6379,
                                      db=int(redis_url.database or 0),
@@ -159,6 +158,7 @@ async def test_import_from_rasas_redis_and_postgresql_stores(backend, domain, tm
             await check_equal(source, target, ids)
         sql_source.engine.dispose()
     finally:
+        await backend.cleanup()
         client = backend.redis_client()
         for key in client.scan_iter(match=f"{backend.prefix}old:*"):
             client.delete(key)
