@@ -36,7 +36,7 @@ import sqlalchemy as sa
 
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.config import mask_url, parse_config
-from rasa_persistent_tracker.crypto import new_key_entry
+from rasa_persistent_tracker.crypto import load_keyring, new_key_entry
 from rasa_persistent_tracker.errors import ConfigError, PersistentTrackerError
 from rasa_persistent_tracker import importer
 from rasa_persistent_tracker.inspection import inspect_conversation
@@ -93,6 +93,7 @@ def _paths_beside(kwargs: Dict[str, Any], folder: str, must_exist: bool) -> Dict
     not from wherever the CLI runs. Missing files are an error: the CLI must not
     create an empty store next to a typo."""
     config = parse_config(kwargs)
+    load_keyring(config)  # a bad key is the first thing to say, before any path
     paths: Dict[str, str] = {}
     if config.embedded:
         paths["embedded_path"] = os.path.join(folder, config.embedded_path)

@@ -332,8 +332,9 @@ def test_cli_endpoint_errors_exit_2(tmp_path, capsys, body, message):
     assert message in capsys.readouterr().err
 
 
-async def test_cli_config_errors_exit_2_without_key_material(backend, tmp_path, monkeypatch,
-                                                             capsys):
+async def test_cli_config_errors_exit_2_without_key_material(backend, domain, tmp_path,
+                                                             monkeypatch, capsys):
+    await endpoint_store(backend, domain, tmp_path, None).close()  # the bot ran here before
     monkeypatch.setenv(ENV, f"{K1},k1:{material(K2)}")
     path = endpoints(backend, tmp_path)
     assert await asyncio.to_thread(cli.main, ["rotate-keys", "--endpoints", path]) == 2
@@ -367,6 +368,9 @@ def test_cli_new_key_and_argument_errors(capsys):
 
 def test_console_script_smoke(tmp_path):
     hot, events = tmp_path / "hot.sqlite3", tmp_path / "events.sqlite3"
+    store = PersistentTrackerStore(None, host="embedded", embedded_path=str(hot),
+                                   sql_url=f"sqlite:///{events}")  # the bot ran here before
+    asyncio.run(store.close())
     (tmp_path / "endpoints.yml").write_text(
         "tracker_store:\n  type: rasa_persistent_tracker.PersistentTrackerStore\n"
         f"  url: embedded\n  embedded_path: {hot}\n  sql_url: sqlite:///{events}\n")
