@@ -9,6 +9,11 @@ Slot values that JSON cannot hold natively are stored faithfully:
 Decimal, date/datetime/time, UUID, set/frozenset and bytes carry a small type
 tag and come back as the same type; numpy scalars and arrays become the equal
 Python numbers/lists (Rasa issues #2265, #5215).
+
+User data cannot choose a stored type: a dict key that looks like the tag
+(``__rpt_type__``, or it followed by ``~``s) gets one more ``~`` on the way
+in and loses it on the way out, so a slot value such as
+``{"__rpt_type__": "decimal", "value": "7.5"}`` comes back as that dict.
 """
 import base64
 import datetime
@@ -21,6 +26,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Tu
 from rasa_persistent_tracker.errors import CorruptRecordError
 
 TYPE_TAG = "__rpt_type__"
+_ESCAPE = "~"
 
 
 class Serializer(Protocol):
@@ -72,7 +78,27 @@ _DECODERS: Dict[str, Callable[[Any], Any]] = {
 }
 
 
+def _is_tag_like(key: Any) -> bool:
+    """``TYPE_TAG`` followed by zero or more ``~``: keys that need escaping."""
+    return (isinstance(key, str) and key.startswith(TYPE_TAG)
+            and not key[len(TYPE_TAG):].strip(_ESCAPE))
+
+
+def _escape(value: Any) -> Any:
+    """``value`` with every tag-like dict key given one more ``~``."""
+    if isinstance(value, dict):
+        return {(f"{k}{_ESCAPE}" if _is_tag_like(k) else k): _escape(v)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escape(v) for v in value]
+    return value
+
+
 def _decode_extra(obj: Dict[str, Any]) -> Any:
+    if any(k != TYPE_TAG and _is_tag_like(k) for k in obj):
+        # A user's dict, escaped on the way in (``_escape``): never a tag.
+        return {(k[:-1] if k != TYPE_TAG and _is_tag_like(k) else k): v
+                for k, v in obj.items()}
     if len(obj) == 2 and TYPE_TAG in obj and "value" in obj:
         decoder = _DECODERS.get(obj[TYPE_TAG])
         if decoder is None:
@@ -91,8 +117,11 @@ class JsonSerializer:
     """Plain JSON with tagged extra types. The default serialiser."""
 
     def dumps(self, value: Any) -> str:
-        """Serialise ``value`` to compact JSON text."""
-        return _ENCODER.encode(value)
+        """Serialise ``value`` to compact JSON text (tag-like keys escaped)."""
+        text = _ENCODER.encode(value)
+        if TYPE_TAG in text:  # a tag of ours, or a user's key that looks like one
+            text = _ENCODER.encode(_escape(value))
+        return text
 
     def loads(self, text: str) -> Any:
         """Parse JSON text; any malformation becomes ``CorruptRecordError``."""
