@@ -6,6 +6,7 @@ the outbox. Unreachable servers fail here, fast, naming the URL (password
 masked), so ``rasa run`` stops at start-up instead of on the first message.
 """
 import dataclasses
+import logging
 from typing import Any, Dict, Mapping, Optional
 
 from sqlalchemy import exc as sa_errors
@@ -13,7 +14,8 @@ from sqlalchemy import exc as sa_errors
 from rasa_persistent_tracker.codec import Codec, JsonSerializer
 from rasa_persistent_tracker.config import StoreConfig, mask_url, parse_config
 from rasa_persistent_tracker.connect import redis_client_factory, run_blocking
-from rasa_persistent_tracker.crypto import build_protected
+from rasa_persistent_tracker.crypto import SNAPSHOT, build_protected
+from rasa_persistent_tracker.entries import Entries
 from rasa_persistent_tracker.embedded import SQLiteHotState
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
@@ -26,6 +28,7 @@ from rasa_persistent_tracker.hot_state import HotState, RedisHotState
 from rasa_persistent_tracker.outbox import Outbox
 from rasa_persistent_tracker.replay import validate_record
 
+logger = logging.getLogger("rasa_persistent_tracker")
 STARTUP_TIMEOUT = 15.0
 
 
@@ -83,17 +86,28 @@ def open_event_log(config: StoreConfig) -> SQLEventLog:
 def assemble(config: StoreConfig, hot: HotState, log: SQLEventLog,
              environ: Optional[Mapping[str, str]] = None) -> Backends:
     """Wire already-open storage together (tests use this with fakes)."""
-    codec = Codec(JsonSerializer(), *build_protected(config, environ))
+    codec = Codec(JsonSerializer(), *build_protected(config, environ),
+                  accept_plaintext=config.accept_plaintext)
+    if codec.encrypting and config.accept_plaintext:
+        logger.warning("rasa_persistent_tracker: accept_plaintext is on: plaintext and "
+                       "unbound legacy values are believed although a key is configured. "
+                       "Run rotate-keys, then turn it off (docs/security.md).")
+    log.bind_rows(codec.rebind_row, codec.row_text)
     async_log = AsyncEventLog(log, config.sql_workers)
-    def snapshot_ok(conversation_id: str, payload: str) -> bool:
+
+    def snapshot_payload(conversation_id: str, payload: str, next_seq: int) -> Optional[str]:
         try:
-            validate_record(codec.loads_record(payload), conversation_id)
-            return True
+            record = validate_record(codec.loads_record(payload, conversation_id),
+                                     conversation_id)
+            if record["next_seq"] != next_seq:
+                return None
+            return codec.reseal_record(payload, conversation_id, SNAPSHOT)
         except CorruptRecordError:
-            return False
+            return None
 
     outbox = Outbox(hot, async_log, config.outbox_batch_size, config.outbox_scan_interval,
-                    config.quarantine_ttl, snapshot_ok, linger=config.outbox_linger)
+                    config.quarantine_ttl, snapshot_payload, linger=config.outbox_linger,
+                    entries=Entries(codec))
     return Backends(config, hot, async_log, codec, outbox)
 
 

@@ -69,7 +69,7 @@ async def inspect_conversation(backends: Backends, raw: RawHotAccess, conversati
         out(f"  hot record: version {entry.version}, "
             f"{'encrypted with key ' + repr(kid) if kid else 'plaintext'}, {expiry}")
         try:
-            record = codec.loads_record(entry.payload)
+            record = codec.loads_record(entry.payload, cid)
             slots = dict(record["state"]["slots"])
             out(f"  next_seq {record['next_seq']}, {len(record['events'])} events kept, "
                 f"active loop {(record['state'].get('active_loop') or {}).get('name')}")
@@ -158,7 +158,7 @@ async def _run_rotate(backends: Backends, args: argparse.Namespace) -> int:
         print(f"Rotating to key '{_primary_key_id(backends)}' (hot state "
               f"{mask_url(backends.config.redis_url)}, log {mask_url(backends.config.sql_url)}).")
         report = await rotate(
-            backends, args.batch_size, max_batches=args.max_batches, ttl_of=raw.ttl,
+            backends, args.batch_size, max_batches=args.max_batches, ttl_of=raw.ttl, raw=raw,
             progress=lambda p: print(f"{p.phase}: {p.checked}/{p.total} checked, "
                                      f"{p.rewritten} re-encrypted", flush=True))
     finally:

@@ -23,6 +23,7 @@ import json
 import uuid
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
+from rasa_persistent_tracker import crypto
 from rasa_persistent_tracker.errors import CorruptRecordError
 
 TYPE_TAG = "__rpt_type__"
@@ -151,32 +152,44 @@ class Encoded(NamedTuple):
 
 
 class Codec:
-    """What the store encodes with: one serialiser for hot records and one
-    per event (encryption may apply to sensitive events only); one reader that
-    accepts every format ever written.
+    """What the store encodes with, and the policy on what it believes.
+
+    Without a key: hot records and snapshots are JSON plus a checksum (any
+    flipped bit is detected), log rows and outbox entries plain JSON. With a
+    key, every stored value is sealed (``crypto``) and bound to its kind,
+    conversation and (log rows) seq: hot records, snapshots and outbox entries
+    encrypted whole; log rows encrypted if ``is_sensitive``, else
+    authenticated. Plaintext, and legacy unbound log rows and outbox entries,
+    are then refused like corrupt data, unless ``accept_plaintext`` (an
+    explicit migration; ``rotate-keys`` seals them). Legacy ``rpt-enc:1``
+    records and snapshots stay readable: they name their conversation inside.
 
     Args:
         plain: serialiser for values that need no protection.
-        protected: encrypting wrapper of a serialiser equivalent to ``plain``
-            (``dumps``/``loads`` plus ``seal(text)`` for text ``plain`` wrote);
-            None: no encryption.
-        is_sensitive: decides per event dict whether ``protected`` applies.
+        protected: ``crypto.EncryptedSerializer``; None: no encryption.
+        is_sensitive: decides per event dict whether its log row is encrypted.
+        accept_plaintext: with a key, still believe plaintext and legacy values.
     """
 
-    def __init__(self, plain: Serializer, protected: "Serializer | None" = None,
-                 is_sensitive: Callable[[Dict[str, Any]], bool] = lambda _: True) -> None:
+    def __init__(self, plain: Serializer, protected: Any = None,
+                 is_sensitive: Callable[[Dict[str, Any]], bool] = lambda _: True,
+                 accept_plaintext: bool = False) -> None:
         self._plain = plain
         self._protected = protected
         self._is_sensitive = is_sensitive
+        self.accept_plaintext = accept_plaintext
 
     @property
     def encrypting(self) -> bool:
         return self._protected is not None
 
-    def dumps_record(self, record: Any) -> str:
-        """Serialise a hot record: encrypted (AEAD) when encryption is on,
-        else JSON followed by a checksum, so any flipped bit is detected."""
-        return self._seal(self._plain.dumps(record))
+    # ------------------------------------------------------------ records
+
+    def dumps_record(self, record: Any, kind: str = crypto.HOT) -> str:
+        """Serialise a hot record (or a snapshot: ``kind``), bound to its
+        ``sender_id``."""
+        return self._seal_record(self._plain.dumps(record), kind,
+                                 record.get("sender_id") if isinstance(record, dict) else None)
 
     def encode_record(self, record: Dict[str, Any], event_texts: List[Optional[str]],
                       base_text: Optional[str] = None) -> "Encoded":
@@ -200,26 +213,39 @@ class Codec:
             head = f'{{"base":{base_text},{head[1:]}'
         else:
             base_text = self._plain.dumps(decoded["base"])
-        payload = self._seal(f'{{"events":[{",".join(texts)}],{head[1:]}')
+        payload = self._seal_record(f'{{"events":[{",".join(texts)}],{head[1:]}', crypto.HOT,
+                                    record["sender_id"])
         return Encoded(payload, decoded, texts, base_text)
 
-    def _seal(self, text: str) -> str:
+    def _seal_record(self, text: str, kind: str, conversation_id: Optional[str]) -> str:
         if self._protected is not None:
-            return self._protected.seal(text)
+            return self._protected.seal(text, kind, conversation_id)
         return f"{text}{CHECKSUM_MARK}{_checksum(text)}"
 
-    def loads_record(self, text: str) -> Any:
-        """Read a hot record written by ``dumps_record`` (any key, or plain)."""
+    def _open_record(self, text: str, conversation_id: str, kind: str) -> str:
         if text[:1] in ("{", "["):
+            self._plaintext_allowed(kind)
             body, mark, digest = text.rpartition(CHECKSUM_MARK)
             if not mark or _checksum(body) != digest:
                 raise CorruptRecordError("record checksum does not match")
-            return self._plain.loads(body)
-        return self.loads(text)
+            return body
+        # Legacy records name their conversation inside (replay.validate_record).
+        return self._open(text, kind, conversation_id, None, legacy=True)
 
-    def dumps_event(self, event: Dict[str, Any]) -> str:
-        """Serialise one event for the log."""
-        return self.protect_event(event, self._plain.dumps(event))
+    def loads_record(self, text: str, conversation_id: str, kind: str = crypto.HOT) -> Any:
+        """Read a record ``dumps_record`` wrote for this conversation and kind.
+        Raises CorruptRecordError."""
+        return self._plain.loads(self._open_record(text, conversation_id, kind))
+
+    def reseal_record(self, text: str, conversation_id: str, kind: str) -> str:
+        """A hot record's payload as a value of another ``kind`` (the snapshot).
+        Raises CorruptRecordError if it does not open as a hot record."""
+        if self._protected is None:
+            return text
+        return self._protected.seal(self._open_record(text, conversation_id, crypto.HOT),
+                                    kind, conversation_id)
+
+    # ------------------------------------------------------------- events
 
     def event_text(self, event: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
         """An event's JSON text and the event as it reads back from it.
@@ -228,17 +254,80 @@ class Codec:
         text = self._plain.dumps(event)
         return text, self._plain.loads(text)
 
-    def protect_event(self, event: Dict[str, Any], text: str) -> str:
-        """The log form of an event already serialised to ``text``."""
-        if self._protected is not None and self._is_sensitive(event):
-            return self._protected.seal(text)
-        return text
+    def protect_event(self, event: Dict[str, Any], text: str, conversation_id: str,
+                      seq: int) -> str:
+        """The log form of an event already serialised to ``text``, at ``seq``."""
+        if self._protected is None:
+            return text
+        if self._is_sensitive(event):
+            return self._protected.seal(text, crypto.ROW, conversation_id, seq)
+        return self._protected.mac(text, crypto.ROW, conversation_id, seq)
 
-    def loads(self, text: str) -> Any:
-        """Read any payload: plain JSON, or ciphertext when a key is configured."""
-        if self._protected is not None and not text[:1] in ("{", "["):
-            return self._protected.loads(text)
-        if text[:1] not in ("{", "["):
-            raise CorruptRecordError("payload is neither JSON nor readable ciphertext "
-                                     "(encrypted data needs the encryption keys)")
-        return self._plain.loads(text)
+    def dumps_event(self, event: Dict[str, Any], conversation_id: str, seq: int) -> str:
+        """Serialise one event for the log row ``seq`` of a conversation."""
+        return self.protect_event(event, self._plain.dumps(event), conversation_id, seq)
+
+    def row_text(self, data: str, conversation_id: str, seq: int) -> str:
+        """The JSON text of a log row's ``data``. Raises CorruptRecordError."""
+        return self._open(data, crypto.ROW, conversation_id, seq)
+
+    def loads_event(self, data: str, conversation_id: str, seq: int) -> Any:
+        """Read a log row's ``data``. Raises CorruptRecordError."""
+        return self._plain.loads(self.row_text(data, conversation_id, seq))
+
+    def rebind_row(self, data: str, conversation_id: str, seq: int, new_seq: int) -> str:
+        """A row's ``data`` for its new place when delivery re-sequences it.
+        Raises CorruptRecordError if it does not open at its old place."""
+        if self._protected is None or data[:1] in ("{", "["):
+            return data
+        text = self.row_text(data, conversation_id, seq)
+        if data.startswith(crypto.MAC_PREFIX):
+            return self._protected.mac(text, crypto.ROW, conversation_id, new_seq)
+        return self._protected.seal(text, crypto.ROW, conversation_id, new_seq)
+
+    # ---------------------------------------------------- outbox entries
+
+    def seal_entry(self, body: str, conversation_id: str, header: str) -> str:
+        """An outbox entry's body (its rows' JSON), bound to its header."""
+        if self._protected is None:
+            return body
+        return self._protected.seal(body, crypto.OUTBOX, conversation_id, header)
+
+    def open_entry(self, body: str, conversation_id: str, header: str) -> str:
+        """Inverse of ``seal_entry``. Raises CorruptRecordError."""
+        return self._open(body, crypto.OUTBOX, conversation_id, header)
+
+    # -------------------------------------------------- quarantine copies
+
+    def seal_quarantine(self, text: str, conversation_id: str) -> str:
+        """A quarantine copy's content, sealed as one (key rotation)."""
+        return self._protected.seal(text, crypto.QUARANTINE, conversation_id)
+
+    def unwrap(self, text: str, kind: str, conversation_id: str, extra: Any = None) -> str:
+        """The clear text of any sealed form (legacy too), or ``text`` if it is
+        plaintext: for values that are never believed, only re-sealed
+        (quarantine copies). Raises CorruptRecordError."""
+        if self._protected is None or crypto.key_id_of(text) is None:
+            return text
+        return self._protected.open(text, kind, conversation_id, extra, legacy=True)
+
+    # --------------------------------------------------------------------
+
+    def _plaintext_allowed(self, kind: str) -> None:
+        if self._protected is not None and not self.accept_plaintext:
+            raise CorruptRecordError(f"plaintext {kind} refused: an encryption key is "
+                                     f"configured (accept_plaintext is off)")
+
+    def _open(self, text: str, kind: str, conversation_id: str, extra: Any,
+              legacy: bool = False) -> str:
+        if text[:1] in ("{", "["):
+            self._plaintext_allowed(kind)
+            return text
+        if self._protected is None:
+            clear = crypto.strip_mac(text)  # without a key nothing is verified
+            if clear is None:
+                raise CorruptRecordError("payload is neither JSON nor readable ciphertext "
+                                         "(encrypted data needs the encryption keys)")
+            return clear
+        return self._protected.open(text, kind, conversation_id, extra,
+                                    legacy=legacy or self.accept_plaintext)

@@ -62,6 +62,7 @@ class StoreConfig:
     encryption_keys_env: str = "RPT_ENCRYPTION_KEYS"
     sensitive_slots: Tuple[str, ...] = ()
     encrypt_user_text: Optional[bool] = None
+    accept_plaintext: bool = False
     # Rasa's redis keys, kept so a TLS set-up copied from `type: redis` works.
     ssl_keyfile: Optional[str] = None
     ssl_certfile: Optional[str] = None
@@ -195,7 +196,7 @@ def parse_config(
             values[key] = _number(key, value, float, floats[key])
         elif key in ints:
             values[key] = _number(key, value, int, ints[key])
-        elif key in ("encrypt_user_text", "sync_log"):
+        elif key in ("encrypt_user_text", "sync_log", "accept_plaintext"):
             values[key] = _boolean(key, value)
         elif key == "sensitive_slots":
             if isinstance(value, str) or not all(isinstance(s, str) for s in value):

@@ -1,32 +1,52 @@
-"""Encryption at rest: AES-256-GCM with a key id in every ciphertext.
+"""Encryption at rest: AES-256-GCM, bound to where each value belongs.
 
-``EncryptedSerializer`` wraps another serialiser (as langgraph's
-``EncryptedSerializer`` wraps its serde): ``rpt-enc:1:<key id>:<base64url(nonce
-‖ ciphertext ‖ tag)>``. The key id and format version are authenticated (AAD),
-so tampering with any part fails decryption. The first key encrypts, every key
-decrypts: put a new key first to rotate, run ``rasa-persistent-tracker
-rotate-keys``, then drop the old one.
+``EncryptedSerializer`` works on the text a serialiser produced (as langgraph's
+``EncryptedSerializer`` wraps its serde). Two stored forms, both naming the
+key id:
+
+* ``rpt-enc:2:<key id>:<base64url(nonce ‖ ciphertext ‖ tag)>`` (encrypted);
+* ``rpt-mac:2:<key id>:<base64url(tag)>:<JSON text>`` (authenticated only:
+  log rows the config does not call sensitive stay readable in SQL).
+
+Both authenticate, besides the text, the format version, the key id and a
+*binding*: the kind of value (hot record, snapshot, log row, outbox entry,
+quarantine copy), its conversation id and, for log rows, the sequence number
+(for outbox entries, their header). A value copied to another conversation,
+another kind or another seq fails to open, like a flipped bit. The legacy
+form ``rpt-enc:1:`` (no binding) still opens where the caller allows it.
+
+The first key encrypts, every key decrypts: put a new key first to rotate,
+run ``rasa-persistent-tracker rotate-keys``, then drop the old one.
 
 Keys come from the environment variable named by ``encryption_keys_env``
-(default ``RPT_ENCRYPTION_KEYS``) or the file ``encryption_key_file``: entries
-``<key id>:<base64 of 32 random bytes>``, comma- or newline-separated. Generate
-one with ``rasa-persistent-tracker new-key``. Key material never appears in
-errors, logs or reprs.
+(default ``RPT_ENCRYPTION_KEYS``) or the file ``encryption_key_file``: entries ``<key id>:<base64 of 32
+random bytes>``, comma- or newline-separated. Generate one with
+``rasa-persistent-tracker new-key``. Key material never appears in errors,
+logs or reprs. See docs/security.md.
 """
 import base64
 import binascii
+import hashlib
+import hmac
+import json
 import os
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from rasa_persistent_tracker.codec import Serializer
 from rasa_persistent_tracker.config import StoreConfig
 from rasa_persistent_tracker.errors import ConfigError, CorruptRecordError
 
-PREFIX = "rpt-enc:1:"
+if TYPE_CHECKING:
+    from rasa_persistent_tracker.codec import Serializer
+
+PREFIX = "rpt-enc:2:"
+MAC_PREFIX = "rpt-mac:2:"
+LEGACY_PREFIX = "rpt-enc:1:"
+# Kinds of stored value a binding names.
+HOT, SNAPSHOT, ROW, OUTBOX, QUARANTINE = "hot", "snapshot", "row", "outbox", "quarantine"
 _KID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 # Events whose content is never user data; everything else is encrypted.
 _PLAIN_EVENT_TYPES = frozenset({
@@ -44,12 +64,18 @@ class Keyring:
             raise ConfigError("Encryption is configured but no key was given.")
         self.primary = keys[0][0]
         self._ciphers = {kid: AESGCM(key) for kid, key in keys}
+        # A separate key per purpose: the MAC key is derived, never the AES key itself.
+        self._mac_keys = {kid: hmac.new(key, b"rpt-mac:2", hashlib.sha256).digest()
+                          for kid, key in keys}
 
     def __repr__(self) -> str:
         return f"Keyring(primary={self.primary!r}, ids={sorted(self._ciphers)!r})"
 
     def cipher(self, kid: str) -> Optional[AESGCM]:
         return self._ciphers.get(kid)
+
+    def mac_key(self, kid: str) -> Optional[bytes]:
+        return self._mac_keys.get(kid)
 
     @property
     def ids(self) -> List[str]:
@@ -106,49 +132,108 @@ def load_keyring(config: StoreConfig, environ: Optional[Mapping[str, str]] = Non
     return None
 
 
-class EncryptedSerializer:
-    """Wraps a serialiser with AES-256-GCM. See the module docstring."""
+def binding(kid: str, kind: str, conversation_id: Optional[str], extra: Any) -> bytes:
+    """The associated data of a v2 value: version, key id, kind, conversation, extra."""
+    return json.dumps([2, kid, kind, conversation_id, extra], separators=(",", ":")).encode()
 
-    def __init__(self, inner: Serializer, keyring: Keyring) -> None:
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text.encode("ascii"))
+
+
+class EncryptedSerializer:
+    """Seals serialised text with AES-256-GCM (or a MAC). See the module docstring."""
+
+    def __init__(self, inner: "Serializer", keyring: Keyring) -> None:
         self._inner = inner
         self.keyring = keyring
 
     def __repr__(self) -> str:
         return f"EncryptedSerializer({self.keyring!r})"
 
-    def dumps(self, value: Any) -> str:
-        return self.seal(self._inner.dumps(value))
-
-    def seal(self, text: str) -> str:
-        """Encrypt text the inner serialiser produced (pre-serialised parts)."""
+    def seal(self, text: str, kind: str, conversation_id: Optional[str],
+             extra: Any = None) -> str:
+        """Encrypt ``text`` bound to (kind, conversation, extra)."""
         kid = self.keyring.primary
         nonce = os.urandom(12)
         sealed = self.keyring.cipher(kid).encrypt(
-            nonce, text.encode("utf-8"), (PREFIX + kid).encode("ascii"))
-        return f"{PREFIX}{kid}:{base64.urlsafe_b64encode(nonce + sealed).decode('ascii')}"
+            nonce, text.encode("utf-8"), binding(kid, kind, conversation_id, extra))
+        return f"{PREFIX}{kid}:{_b64(nonce + sealed)}"
 
-    def loads(self, text: str) -> Any:
-        if not text.startswith(PREFIX):
-            if text[:1] in ("{", "["):
-                return self._inner.loads(text)  # written before encryption was on
+    def mac(self, text: str, kind: str, conversation_id: Optional[str],
+            extra: Any = None) -> str:
+        """``text`` in clear, authenticated and bound like ``seal``."""
+        kid = self.keyring.primary
+        return f"{MAC_PREFIX}{kid}:{_b64(self._tag(kid, text, kind, conversation_id, extra))}:{text}"
+
+    def _tag(self, kid: str, text: str, kind: str, conversation_id: Optional[str],
+             extra: Any) -> bytes:
+        message = binding(kid, kind, conversation_id, extra) + b"\n" + text.encode("utf-8")
+        return hmac.new(self.keyring.mac_key(kid), message, hashlib.sha256).digest()[:16]
+
+    def open(self, text: str, kind: str, conversation_id: Optional[str], extra: Any = None,
+             legacy: bool = False) -> str:
+        """The text ``seal``/``mac`` (or, if ``legacy``, the v1 format) wrote.
+
+        Raises CorruptRecordError: tampered, moved, unknown key id, or a form
+        not accepted here.
+        """
+        version = PREFIX if text.startswith(PREFIX) else MAC_PREFIX if text.startswith(
+            MAC_PREFIX) else LEGACY_PREFIX if text.startswith(LEGACY_PREFIX) else None
+        if version is None:
             raise CorruptRecordError("payload is neither JSON nor ciphertext")
-        kid, _, body = text[len(PREFIX):].partition(":")
-        cipher = self.keyring.cipher(kid)
-        if cipher is None:
+        kid, _, body = text[len(version):].partition(":")
+        if self.keyring.cipher(kid) is None:
             raise CorruptRecordError(f"encrypted with key id '{kid}', which is not configured")
+        if version == MAC_PREFIX:
+            tag, _, clear = body.partition(":")
+            try:
+                good = hmac.compare_digest(
+                    _unb64(tag), self._tag(kid, clear, kind, conversation_id, extra))
+            except (binascii.Error, ValueError, UnicodeEncodeError):
+                good = False
+            if not good:
+                raise CorruptRecordError("authentication failed (tampered or moved data, "
+                                         "or wrong key)")
+            return clear
+        if version == LEGACY_PREFIX and not legacy:
+            raise CorruptRecordError("legacy ciphertext (rpt-enc:1, not bound to its place) "
+                                     "refused here; see accept_plaintext")
+        aad = (LEGACY_PREFIX + kid).encode("ascii") if version == LEGACY_PREFIX else binding(
+            kid, kind, conversation_id, extra)
         try:
-            blob = base64.urlsafe_b64decode(body.encode("ascii"))
-            plain = cipher.decrypt(blob[:12], blob[12:], (PREFIX + kid).encode("ascii"))
+            blob = _unb64(body)
+            plain = self.keyring.cipher(kid).decrypt(blob[:12], blob[12:], aad)
+            return plain.decode("utf-8", errors="strict")
         except (InvalidTag, binascii.Error, ValueError, UnicodeEncodeError):
-            raise CorruptRecordError("decryption failed (tampered data or wrong key)") from None
-        return self._inner.loads(plain.decode("utf-8", errors="strict"))
+            raise CorruptRecordError("decryption failed (tampered or moved data, or wrong "
+                                     "key)") from None
 
 
 def key_id_of(text: str) -> Optional[str]:
-    """The key id a payload was encrypted with (None: plaintext)."""
-    if not text.startswith(PREFIX):
+    """The key id a payload was encrypted or authenticated with (None: plaintext)."""
+    for prefix in (PREFIX, MAC_PREFIX, LEGACY_PREFIX):
+        if text.startswith(prefix):
+            return text[len(prefix):].partition(":")[0]
+    return None
+
+
+def is_encrypted(text: str) -> bool:
+    """True for ciphertext; False for plaintext and authenticated-only text."""
+    return text.startswith((PREFIX, LEGACY_PREFIX))
+
+
+def strip_mac(text: str) -> Optional[str]:
+    """The clear text of an authenticated-only value, unverified (no key); None
+    if ``text`` is not one."""
+    if not text.startswith(MAC_PREFIX):
         return None
-    return text[len(PREFIX):].partition(":")[0]
+    parts = text[len(MAC_PREFIX):].split(":", 2)
+    return parts[2] if len(parts) == 3 else None
 
 
 def sensitivity(config: StoreConfig) -> Callable[[Dict[str, Any]], bool]:
@@ -172,7 +257,7 @@ def sensitivity(config: StoreConfig) -> Callable[[Dict[str, Any]], bool]:
 
 
 def build_protected(config: StoreConfig, environ: Optional[Mapping[str, str]] = None
-                    ) -> Tuple[Optional[Serializer], Callable[[Dict[str, Any]], bool]]:
+                    ) -> Tuple[Optional[EncryptedSerializer], Callable[[Dict[str, Any]], bool]]:
     """(encrypting serialiser or None, sensitivity predicate) for ``Codec``."""
     from rasa_persistent_tracker.codec import JsonSerializer
 

@@ -18,6 +18,7 @@ from rasa.shared.core.events import Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import window
+from rasa_persistent_tracker.crypto import SNAPSHOT
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     EventLogUnavailable,
@@ -27,7 +28,6 @@ from rasa_persistent_tracker.errors import (
 from rasa_persistent_tracker.event_log import LogRow, Snapshot
 from rasa_persistent_tracker.events import EVENT_ERRORS, fingerprint, parse_event
 from rasa_persistent_tracker.hot_state import HotEntry
-from rasa_persistent_tracker.outbox import parse_entry
 
 if TYPE_CHECKING:
     from rasa_persistent_tracker.store import PersistentTrackerStore
@@ -195,7 +195,8 @@ class Recovery:
         if snapshot is None:
             return None
         try:
-            record, tracker, cache, previous = self._store._decode(sender_id, snapshot.payload)
+            record, tracker, cache, previous = self._store._decode(
+                sender_id, snapshot.payload, SNAPSHOT)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': SQL snapshot is unreadable too (%s); "
                            "replaying the log instead.", sender_id, exc)
@@ -260,7 +261,7 @@ class Recovery:
         if not rows:
             return None
         try:
-            return self._store._codec.loads(rows[0].data)
+            return self._store._codec.loads_event(rows[0].data, sender_id, seq)
         except CorruptRecordError:
             return None
 
@@ -273,7 +274,8 @@ class Recovery:
             pending = await self._hot.pending(sender_id, 100_000)
             for entry in pending.entries:
                 try:
-                    undelivered.update((r.seq, r) for r in parse_entry(entry)[1])
+                    undelivered.update((r.seq, r) for r in
+                                       self._store._outbox.entries.parse(sender_id, entry)[1])
                 except (ValueError, TypeError, KeyError):
                     logger.warning("Conversation '%s': skipped an unreadable outbox entry.",
                                    sender_id)
@@ -292,7 +294,8 @@ class Recovery:
         events: List[Event] = []
         for row in rows:
             try:
-                event = parse_event(self._store._codec.loads(row.data))
+                event = parse_event(self._store._codec.loads_event(row.data, sender_id,
+                                                                   row.seq))
                 if event is None:
                     raise CorruptRecordError("unknown event type")
             except (CorruptRecordError, *EVENT_ERRORS) as exc:

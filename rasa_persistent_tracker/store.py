@@ -16,6 +16,7 @@ from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import replay, window
 from rasa_persistent_tracker.backends import Backends, open_backends
+from rasa_persistent_tracker.crypto import HOT, SNAPSHOT
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     EventLogUnavailable,
@@ -23,7 +24,6 @@ from rasa_persistent_tracker.errors import (
     HotStateUnavailable,
 )
 from rasa_persistent_tracker.hot_state import UnusableValue, payload_digest
-from rasa_persistent_tracker.outbox import make_entry
 from rasa_persistent_tracker.recent import RecentRecords, Remembered, shareable
 from rasa_persistent_tracker.recovery import Recovery
 from rasa_persistent_tracker.turns import TurnEncoder
@@ -74,7 +74,8 @@ class PersistentTrackerStore(TrackerStore):
         self._recovery = Recovery(self)
         self._recent = RecentRecords(self.config.record_cache_size)
         self._turns = TurnEncoder(self._codec, self._recent, self.config.max_history)
-        self._shape_ok, self._outbox.snapshot_ok = self._outbox.snapshot_ok, self._snapshot_ok
+        self._shape_ok, self._outbox.snapshot_payload = (self._outbox.snapshot_payload,
+                                                         self._snapshot_payload)
         if self._backends.announce:
             logger.info(self._backends.announce)
 
@@ -149,35 +150,43 @@ class PersistentTrackerStore(TrackerStore):
         remembered.window_events = shareable(known[0] for known in cache.values())
         return record, tracker, cache, previous
 
-    def _decode(self, sender_id: str, payload: str) -> Tuple[
+    def _decode(self, sender_id: str, payload: str, kind: str = HOT) -> Tuple[
             Dict[str, Any], DialogueStateTracker, window.Known, window.Previous]:
-        """A stored record (hot or snapshot) and the tracker rebuilt from it.
+        """A stored record (hot or snapshot: ``kind``) and the tracker rebuilt from it.
 
         Raises CorruptRecordError if it cannot be decoded, validated or replayed.
         """
-        record = replay.validate_record(self._codec.loads_record(payload), sender_id)
+        record = replay.validate_record(self._codec.loads_record(payload, sender_id, kind),
+                                        sender_id)
         tracker, cache, previous = replay.rebuild_tracker(
             record, self.domain.slots, self.max_event_history)
         return record, tracker, cache, previous
 
-    def _snapshot_ok(self, sender_id: str, payload: str) -> bool:
-        """Whether a hot payload may become the SQL snapshot: it must decode
-        and replay (a record that only looks right must never replace the last
-        good snapshot). The record this process wrote needs no check."""
+    def _snapshot_payload(self, sender_id: str, payload: str, next_seq: int) -> Optional[str]:
+        """A hot payload as the SQL snapshot at ``next_seq``, or None: it must
+        decode, replay and be the record at ``next_seq`` (a record that only
+        looks right, or an older one, must never replace the last good
+        snapshot). The record this process wrote needs no replay."""
         remembered = self._recent.get(sender_id)
         if remembered is not None and remembered.digest == payload_digest(payload):
-            return True
-        if self.domain is None:  # cannot replay yet: check the shape only
-            return self._shape_ok(sender_id, payload)
+            record = remembered.record
+        elif self.domain is None:  # cannot replay yet: check the shape only
+            return self._shape_ok(sender_id, payload, next_seq)
+        else:
+            try:
+                record = self._decode(sender_id, payload)[0]
+            except CorruptRecordError:
+                return None
+            except Exception:  # e.g. a custom event failing to replay: keep the old snapshot
+                logger.exception("Conversation '%s': hot record cannot be replayed; not taken "
+                                 "as the SQL snapshot.", sender_id)
+                return None
+        if record["next_seq"] != next_seq:
+            return None
         try:
-            self._decode(sender_id, payload)
-            return True
+            return self._codec.reseal_record(payload, sender_id, SNAPSHOT)
         except CorruptRecordError:
-            return False
-        except Exception:  # e.g. a custom event failing to replay: keep the old snapshot
-            logger.exception("Conversation '%s': hot record cannot be replayed; not taken "
-                             "as the SQL snapshot.", sender_id)
-            return False
+            return None
 
     def _mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
               cache: window.Known, previous: Optional[window.Previous] = None) -> None:
@@ -252,7 +261,7 @@ class PersistentTrackerStore(TrackerStore):
         rows = self._turns.rows(sender_id, new, next_seq, cache)
         built = self._turns.build(state, self.domain.slots, next_seq + len(new), cache, previous)
         payload, remembered = self._turns.encode(built)
-        entry = make_entry(rows, time.time())
+        entry = self._outbox.entries.make(sender_id, rows, time.time())
         try:
             version = await self._hot.commit(sender_id, expected, payload,
                                              self.config.record_exp, entry)
