@@ -110,7 +110,9 @@ class Recovery:
             logger.warning("Conversation '%s' resumed from its SQL snapshot and log.", sender_id)
             return tracker
         tracker = self._store.init_tracker(sender_id)
-        self._store._mark(tracker, 0, await self._next_seq(sender_id, 0), {})
+        entry = await self.load(sender_id)  # undelivered rows count too
+        self._store._mark(tracker, 0, await self._next_seq(
+            sender_id, entry.outbox_seq if entry else 0), {})
         logger.warning("Conversation '%s' has no usable snapshot: starting a fresh session.",
                        sender_id)
         return tracker
@@ -216,6 +218,10 @@ class Recovery:
         elif entry.payload is not None:
             try:
                 record, stored, cache, previous = self._store._decode(sender_id, entry.payload)
+                behind = await self._store._fresh.behind(sender_id, record["next_seq"],
+                                                         entry.outbox_seq)
+                if behind:  # a replayed older record: never the base of a merge
+                    raise CorruptRecordError(f"record is stale: {behind}")
             except CorruptRecordError as exc:
                 await self.quarantine(sender_id, str(exc))
                 record = None

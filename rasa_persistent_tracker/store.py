@@ -23,6 +23,7 @@ from rasa_persistent_tracker.errors import (
     HotStateBusy,
     HotStateUnavailable,
 )
+from rasa_persistent_tracker.freshness import Freshness
 from rasa_persistent_tracker.hot_state import UnusableValue, payload_digest
 from rasa_persistent_tracker.recent import RecentRecords, Remembered, shareable
 from rasa_persistent_tracker.recovery import Recovery
@@ -74,6 +75,7 @@ class PersistentTrackerStore(TrackerStore):
         self._recovery = Recovery(self)
         self._recent = RecentRecords(self.config.record_cache_size)
         self._turns = TurnEncoder(self._codec, self._recent, self.config.max_history)
+        self._fresh = Freshness(self._log, self._hot, self._outbox.entries)
         self._shape_ok, self._outbox.snapshot_payload = (self._outbox.snapshot_payload,
                                                          self._snapshot_payload)
         if self._backends.announce:
@@ -124,6 +126,9 @@ class PersistentTrackerStore(TrackerStore):
                 record, tracker, cache, previous = self._decode(sender_id, entry.payload)
             except CorruptRecordError as exc:
                 return await self._recovery.quarantined(sender_id, str(exc))
+            behind = await self._fresh.behind(sender_id, record["next_seq"], entry.outbox_seq)
+            if behind:  # a replayed older record: never believed
+                return await self._recovery.quarantined(sender_id, f"record is stale: {behind}")
         if self._recovery.suspecting:
             newer = await self._recovery.newer_snapshot(
                 sender_id, record["next_seq"], entry.version)
@@ -191,6 +196,7 @@ class PersistentTrackerStore(TrackerStore):
     def _mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
               cache: window.Known, previous: Optional[window.Previous] = None) -> None:
         last = tracker.events[-1] if tracker.events else None
+        self._fresh.saw(tracker.sender_id, next_seq)
         setattr(tracker, MARK, window.Loaded(tracker.sender_id, version, next_seq, last, cache,
                                               previous))
 

@@ -123,6 +123,29 @@ def set_row(backend, cid: str, seq: int, data: str) -> None:
                                            EVENTS.c.seq == seq).values(data=data))
 
 
+@pytest.mark.parametrize("where", ["same-process", "new-process", "undelivered"])
+async def test_a_locked_session_written_back_unlocked_stays_locked(backend, pin_domain, where,
+                                                                   caplog, monkeypatch):
+    store = keyed(backend, pin_domain)
+    if where == "undelivered":
+        monkeypatch.setattr(store._outbox, "notify", lambda cid: None)  # rows stay queued
+    await wrong_pin(store, "pin", 1)
+    await store.flush() if where != "undelivered" else None
+    unlocked = hot_payload(backend, "pin")
+    await wrong_pin(store, "pin", 2)
+    await wrong_pin(store, "pin", 3)
+    if where != "undelivered":
+        await store.flush()
+    write_back(backend, "pin", unlocked)
+    reader = store if where != "new-process" else keyed(backend, pin_domain)
+    with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
+        tracker = await reader.retrieve("pin")
+    assert tracker.get_slot("locked") is True and tracker.get_slot("pin_attempts") == 3
+    assert any("record is stale" in w for w in warnings_of(caplog, "'pin'"))
+    await wrong_pin(reader, "pin", 4)  # the conversation goes on from its true state
+    assert (await reader.retrieve("pin")).get_slot("pin_attempts") == 4
+
+
 async def test_a_forged_plaintext_hot_record_is_refused(backend, domain, caplog):
     store = keyed(backend, domain)
     await chat(store, "f1", 2)
