@@ -77,9 +77,11 @@ def open_event_log(config: StoreConfig) -> SQLEventLog:
         raise EventLogUnavailable(
             f"Cannot reach the SQL event log at {mask_url(config.sql_url)}: "
             f"{type(exc.orig or exc).__name__}") from exc
-    except sa_errors.ArgumentError as exc:
+    except (sa_errors.ArgumentError, ValueError) as exc:
+        # Not the driver's message: SQLAlchemy quotes the whole URL in it.
         raise EventLogUnavailable(
-            f"Config key 'sql_url' is not usable ({mask_url(config.sql_url)}): {exc}") from exc
+            f"Config key 'sql_url' is not usable ({mask_url(config.sql_url)}): "
+            f"{type(exc).__name__}") from exc
     return log
 
 

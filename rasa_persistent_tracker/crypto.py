@@ -19,7 +19,8 @@ The first key encrypts, every key decrypts: put a new key first to rotate,
 run ``rasa-persistent-tracker rotate-keys``, then drop the old one.
 
 Keys come from the environment variable named by ``encryption_keys_env``
-(default ``RPT_ENCRYPTION_KEYS``) or the file ``encryption_key_file``: entries ``<key id>:<base64 of 32
+(default ``RPT_ENCRYPTION_KEYS``) or the file ``encryption_key_file`` (which
+must not be readable by group or others): entries ``<key id>:<base64 of 32
 random bytes>``, comma- or newline-separated. Generate one with
 ``rasa-persistent-tracker new-key``. Key material never appears in errors,
 logs or reprs. See docs/security.md.
@@ -31,6 +32,7 @@ import hmac
 import json
 import os
 import re
+import stat
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from cryptography.exceptions import InvalidTag
@@ -119,17 +121,39 @@ def new_key_entry(kid: str) -> str:
 def load_keyring(config: StoreConfig, environ: Optional[Mapping[str, str]] = None) -> Optional[Keyring]:
     """The keyring from the environment or key file; None if neither is set."""
     env = os.environ if environ is None else environ
-    text = env.get(config.encryption_keys_env)
-    if text:
-        return parse_keys(text, f"environment variable {config.encryption_keys_env}")
+    name = config.encryption_keys_env
+    text = env.get(name)
+    if text is not None:
+        if not text.strip():
+            # Set but empty (a template left unfilled): never silently unencrypted.
+            raise ConfigError(f"Environment variable {name} is set but empty: give it the "
+                              f"encryption keys ('<key id>:<base64 key>'), or unset it to "
+                              f"store without encryption.")
+        return parse_keys(text, f"environment variable {name}")
     if config.encryption_key_file:
-        try:
-            with open(config.encryption_key_file, encoding="utf-8") as handle:
-                return parse_keys(handle.read(), f"key file {config.encryption_key_file}")
-        except OSError as exc:
-            raise ConfigError(f"Config key 'encryption_key_file' ({config.encryption_key_file}) "
-                              f"cannot be read: {exc.strerror}.") from None
+        return parse_keys(_read_key_file(config.encryption_key_file),
+                          f"key file {config.encryption_key_file}")
     return None
+
+
+def _read_key_file(path: str) -> str:
+    """The key file's text; refused (as ssh refuses a private key) if group or
+    others may read or write it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(
+                    f"Config key 'encryption_key_file' ({path}) is accessible by group or "
+                    f"others (mode {stat.S_IMODE(mode):04o}): restrict it with "
+                    f"'chmod 600 {path}'.")
+            text = handle.read()
+            if not text.strip():
+                raise ConfigError(f"Config key 'encryption_key_file' ({path}) is empty.")
+            return text
+    except OSError as exc:
+        raise ConfigError(f"Config key 'encryption_key_file' ({path}) "
+                          f"cannot be read: {exc.strerror}.") from None
 
 
 def binding(kid: str, kind: str, conversation_id: Optional[str], extra: Any) -> bytes:

@@ -10,7 +10,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
@@ -21,6 +20,7 @@ from rasa_persistent_tracker import bulk
 from rasa_persistent_tracker.bulk import sort_rows
 from rasa_persistent_tracker.config import mask_url
 from rasa_persistent_tracker.errors import CorruptRecordError, EventLogUnavailable
+from rasa_persistent_tracker.files import private_file
 from rasa_persistent_tracker.migrations import migrate
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,13 @@ def make_engine(url: str, pool_size: int) -> sa.engine.Engine:
     """Create the engine; SQLite gets WAL and a busy timeout for many writers."""
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith(
+                "file:"):
+            try:
+                private_file(parsed.database)
+            except OSError as exc:
+                raise EventLogUnavailable(f"SQLite event log file {parsed.database} cannot be "
+                                          f"created: {exc.strerror}.") from exc
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                   hide_parameters=True)
 

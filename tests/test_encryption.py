@@ -349,6 +349,7 @@ async def test_inline_keys_and_unreadable_key_file_are_config_errors(backend, do
 async def test_key_file_works_like_the_environment(backend, domain, tmp_path):
     key_file = tmp_path / "keys"
     key_file.write_text(f"# rotated 2025-01\n{K2}\n{K1}\n")
+    key_file.chmod(0o600)
     writer = keyed_store(backend, domain, K1)
     await chat(writer, "f1", 1)
     await writer.flush()
