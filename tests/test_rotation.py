@@ -13,10 +13,11 @@ import sys
 from typing import Any, Dict, List
 
 import pytest
+import sqlalchemy as sa
 
 from rasa_persistent_tracker import ConfigError, PersistentTrackerStore, cli
-from rasa_persistent_tracker.crypto import key_id_of
-from rasa_persistent_tracker.event_log import EVENTS
+from rasa_persistent_tracker.crypto import QUARANTINE, key_id_of
+from rasa_persistent_tracker.event_log import EVENTS, LogRow
 
 from test_encryption import (
     ENV,
@@ -455,3 +456,43 @@ async def test_outbox_stop_survives_a_swallowed_cancellation(backend, domain):
         await store.close()
     reader = keyed_store(backend, domain, K1)  # nothing was lost on the way
     assert len((await reader.retrieve_full_tracker("z1")).events) == 1 + 5
+
+
+async def test_rotation_leaves_nothing_under_an_old_key_quarantine_included(
+        backend, domain, tmp_path):
+    writer = endpoint_store(backend, domain, tmp_path, K1)
+    await chat(writer, "qr1", 2)
+    await chat(writer, "qr2", 1)
+    await writer.flush()
+    hot = writer._backends.hot
+    # Genuine values moved aside (as a stale record or a refused entry would be) ...
+    await hot.quarantine("qr1", 3600)
+    entry = writer._outbox.entries.make("qr2", [LogRow(99, "slot", 1.0, None, None,
+                                                       writer._codec.dumps_event(
+                                                           {"event": "slot", "name": "name",
+                                                            "value": "Zed Quarantined"},
+                                                           "qr2", 99))], 1.0)
+    await hot.quarantine_entry("qr2", entry, 3600)
+    # ... and a plaintext one (a forged record refused under the key).
+    await hot.commit("qr2", None, '{"schema": "forged Zed Plain"}\n#0', 3600, None)
+    await hot.quarantine("qr2", 3600)
+    rotator = endpoint_store(backend, domain, tmp_path, f"{K2},{K1}")
+    raw = cli.RawHotAccess(rotator.config, None if backend.kind == "fake" else
+                           async_redis(backend))
+    report = await cli.rotate(rotator._backends, raw=raw)
+    assert report.finished, report.summary()
+    assert report.rewritten["quarantine"] == 3 and report.by_key["quarantine"] == {"k2": 3}
+    copies = [(cid, value) async for _, cid, value in raw.copies()]
+    await raw.close()
+    stored = "\n".join(v for _, v in copies)
+    with rotator._backends.log.sync.engine.connect() as conn:
+        for table in ("rpt_events", "rpt_snapshots"):
+            stored += "\n".join(str(r) for r in conn.execute(sa.text(f"SELECT * FROM {table}")))
+    for form in ("rpt-enc:2:k1:", "rpt-mac:2:k1:", "rpt-enc:1:k1:", "Zed"):
+        assert form not in stored
+    # Readable with the new key alone, as an operator would read them.
+    reader = endpoint_store(backend, domain, tmp_path, K2)
+    clear = [reader._codec.unwrap(v, QUARANTINE, cid) for cid, v in copies]
+    assert sorted(c.count("Zed") > 0 for c in clear) == [True] * 3
+    assert any("Zed Quarantined" in c for c in clear) and any("Zed Plain" in c for c in clear)
+    assert (await reader.retrieve("qr2")) is not None
