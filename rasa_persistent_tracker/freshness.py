@@ -17,6 +17,7 @@ What cannot be detected: a replay seen by a process that never read the
 conversation, when every newer row is gone from both the outbox and the log.
 """
 import collections
+import time
 from typing import Optional
 
 from rasa_persistent_tracker.entries import Entries
@@ -26,6 +27,9 @@ from rasa_persistent_tracker.hot_state import HotState
 
 # Conversations whose latest next_seq a process remembers (a few MB at most).
 REMEMBERED = 50_000
+# After the log failed to answer, first reads skip it this long: a retrieve
+# must not wait on an unreachable SQL server (the hot state is the fast path).
+LOG_BACKOFF = 30.0
 
 
 class Freshness:
@@ -38,6 +42,7 @@ class Freshness:
         self._entries = entries
         self._size = size
         self._seen: "collections.OrderedDict[str, int]" = collections.OrderedDict()
+        self._log_down_until = 0.0
 
     def saw(self, conversation_id: str, next_seq: int) -> None:
         """A tracker at ``next_seq`` was handed out or saved."""
@@ -58,10 +63,13 @@ class Freshness:
             if next_seq < known:
                 return f"this process already saw seq {known - 1}"
             return None
+        if time.monotonic() < self._log_down_until:
+            return None  # nothing newer is known; checked on a later first read
         try:
             logged = await self._log.run(self._log.sync.next_seq, conversation_id)
         except EventLogUnavailable:
-            return None  # nothing newer is known; checked again next time
+            self._log_down_until = time.monotonic() + LOG_BACKOFF
+            return None
         if logged > next_seq:
             return f"the SQL log already holds seq {logged - 1}"
         self.saw(conversation_id, next_seq)

@@ -11,12 +11,13 @@ import pytest
 from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import ActionExecuted, SlotSet, UserUttered
 
-from rasa_persistent_tracker import CorruptRecordError
+from rasa_persistent_tracker import CorruptRecordError, EventLogUnavailable
 from rasa_persistent_tracker.codec import Codec, JsonSerializer
 from rasa_persistent_tracker.config import parse_config
 from rasa_persistent_tracker.crypto import build_protected
 from rasa_persistent_tracker.event_log import EVENTS, SNAPSHOTS, LogRow, SQLEventLog
 from rasa_persistent_tracker.events import fingerprint
+from rasa_persistent_tracker.freshness import Freshness
 from rasa_persistent_tracker.outbox import make_entry
 from test_encryption import (
     ENV,
@@ -274,3 +275,19 @@ def test_rows_re_sequenced_at_delivery_are_sealed_for_their_new_seq(backend):
             codec.loads_event(stored[3].data, "c1", 2)
     finally:
         log.engine.dispose()
+
+
+async def test_an_unreachable_log_slows_first_reads_down_once_per_backoff():
+    calls = []
+
+    class DownLog:
+        sync = type("Sync", (), {"next_seq": None})
+
+        async def run(self, fn, *args):
+            calls.append(args)
+            raise EventLogUnavailable("down")
+
+    fresh = Freshness(DownLog(), hot=None, entries=None)
+    assert await fresh.behind("a", 5, 0) is None  # nothing newer known: believed
+    assert await fresh.behind("b", 5, 0) is None
+    assert calls == [("a",)]
