@@ -2,8 +2,9 @@
 
 A serialiser is a tiny protocol (``dumps``/``loads``). ``JsonSerializer`` writes
 plain JSON (it always starts with ``{`` or ``[``); ``crypto.EncryptedSerializer``
-wraps it and writes ``rpt-enc:1:<key id>:<token>``. Readers dispatch on that
-prefix, so plaintext and encrypted payloads, and several key ids, coexist.
+seals its text as ``rpt-enc:2:<key id>:<token>`` (or authenticates it as
+``rpt-mac:2:...``), bound to where the value belongs. Readers dispatch on the
+prefix, so several key ids coexist; ``Codec`` decides what is believed.
 
 Slot values that JSON cannot hold natively are stored faithfully:
 Decimal, date/datetime/time, UUID, set/frozenset and bytes carry a small type
