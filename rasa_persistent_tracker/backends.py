@@ -25,6 +25,7 @@ from rasa_persistent_tracker.errors import (
 )
 from rasa_persistent_tracker.event_log import AsyncEventLog, SQLEventLog, make_engine
 from rasa_persistent_tracker.hot_state import HotState, RedisHotState
+from rasa_persistent_tracker.logids import PURPOSE, ConversationIds
 from rasa_persistent_tracker.outbox import Outbox
 from rasa_persistent_tracker.replay import validate_record
 
@@ -42,6 +43,7 @@ class Backends:
     codec: Codec
     outbox: Outbox
     announce: Optional[str] = None
+    ids: ConversationIds = dataclasses.field(default_factory=ConversationIds)
 
 
 def open_hot_state(config: StoreConfig) -> HotState:
@@ -88,8 +90,11 @@ def open_event_log(config: StoreConfig) -> SQLEventLog:
 def assemble(config: StoreConfig, hot: HotState, log: SQLEventLog,
              environ: Optional[Mapping[str, str]] = None) -> Backends:
     """Wire already-open storage together (tests use this with fakes)."""
-    codec = Codec(JsonSerializer(), *build_protected(config, environ),
+    protected, is_sensitive = build_protected(config, environ)
+    codec = Codec(JsonSerializer(), protected, is_sensitive,
                   accept_plaintext=config.accept_plaintext)
+    ids = ConversationIds(config.log_conversation_ids,
+                          protected.keyring.derived(PURPOSE) if protected else ())
     if codec.encrypting and config.accept_plaintext:
         logger.warning("rasa_persistent_tracker: accept_plaintext is on: plaintext and "
                        "unbound legacy values are believed although a key is configured. "
@@ -109,8 +114,8 @@ def assemble(config: StoreConfig, hot: HotState, log: SQLEventLog,
 
     outbox = Outbox(hot, async_log, config.outbox_batch_size, config.outbox_scan_interval,
                     config.quarantine_ttl, snapshot_payload, linger=config.outbox_linger,
-                    entries=Entries(codec))
-    return Backends(config, hot, async_log, codec, outbox)
+                    entries=Entries(codec), ids=ids)
+    return Backends(config, hot, async_log, codec, outbox, ids=ids)
 
 
 def open_backends(kwargs: Dict[str, Any], environ: Optional[Mapping[str, str]] = None) -> Backends:

@@ -23,10 +23,11 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import AsyncIterator, Callable, Optional, Sequence, Tuple
 
 import sqlalchemy as sa
 
+from rasa_persistent_tracker import logids
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.config import mask_url
 from rasa_persistent_tracker.crypto import key_id_of, new_key_entry
@@ -170,10 +171,20 @@ async def _run_rotate(backends: Backends, args: argparse.Namespace) -> int:
 async def _run_inspect(backends: Backends, args: argparse.Namespace) -> int:
     raw = _raw_access(backends)
     try:
-        found = await inspect_conversation(backends, raw, args.conversation_id, args.show_values)
+        cid = args.conversation_id
+        if cid.startswith(logids.PREFIX):  # as a hashed log line names it
+            cid = await logids.resolve(backends.ids, cid, _conversation_ids(backends)) or cid
+        found = await inspect_conversation(backends, raw, cid, args.show_values)
     finally:
         await _close(backends, raw)
     return EXIT_OK if found else EXIT_FAILED
+
+
+async def _conversation_ids(backends: Backends) -> AsyncIterator[str]:
+    async for cid in backends.hot.conversations():
+        yield cid
+    for cid in await backends.log.run(backends.log.sync.conversation_ids):
+        yield cid
 
 
 def _positive(text: str) -> int:
@@ -211,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "block). Safe to stop and run again.")
     inspect_cmd = commands.add_parser("inspect", help="summarise one conversation")
     inspect_cmd.add_argument("conversation_id", metavar="CONVERSATION_ID",
-                             help="the conversation (sender) id")
+                             help="the conversation (sender) id, or h:<hash> as a "
+                                  "hashed log line names it")
     for sub in (rotate_cmd, inspect_cmd):
         sub.add_argument("--endpoints", default="endpoints.yml",
                          help="Rasa endpoints file with the tracker_store block "

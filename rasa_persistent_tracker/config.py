@@ -82,6 +82,7 @@ class StoreConfig:
     sensitive_slots: Tuple[str, ...] = ()
     encrypt_user_text: Optional[bool] = None
     accept_plaintext: bool = False
+    log_conversation_ids: str = "clear"
     # Rasa's redis keys, kept so a TLS set-up copied from `type: redis` works.
     ssl_keyfile: Optional[str] = None
     ssl_certfile: Optional[str] = None
@@ -231,6 +232,11 @@ def parse_config(
                     f"got {value!r}."
                 )
             values[key] = tuple(value)
+        elif key == "log_conversation_ids":
+            if value not in ("clear", "hashed"):
+                raise ConfigError(f"Config key 'log_conversation_ids' must be 'clear' or "
+                                  f"'hashed', got {value!r}.")
+            values[key] = value
         elif key == "key_prefix":
             if not isinstance(value, str) or not _PREFIX_RE.match(value):
                 raise ConfigError(

@@ -69,6 +69,7 @@ class Keyring:
         # A separate key per purpose: the MAC key is derived, never the AES key itself.
         self._mac_keys = {kid: hmac.new(key, b"rpt-mac:2", hashlib.sha256).digest()
                           for kid, key in keys}
+        self._material = [key for _, key in keys]
 
     def __repr__(self) -> str:
         return f"Keyring(primary={self.primary!r}, ids={sorted(self._ciphers)!r})"
@@ -78,6 +79,10 @@ class Keyring:
 
     def mac_key(self, kid: str) -> Optional[bytes]:
         return self._mac_keys.get(kid)
+
+    def derived(self, purpose: bytes) -> List[bytes]:
+        """A key per configured key (primary first) for another ``purpose``."""
+        return [hmac.new(key, purpose, hashlib.sha256).digest() for key in self._material]
 
     @property
     def ids(self) -> List[str]:
@@ -192,7 +197,8 @@ class EncryptedSerializer:
             extra: Any = None) -> str:
         """``text`` in clear, authenticated and bound like ``seal``."""
         kid = self.keyring.primary
-        return f"{MAC_PREFIX}{kid}:{_b64(self._tag(kid, text, kind, conversation_id, extra))}:{text}"
+        tag = self._tag(kid, text, kind, conversation_id, extra)
+        return f"{MAC_PREFIX}{kid}:{_b64(tag)}:{text}"
 
     def _tag(self, kid: str, text: str, kind: str, conversation_id: Optional[str],
              extra: Any) -> bytes:

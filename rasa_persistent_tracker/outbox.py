@@ -39,8 +39,10 @@ class Outbox:
                  scan_interval: float, quarantine_ttl: float,
                  snapshot_payload: Callable[[str, str, int], Optional[str]] = (
                      lambda _cid, payload, _next_seq: payload),
-                 linger: float = 0.0, entries: Optional[Entries] = None) -> None:
+                 linger: float = 0.0, entries: Optional[Entries] = None,
+                 ids: Callable[[str], str] = lambda cid: cid) -> None:
         self._hot = hot
+        self._ids = ids  # what log lines show for a conversation id
         self._linger = linger
         self.entries = entries or PLAIN_ENTRIES
         # A hot payload as the SQL snapshot at ``next_seq``, or None if it must
@@ -173,7 +175,7 @@ class Outbox:
                     key = await self._hot.quarantine_entry(cid, entry, self._quarantine_ttl)
                     self.quarantined += 1
                     logger.warning("Conversation '%s': unreadable outbox entry (%s) moved to %s.",
-                                   cid, exc, key)
+                                   self._ids(cid), exc, key.replace(cid, self._ids(cid)))
                     continue
                 good.extend(r for r in entry_rows if r["seq"] not in seen)  # copies: once
                 seen.update((r["seq"], r["data"]) for r in entry_rows)

@@ -234,13 +234,14 @@ async def _rotate_record(backends: Backends, primary: str, cid: str, report: Rot
         entry = await backends.hot.load(cid)
         if entry.payload is None:
             if entry.problem:
-                report.unreadable_value(phase, f"Hot record of '{cid}'", entry.problem)
+                report.unreadable_value(phase, f"Hot record of '{backends.ids(cid)}'",
+                                        entry.problem)
                 report.old_key[phase] = report.old_key.get(phase, 0) + 1
             return
         try:
             new = rekey.record(backends.codec, primary, cid, entry.payload, HOT)
         except CorruptRecordError as exc:
-            report.unreadable_value(phase, f"Hot record of '{cid}'", exc)
+            report.unreadable_value(phase, f"Hot record of '{backends.ids(cid)}'", exc)
             report.count(phase, entry.payload)
             report.old_key[phase] = report.old_key.get(phase, 0) + 1
             return
@@ -255,7 +256,7 @@ async def _rotate_record(backends: Backends, primary: str, cid: str, report: Rot
         except ConcurrentSaveError:
             continue  # a turn saved meanwhile (with the keys it has): look again
         except UnusableValue as exc:
-            report.unreadable_value(phase, f"Hot record of '{cid}'", exc)
+            report.unreadable_value(phase, f"Hot record of '{backends.ids(cid)}'", exc)
             return
         report.rewritten[phase] += 1
         report.count(phase, new)
@@ -301,7 +302,8 @@ async def _rotate_quarantine(backends: Backends, primary: str, report: RotationR
         try:
             new = rekey.quarantine_copy(backends.codec, primary, cid, value)
         except CorruptRecordError as exc:
-            report.unreadable_value(phase, f"Quarantine copy {where!r}", exc)
+            report.unreadable_value(phase, "Quarantine copy "
+                                   f"{backends.ids.in_text(str(where), cid)!r}", exc)
             new = None
         if new is not None and await raw.replace_copy(where, value, new):
             report.rewritten[phase] += 1

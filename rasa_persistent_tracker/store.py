@@ -71,6 +71,7 @@ class PersistentTrackerStore(TrackerStore):
         self._hot = self._backends.hot
         self._log = self._backends.log
         self._codec = self._backends.codec
+        self._ids = self._backends.ids  # conversation ids as log lines show them
         self._outbox = self._backends.outbox
         self._recovery = Recovery(self)
         self._recent = RecentRecords(self.config.record_cache_size)
@@ -108,8 +109,8 @@ class PersistentTrackerStore(TrackerStore):
                 # Its latest turns may be in the unreachable outbox: it cannot be
                 # told apart from a new conversation, so do not pretend it is one.
                 raise HotStateUnavailable(
-                    f"Conversation '{sender_id}': the hot state is unreachable and the SQL "
-                    f"log has nothing of it (yet).")
+                    f"Conversation '{self._ids(sender_id)}': the hot state is unreachable and "
+                    f"the SQL log has nothing of it (yet).")
             return tracker
         if entry.problem:
             return await self._recovery.quarantined(sender_id, entry.problem)
@@ -148,7 +149,7 @@ class PersistentTrackerStore(TrackerStore):
                 remembered.base_text, remembered.base_events, remembered.window_events)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': the record this process remembers does not "
-                           "replay (%s); reading the stored one.", sender_id, exc)
+                           "replay (%s); reading the stored one.", self._ids(sender_id), exc)
             self._recent.forget(sender_id)
             return None
         remembered.base_events = previous.slot_events
@@ -184,7 +185,7 @@ class PersistentTrackerStore(TrackerStore):
                 return None
             except Exception:  # e.g. a custom event failing to replay: keep the old snapshot
                 logger.exception("Conversation '%s': hot record cannot be replayed; not taken "
-                                 "as the SQL snapshot.", sender_id)
+                                 "as the SQL snapshot.", self._ids(sender_id))
                 return None
         if record["next_seq"] != next_seq:
             return None
@@ -296,7 +297,7 @@ class PersistentTrackerStore(TrackerStore):
             await self._outbox.deliver([sender_id])
         except EventLogUnavailable as exc:
             logger.warning("Conversation '%s': event log unreachable, rows kept in the outbox "
-                           "for delivery later (%s).", sender_id, exc)
+                           "for delivery later (%s).", self._ids(sender_id), exc)
 
     # --------------------------------------------------------------- lifecycle
 
