@@ -211,7 +211,8 @@ def record_shape(store: Any, servers: common.Servers, key: str) -> Optional[Dict
     attribute: best effort, None if that moved)."""
     try:
         text = servers.redis.hget(key, "d").decode("utf-8")
-        record = store._codec.loads_record(text)
+        cid = key.split(":h:{", 1)[1][:-1]  # <prefix>:h:{<id>}: records are bound to it
+        record = store._codec.loads_record(text, cid)
         return {"base_slot_events": len(record["base"].get("slot_events") or []),
                 "window_events": len(record["events"])}
     except Exception:  # noqa: BLE001 - a diagnostic only

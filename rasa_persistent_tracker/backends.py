@@ -16,7 +16,8 @@ from sqlalchemy import exc as sa_errors
 from rasa_persistent_tracker.codec import Codec, JsonSerializer
 from rasa_persistent_tracker.config import StoreConfig, mask_url, parse_config
 from rasa_persistent_tracker.connect import redis_client_factory, run_blocking
-from rasa_persistent_tracker.crypto import build_protected
+from rasa_persistent_tracker.crypto import SNAPSHOT, build_protected
+from rasa_persistent_tracker.entries import Entries
 from rasa_persistent_tracker.embedded import SQLiteHotState
 from rasa_persistent_tracker.errors import (
     ConfigError,
@@ -28,12 +29,12 @@ from rasa_persistent_tracker.errors import (
 )
 from rasa_persistent_tracker.event_log import AsyncEventLog, SQLEventLog, make_engine
 from rasa_persistent_tracker.hot_state import HotState, RedisHotState
+from rasa_persistent_tracker.logids import PURPOSE, ConversationIds
 from rasa_persistent_tracker.outbox import Outbox
 from rasa_persistent_tracker.replay import validate_record
 from rasa_persistent_tracker.startup import check_encryption, rasa_store_keys, rasa_store_warning
 
 logger = logging.getLogger("rasa_persistent_tracker.store")
-
 STARTUP_TIMEOUT = 15.0
 
 
@@ -47,6 +48,7 @@ class Backends:
     codec: Codec
     outbox: Outbox
     announce: Optional[str] = None
+    ids: ConversationIds = dataclasses.field(default_factory=ConversationIds)
 
 
 def open_hot_state(config: StoreConfig) -> HotState:
@@ -134,9 +136,10 @@ def open_event_log(config: StoreConfig) -> SQLEventLog:
     except sa_errors.NoSuchModuleError as exc:
         raise ConfigError(
             f"Config key 'sql_url' ({where}) names an unknown database dialect: {exc}") from None
-    except sa_errors.ArgumentError as exc:
+    except (sa_errors.ArgumentError, ValueError) as exc:
+        # Not SQLAlchemy's message: it quotes the whole URL, password included.
         raise ConfigError(
-            f"Config key 'sql_url' is not usable ({where}): {exc}") from None
+            f"Config key 'sql_url' is not usable ({where}): {type(exc).__name__}") from None
     return log
 
 
@@ -154,18 +157,31 @@ def assemble(config: StoreConfig, hot: HotState, log: SQLEventLog,
     except (sa_errors.OperationalError, sa_errors.InterfaceError) as exc:
         raise EventLogUnavailable(f"Cannot read the SQL event log at {mask_url(config.sql_url)}: "
                                   f"{driver_message(exc, config.sql_url)}") from exc
-    codec = Codec(JsonSerializer(), protected, is_sensitive)
+    codec = Codec(JsonSerializer(), protected, is_sensitive,
+                  accept_plaintext=config.accept_plaintext)
+    ids = ConversationIds(config.log_conversation_ids,
+                          protected.keyring.derived(PURPOSE) if protected else ())
+    if codec.encrypting and config.accept_plaintext:
+        logger.warning("rasa_persistent_tracker: accept_plaintext is on: plaintext and "
+                       "unbound legacy values are believed although a key is configured. "
+                       "Run rotate-keys, then turn it off (docs/security.md).")
+    log.bind_rows(codec.rebind_row, codec.row_text)
     async_log = AsyncEventLog(log, config.sql_workers)
-    def snapshot_ok(conversation_id: str, payload: str) -> bool:
+
+    def snapshot_payload(conversation_id: str, payload: str, next_seq: int) -> Optional[str]:
         try:
-            validate_record(codec.loads_record(payload), conversation_id)
-            return True
+            record = validate_record(codec.loads_record(payload, conversation_id),
+                                     conversation_id)
+            if record["next_seq"] != next_seq:
+                return None
+            return codec.reseal_record(payload, conversation_id, SNAPSHOT)
         except (CorruptRecordError, EncryptionKeyMissing):
-            return False
+            return None
 
     outbox = Outbox(hot, async_log, config.outbox_batch_size, config.outbox_scan_interval,
-                    config.quarantine_ttl, snapshot_ok, linger=config.outbox_linger)
-    return Backends(config, hot, async_log, codec, outbox)
+                    config.quarantine_ttl, snapshot_payload, linger=config.outbox_linger,
+                    entries=Entries(codec), ids=ids)
+    return Backends(config, hot, async_log, codec, outbox, ids=ids)
 
 
 def open_backends(kwargs: Dict[str, Any], environ: Optional[Mapping[str, str]] = None) -> Backends:

@@ -30,7 +30,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, AsyncIterator, Dict, Optional, Sequence
 
 import sqlalchemy as sa
 
@@ -38,10 +38,11 @@ from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.config import mask_url, parse_config
 from rasa_persistent_tracker.crypto import load_keyring, new_key_entry
 from rasa_persistent_tracker.errors import ConfigError, PersistentTrackerError
-from rasa_persistent_tracker import importer
+from rasa_persistent_tracker import importer, logids
 from rasa_persistent_tracker.inspection import inspect_conversation
 from rasa_persistent_tracker.quarantine import QuarantineAdmin
-from rasa_persistent_tracker.rotation import Progress, RawHotAccess, primary_key_id, rotate
+from rasa_persistent_tracker.raw_access import RawHotAccess
+from rasa_persistent_tracker.rotation import Progress, primary_key_id, rotate
 
 __all__ = ["Progress", "RawHotAccess", "inspect_conversation", "main", "rotate"]
 
@@ -134,7 +135,7 @@ async def _run_rotate(backends: Backends, args: argparse.Namespace) -> int:
         print(f"Rotating to key '{primary_key_id(backends)}' (hot state "
               f"{mask_url(backends.config.redis_url)}, log {mask_url(backends.config.sql_url)}).")
         report = await rotate(
-            backends, args.batch_size, max_batches=args.max_batches, ttl_of=raw.ttl,
+            backends, args.batch_size, max_batches=args.max_batches, ttl_of=raw.ttl, raw=raw,
             progress=lambda p: print(f"{p.phase}: {p.checked}/{p.total} checked, "
                                      f"{p.rewritten} re-encrypted", flush=True))
     finally:
@@ -146,7 +147,10 @@ async def _run_rotate(backends: Backends, args: argparse.Namespace) -> int:
 async def _run_inspect(backends: Backends, args: argparse.Namespace) -> int:
     raw = _raw_access(backends)
     try:
-        found = await inspect_conversation(backends, raw, args.conversation_id, args.show_values)
+        cid = args.conversation_id
+        if cid.startswith(logids.PREFIX):  # as a hashed log line names it
+            cid = await logids.resolve(backends.ids, cid, _conversation_ids(backends)) or cid
+        found = await inspect_conversation(backends, raw, cid, args.show_values)
     finally:
         await _close(backends, raw)
     if not found:
@@ -213,6 +217,13 @@ async def _run_import(backends: Backends, args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+async def _conversation_ids(backends: Backends) -> AsyncIterator[str]:
+    async for cid in backends.hot.conversations():
+        yield cid
+    for cid in await backends.log.run(backends.log.sync.conversation_ids):
+        yield cid
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -248,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "block). Safe to stop and run again.")
     inspect_cmd = commands.add_parser("inspect", help="summarise one conversation")
     inspect_cmd.add_argument("conversation_id", metavar="CONVERSATION_ID",
-                             help="the conversation (sender) id")
+                             help="the conversation (sender) id, or h:<hash> as a "
+                                  "hashed log line names it")
     quarantine_cmd = commands.add_parser(
         "quarantine", help="list quarantined copies, or put one back",
         description="Unreadable hot records and outbox entries are moved aside, never "

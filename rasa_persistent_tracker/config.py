@@ -12,7 +12,7 @@ import difflib
 import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote
 
 from rasa_persistent_tracker.errors import ConfigError
 
@@ -23,15 +23,34 @@ DEFAULT_MAX_HISTORY = 10
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
+# Query parameters that carry secrets in database and Redis URLs.
+_SECRET_PARAMS = re.compile(r"pass|pwd|secret|token|key|credential|auth", re.IGNORECASE)
+
+
 def mask_url(url: Optional[str]) -> Optional[str]:
-    """Return ``url`` with any password replaced by ``***``."""
-    if not url or "@" not in url:
+    """Return ``url`` with every secret replaced by ``***``: the password in the
+    userinfo (of each host of a multi-host URL) and query parameters named like
+    ``password``, ``sslpassword``, ``token`` or ``secret``. A value without a
+    scheme is not parsed as a URL at all: it is replaced whole."""
+    if not url:
         return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***" if url != EMBEDDED else url
+    netloc_end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0),
+                     default=len(rest))
+    netloc, tail = rest[:netloc_end], rest[netloc_end:]
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{hosts}"
+    path, qmark, query = tail.partition("?")
+    if qmark:
+        query, hashmark, fragment = query.partition("#")
+        params = [p.partition("=") for p in query.split("&")]
+        query = "&".join(f"{k}{eq}{'***' if eq and _SECRET_PARAMS.search(unquote(k)) else v}"
+                         for k, eq, v in params) + hashmark + fragment
+    return f"{scheme}://{netloc}{path}{qmark}{query}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +82,8 @@ class StoreConfig:
     encryption_keys_env: str = "RPT_ENCRYPTION_KEYS"
     sensitive_slots: Tuple[str, ...] = ()
     encrypt_user_text: Optional[bool] = None
+    accept_plaintext: bool = False
+    log_conversation_ids: str = "clear"
     # Rasa's redis keys, kept so a TLS set-up copied from `type: redis` works.
     ssl_keyfile: Optional[str] = None
     ssl_certfile: Optional[str] = None
@@ -129,13 +150,18 @@ def _redis_url(host: Optional[str], parts: Dict[str, Any]) -> Optional[str]:
             )
         return host
     if not re.match(r"^[A-Za-z0-9_.\-:\[\]]+$", host):
-        raise ConfigError(f"Config key 'url' is not a host name or URL: {host!r}.")
+        # Not echoed: a URL written without its scheme may hold a password.
+        raise ConfigError("Config key 'url' is neither a host name nor a URL with a scheme "
+                          "(redis://, rediss://, unix://, redis+sentinel://, redis+cluster://) "
+                          "nor 'embedded'.")
     scheme = "rediss" if _boolean("use_ssl", parts.get("use_ssl", False)) else "redis"
     port = _number("port", parts.get("port", 6379), int, 1)
     db = _number("db", parts.get("db", 0), int, 0)
     auth = ""
     if parts.get("username") or parts.get("password"):
-        auth = f"{parts.get('username') or ''}:{parts.get('password') or ''}@"
+        # Quoted: '@', '/', '#' or '?' in a password would otherwise end the userinfo.
+        auth = (f"{quote(str(parts.get('username') or ''), safe='')}:"
+                f"{quote(str(parts.get('password') or ''), safe='')}@")
     return f"{scheme}://{auth}{host}:{port}/{db}"
 
 
@@ -144,7 +170,9 @@ def _sql_url(url: str) -> str:
     if url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://"):]
     if "://" not in url:
-        raise ConfigError(f"Config key 'sql_url' is not a database URL: {mask_url(url)!r}.")
+        # Not echoed: without a scheme, nothing tells where a password would be.
+        raise ConfigError("Config key 'sql_url' (or DATABASE_URL) is not a database URL: it "
+                          "has no scheme such as 'postgresql+psycopg2://'.")
     return url
 
 
@@ -207,7 +235,7 @@ def parse_config(
             values[key] = _number(key, value, float, floats[key])
         elif key in ints:
             values[key] = _number(key, value, int, ints[key])
-        elif key in ("encrypt_user_text", "sync_log"):
+        elif key in ("encrypt_user_text", "sync_log", "accept_plaintext"):
             values[key] = _boolean(key, value)
         elif key == "sensitive_slots":
             if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
@@ -216,6 +244,11 @@ def parse_config(
                     f"got {value!r}."
                 )
             values[key] = tuple(value)
+        elif key == "log_conversation_ids":
+            if value not in ("clear", "hashed"):
+                raise ConfigError(f"Config key 'log_conversation_ids' must be 'clear' or "
+                                  f"'hashed', got {value!r}.")
+            values[key] = value
         elif key == "key_prefix":
             if not isinstance(value, str) or not _PREFIX_RE.match(value):
                 raise ConfigError(

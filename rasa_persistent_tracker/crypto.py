@@ -1,34 +1,56 @@
-"""Encryption at rest: AES-256-GCM with a key id in every ciphertext.
+"""Encryption at rest: AES-256-GCM, bound to where each value belongs.
 
-``EncryptedSerializer`` wraps another serialiser (as langgraph's
-``EncryptedSerializer`` wraps its serde): ``rpt-enc:1:<key id>:<base64url(nonce
-‖ ciphertext ‖ tag)>``. The key id and format version are authenticated (AAD),
-so tampering with any part fails decryption. The first key encrypts, every key
-decrypts: put a new key first to rotate, run ``rasa-persistent-tracker
-rotate-keys``, then drop the old one.
+``EncryptedSerializer`` works on the text a serialiser produced (as langgraph's
+``EncryptedSerializer`` wraps its serde). Two stored forms, both naming the
+key id:
+
+* ``rpt-enc:2:<key id>:<base64url(nonce ‖ ciphertext ‖ tag)>`` (encrypted);
+* ``rpt-mac:2:<key id>:<base64url(tag)>:<JSON text>`` (authenticated only:
+  log rows the config does not call sensitive stay readable in SQL).
+
+Both authenticate, besides the text, the format version, the key id and a
+*binding*: the kind of value (hot record, snapshot, log row, outbox entry,
+quarantine copy), its conversation id and, for log rows, the sequence number
+(for outbox entries, their header). A value copied to another conversation,
+another kind or another seq fails to open, like a flipped bit. The legacy
+form ``rpt-enc:1:`` (no binding) still opens where the caller allows it.
+
+The first key encrypts, every key decrypts: put a new key first to rotate,
+run ``rasa-persistent-tracker rotate-keys``, then drop the old one.
 
 Keys come from the environment variable named by ``encryption_keys_env``
-(default ``RPT_ENCRYPTION_KEYS``) or the file ``encryption_key_file``: entries
-``<key id>:<base64 of 32 random bytes>``, comma- or newline-separated. Generate
-one with ``rasa-persistent-tracker new-key``. Key material never appears in
-errors, logs or reprs.
+(default ``RPT_ENCRYPTION_KEYS``) or the file ``encryption_key_file`` (which
+must not be readable by group or others): entries ``<key id>:<base64 of 32
+random bytes>``, comma- or newline-separated. Generate one with
+``rasa-persistent-tracker new-key``. Key material never appears in errors,
+logs or reprs. See docs/security.md.
 """
 import base64
 import binascii
 import hashlib
 import hmac
+import json
 import os
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+import stat
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from rasa_persistent_tracker.codec import Serializer
 from rasa_persistent_tracker.config import StoreConfig
 from rasa_persistent_tracker.errors import ConfigError, CorruptRecordError, EncryptionKeyMissing
 
-PREFIX = "rpt-enc:1:"
+if TYPE_CHECKING:
+    from rasa_persistent_tracker.codec import Serializer
+
+PREFIX = "rpt-enc:2:"
+MAC_PREFIX = "rpt-mac:2:"
+LEGACY_PREFIX = "rpt-enc:1:"
+_CIPHERTEXT_MARK = "rpt-enc:"
+_CHECK_MESSAGE = b"rasa_persistent_tracker key check v1"
+# Kinds of stored value a binding names.
+HOT, SNAPSHOT, ROW, OUTBOX, QUARANTINE = "hot", "snapshot", "row", "outbox", "quarantine"
 _KID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 # Events whose content is never user data; everything else is encrypted.
 _PLAIN_EVENT_TYPES = frozenset({
@@ -36,7 +58,6 @@ _PLAIN_EVENT_TYPES = frozenset({
     "reset_slots", "user_featurization", "loop_interrupted", "action_execution_rejected",
 })
 _PLAIN_SLOTS = frozenset({"requested_slot"})
-_CHECK_MESSAGE = b"rasa_persistent_tracker key check v1"
 
 
 class Keyring:
@@ -47,7 +68,11 @@ class Keyring:
             raise ConfigError("Encryption is configured but no key was given.")
         self.primary = keys[0][0]
         self._ciphers = {kid: AESGCM(key) for kid, key in keys}
-        # A key check value (as banks use for key ceremonies): tells whether a
+        # A separate key per purpose: the MAC key is derived, never the AES key itself.
+        self._mac_keys = {kid: hmac.new(key, b"rpt-mac:2", hashlib.sha256).digest()
+                          for kid, key in keys}
+        self._material = [key for _, key in keys]
+        # A key check value (as banks use in key ceremonies): tells whether a
         # key is the one data was written with, without revealing the key.
         self._checks = {kid: hmac.new(key, _CHECK_MESSAGE, hashlib.sha256).hexdigest()[:32]
                         for kid, key in keys}
@@ -57,6 +82,13 @@ class Keyring:
 
     def cipher(self, kid: str) -> Optional[AESGCM]:
         return self._ciphers.get(kid)
+
+    def mac_key(self, kid: str) -> Optional[bytes]:
+        return self._mac_keys.get(kid)
+
+    def derived(self, purpose: bytes) -> List[bytes]:
+        """A key per configured key (primary first) for another ``purpose``."""
+        return [hmac.new(key, purpose, hashlib.sha256).digest() for key in self._material]
 
     @property
     def ids(self) -> List[str]:
@@ -104,66 +136,153 @@ def new_key_entry(kid: str) -> str:
 def load_keyring(config: StoreConfig, environ: Optional[Mapping[str, str]] = None) -> Optional[Keyring]:
     """The keyring from the environment or key file; None if neither is set."""
     env = os.environ if environ is None else environ
-    text = env.get(config.encryption_keys_env)
-    if text:
-        return parse_keys(text, f"environment variable {config.encryption_keys_env}")
+    name = config.encryption_keys_env
+    text = env.get(name)
+    if text is not None:
+        if not text.strip():
+            # Set but empty (a template left unfilled): never silently unencrypted.
+            raise ConfigError(f"Environment variable {name} is set but empty: give it the "
+                              f"encryption keys ('<key id>:<base64 key>'), or unset it to "
+                              f"store without encryption.")
+        return parse_keys(text, f"environment variable {name}")
     if config.encryption_key_file:
-        try:
-            with open(config.encryption_key_file, encoding="utf-8") as handle:
-                return parse_keys(handle.read(), f"key file {config.encryption_key_file}")
-        except OSError as exc:
-            raise ConfigError(f"Config key 'encryption_key_file' ({config.encryption_key_file}) "
-                              f"cannot be read: {exc.strerror}.") from None
+        return parse_keys(_read_key_file(config.encryption_key_file),
+                          f"key file {config.encryption_key_file}")
     return None
 
 
-class EncryptedSerializer:
-    """Wraps a serialiser with AES-256-GCM. See the module docstring."""
+def _read_key_file(path: str) -> str:
+    """The key file's text; refused (as ssh refuses a private key) if group or
+    others may read or write it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(
+                    f"Config key 'encryption_key_file' ({path}) is accessible by group or "
+                    f"others (mode {stat.S_IMODE(mode):04o}): restrict it with "
+                    f"'chmod 600 {path}'.")
+            text = handle.read()
+            if not text.strip():
+                raise ConfigError(f"Config key 'encryption_key_file' ({path}) is empty.")
+            return text
+    except OSError as exc:
+        raise ConfigError(f"Config key 'encryption_key_file' ({path}) "
+                          f"cannot be read: {exc.strerror}.") from None
 
-    def __init__(self, inner: Serializer, keyring: Keyring) -> None:
+
+def binding(kid: str, kind: str, conversation_id: Optional[str], extra: Any) -> bytes:
+    """The associated data of a v2 value: version, key id, kind, conversation, extra."""
+    return json.dumps([2, kid, kind, conversation_id, extra], separators=(",", ":")).encode()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text.encode("ascii"))
+
+
+class EncryptedSerializer:
+    """Seals serialised text with AES-256-GCM (or a MAC). See the module docstring."""
+
+    def __init__(self, inner: "Serializer", keyring: Keyring) -> None:
         self._inner = inner
         self.keyring = keyring
 
     def __repr__(self) -> str:
         return f"EncryptedSerializer({self.keyring!r})"
 
-    def dumps(self, value: Any) -> str:
-        return self.seal(self._inner.dumps(value))
-
-    def seal(self, text: str) -> str:
-        """Encrypt text the inner serialiser produced (pre-serialised parts)."""
+    def seal(self, text: str, kind: str, conversation_id: Optional[str],
+             extra: Any = None) -> str:
+        """Encrypt ``text`` bound to (kind, conversation, extra)."""
         kid = self.keyring.primary
         nonce = os.urandom(12)
         sealed = self.keyring.cipher(kid).encrypt(
-            nonce, text.encode("utf-8"), (PREFIX + kid).encode("ascii"))
-        return f"{PREFIX}{kid}:{base64.urlsafe_b64encode(nonce + sealed).decode('ascii')}"
+            nonce, text.encode("utf-8"), binding(kid, kind, conversation_id, extra))
+        return f"{PREFIX}{kid}:{_b64(nonce + sealed)}"
 
-    def loads(self, text: str) -> Any:
-        if not text.startswith(PREFIX):
-            if text[:1] in ("{", "["):
-                return self._inner.loads(text)  # written before encryption was on
+    def mac(self, text: str, kind: str, conversation_id: Optional[str],
+            extra: Any = None) -> str:
+        """``text`` in clear, authenticated and bound like ``seal``."""
+        kid = self.keyring.primary
+        tag = self._tag(kid, text, kind, conversation_id, extra)
+        return f"{MAC_PREFIX}{kid}:{_b64(tag)}:{text}"
+
+    def _tag(self, kid: str, text: str, kind: str, conversation_id: Optional[str],
+             extra: Any) -> bytes:
+        message = binding(kid, kind, conversation_id, extra) + b"\n" + text.encode("utf-8")
+        return hmac.new(self.keyring.mac_key(kid), message, hashlib.sha256).digest()[:16]
+
+    def open(self, text: str, kind: str, conversation_id: Optional[str], extra: Any = None,
+             legacy: bool = False) -> str:
+        """The text ``seal``/``mac`` (or, if ``legacy``, the v1 format) wrote.
+
+        Raises CorruptRecordError: tampered, moved, unknown key id, or a form
+        not accepted here.
+        """
+        version = PREFIX if text.startswith(PREFIX) else MAC_PREFIX if text.startswith(
+            MAC_PREFIX) else LEGACY_PREFIX if text.startswith(LEGACY_PREFIX) else None
+        if version is None:
             raise CorruptRecordError("payload is neither JSON nor ciphertext")
-        kid, _, body = text[len(PREFIX):].partition(":")
-        cipher = self.keyring.cipher(kid)
-        if cipher is None:
-            if _KID_RE.match(kid):
+        kid, _, body = text[len(version):].partition(":")
+        if self.keyring.cipher(kid) is None:
+            if _KID_RE.match(kid):  # a key this process lacks: configuration, not corruption
                 raise EncryptionKeyMissing(
                     f"stored data is encrypted with key id '{kid}', which this process was not "
                     f"given (configured: {', '.join(self.keyring.ids)}); nothing was changed")
             raise CorruptRecordError("ciphertext names no valid key id")
+        if version == MAC_PREFIX:
+            tag, _, clear = body.partition(":")
+            try:
+                good = hmac.compare_digest(
+                    _unb64(tag), self._tag(kid, clear, kind, conversation_id, extra))
+            except (binascii.Error, ValueError, UnicodeEncodeError):
+                good = False
+            if not good:
+                raise CorruptRecordError("authentication failed (tampered or moved data, "
+                                         "or wrong key)")
+            return clear
+        if version == LEGACY_PREFIX and not legacy:
+            raise CorruptRecordError("legacy ciphertext (rpt-enc:1, not bound to its place) "
+                                     "refused here; see accept_plaintext")
+        aad = (LEGACY_PREFIX + kid).encode("ascii") if version == LEGACY_PREFIX else binding(
+            kid, kind, conversation_id, extra)
         try:
-            blob = base64.urlsafe_b64decode(body.encode("ascii"))
-            plain = cipher.decrypt(blob[:12], blob[12:], (PREFIX + kid).encode("ascii"))
+            blob = _unb64(body)
+            plain = self.keyring.cipher(kid).decrypt(blob[:12], blob[12:], aad)
+            return plain.decode("utf-8", errors="strict")
         except (InvalidTag, binascii.Error, ValueError, UnicodeEncodeError):
-            raise CorruptRecordError("decryption failed (tampered data or wrong key)") from None
-        return self._inner.loads(plain.decode("utf-8", errors="strict"))
+            raise CorruptRecordError("decryption failed (tampered or moved data, or wrong "
+                                     "key)") from None
+
+
+def is_ciphertext(text: str) -> bool:
+    """Whether ``text`` is encrypted (any format version); MAC'd plaintext is not."""
+    return text.startswith(_CIPHERTEXT_MARK)
 
 
 def key_id_of(text: str) -> Optional[str]:
-    """The key id a payload was encrypted with (None: plaintext)."""
-    if not text.startswith(PREFIX):
+    """The key id a payload was encrypted or authenticated with (None: plaintext)."""
+    for prefix in (PREFIX, MAC_PREFIX, LEGACY_PREFIX):
+        if text.startswith(prefix):
+            return text[len(prefix):].partition(":")[0]
+    return None
+
+
+def is_encrypted(text: str) -> bool:
+    """True for ciphertext; False for plaintext and authenticated-only text."""
+    return text.startswith((PREFIX, LEGACY_PREFIX))
+
+
+def strip_mac(text: str) -> Optional[str]:
+    """The clear text of an authenticated-only value, unverified (no key); None
+    if ``text`` is not one."""
+    if not text.startswith(MAC_PREFIX):
         return None
-    return text[len(PREFIX):].partition(":")[0]
+    parts = text[len(MAC_PREFIX):].split(":", 2)
+    return parts[2] if len(parts) == 3 else None
 
 
 def sensitivity(config: StoreConfig) -> Callable[[Dict[str, Any]], bool]:
@@ -187,7 +306,7 @@ def sensitivity(config: StoreConfig) -> Callable[[Dict[str, Any]], bool]:
 
 
 def build_protected(config: StoreConfig, environ: Optional[Mapping[str, str]] = None
-                    ) -> Tuple[Optional[Serializer], Callable[[Dict[str, Any]], bool]]:
+                    ) -> Tuple[Optional[EncryptedSerializer], Callable[[Dict[str, Any]], bool]]:
     """(encrypting serialiser or None, sensitivity predicate) for ``Codec``."""
     from rasa_persistent_tracker.codec import JsonSerializer
 

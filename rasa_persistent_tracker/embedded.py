@@ -8,13 +8,13 @@ guarded by a lock is plenty for one bot process (WAL lets several processes shar
 the file).
 """
 import asyncio
-import os
 import sqlite3
 import threading
 import time
 from typing import Any, AsyncIterator, Callable, List, Optional, TypeVar
 
 from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateUnavailable
+from rasa_persistent_tracker.files import private_file
 from rasa_persistent_tracker.hot_state import HotEntry, Pending, entry_seq, payload_digest
 
 T = TypeVar("T")
@@ -41,9 +41,8 @@ class SQLiteHotState:
         self._outbox_ttl = outbox_ttl
         self._clock = clock
         self._lock = threading.Lock()
-        directory = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(directory, exist_ok=True)
+            private_file(path)
             self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30,
                                          isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")

@@ -10,7 +10,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
@@ -20,7 +19,8 @@ from sqlalchemy import exc as sa_errors
 from rasa_persistent_tracker import bulk
 from rasa_persistent_tracker.bulk import sort_rows
 from rasa_persistent_tracker.config import mask_url
-from rasa_persistent_tracker.errors import EventLogUnavailable
+from rasa_persistent_tracker.errors import CorruptRecordError, EventLogUnavailable
+from rasa_persistent_tracker.files import private_file
 from rasa_persistent_tracker.migrations import migrate
 
 logger = logging.getLogger(__name__)
@@ -106,8 +106,13 @@ def make_engine(url: str, pool_size: int) -> sa.engine.Engine:
     """Create the engine; SQLite gets WAL and a busy timeout for many writers."""
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith(
+                "file:"):
+            try:
+                private_file(parsed.database)
+            except OSError as exc:
+                raise EventLogUnavailable(f"SQLite event log file {parsed.database} cannot be "
+                                          f"created: {exc.strerror}.") from exc
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                   hide_parameters=True)
 
@@ -130,6 +135,14 @@ class SQLEventLog:
     def __init__(self, engine: sa.engine.Engine) -> None:
         self.engine = engine
         self._bulk = bulk.for_engine(engine, EVENTS, SNAPSHOTS)
+        self.bind_rows(lambda data, _cid, _seq, _new: data, lambda data, _cid, _seq: data)
+
+    def bind_rows(self, rebind: Callable[[str, str, int, int], str],
+                  text_of: Callable[[str, str, int], str]) -> None:
+        """How a row's ``data`` follows it to another seq (``rebind(data, cid,
+        seq, new_seq)``) and what it says (``text_of(data, cid, seq)``), for
+        rows whose data is bound to their seq (``Codec.rebind_row``/``row_text``)."""
+        self._rebind, self._text_of = rebind, text_of
 
     def __repr__(self) -> str:
         return f"SQLEventLog({mask_url(str(self.engine.url))})"
@@ -205,9 +218,8 @@ class SQLEventLog:
                     for cid, s in sorted(snapshots.items())])
         return repaired
 
-    @staticmethod
-    def _place(conn: Any, cid: str, conv_rows: Sequence[RowDict], existing: Dict[Any, str]
-               ) -> "tuple[List[tuple], int]":
+    def _place(self, conn: Any, cid: str, conv_rows: Sequence[RowDict],
+               existing: Dict[Any, str]) -> "tuple[List[tuple], int]":
         """(rows to insert, as ``ROW_COLUMNS`` tuples; how many were re-sequenced)."""
         clashing = [r for r in conv_rows
                     if (cid, r["seq"]) in existing and existing[cid, r["seq"]] != r["data"]]
@@ -215,18 +227,35 @@ class SQLEventLog:
         if clashing:
             # Rows moved by an earlier delivery of this same batch (a crash before
             # its acknowledgement, or another process) are there already, after
-            # the clash, with the same data: skip them, never move them twice.
+            # the clash, with the same content: skip them, never move them twice.
+            # Content, not bytes: a moved row's data was re-sealed for its new seq.
             since = min(r["seq"] for r in clashing)
-            moved_before = {data for (data,) in conn.execute(sa.select(EVENTS.c.data).where(
-                EVENTS.c.conversation_id == cid, EVENTS.c.seq > since))}
+            moved_before = {self._text(data, cid, seq) for seq, data in conn.execute(
+                sa.select(EVENTS.c.seq, EVENTS.c.data).where(
+                    EVENTS.c.conversation_id == cid, EVENTS.c.seq > since))}
             top = conn.execute(sa.select(sa.func.max(EVENTS.c.seq)).where(
                 EVENTS.c.conversation_id == cid)).scalar() or 0
-            pending = sorted((r for r in clashing + fresh if r["data"] not in moved_before),
+            pending = sorted((r for r in clashing + fresh
+                              if self._text(r["data"], cid, r["seq"]) not in moved_before),
                              key=lambda r: r["seq"])
-            fresh = [dict(row, seq=top + offset) for offset, row in enumerate(pending, 1)]
-            clashing = [r for r in clashing if r["data"] not in moved_before]
+            fresh = [dict(row, seq=top + offset, data=self._moved(row, cid, top + offset))
+                     for offset, row in enumerate(pending, 1)]
+            clashing = [r for r in clashing
+                        if self._text(r["data"], cid, r["seq"]) not in moved_before]
         return [(cid, r["seq"], r["type_name"], r["timestamp"], r["intent_name"],
                  r["action_name"], r["data"]) for r in fresh], len(clashing)
+
+    def _text(self, data: str, cid: str, seq: int) -> str:
+        try:
+            return self._text_of(data, cid, seq)
+        except CorruptRecordError:
+            return data  # unreadable: equal only to the same bytes
+
+    def _moved(self, row: RowDict, cid: str, new_seq: int) -> str:
+        try:
+            return self._rebind(row["data"], cid, row["seq"], new_seq)
+        except CorruptRecordError:
+            return row["data"]  # unreadable either way; a reader skips it, naming it
 
     def read(self, conversation_id: str, after_seq: int = 0) -> List[LogRow]:
         """All rows of one conversation with ``seq > after_seq``, in order."""

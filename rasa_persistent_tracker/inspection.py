@@ -13,7 +13,7 @@ from rasa_persistent_tracker.backends import Backends
 from rasa_persistent_tracker.crypto import key_id_of
 from rasa_persistent_tracker.errors import CorruptRecordError
 from rasa_persistent_tracker.event_log import EVENTS
-from rasa_persistent_tracker.rotation import RawHotAccess
+from rasa_persistent_tracker.raw_access import RawHotAccess
 
 
 async def inspect_conversation(backends: Backends, raw: RawHotAccess, conversation_id: str,
@@ -35,7 +35,7 @@ async def inspect_conversation(backends: Backends, raw: RawHotAccess, conversati
         out(f"  hot record: version {entry.version}, "
             f"{'encrypted with key ' + repr(kid) if kid else 'plaintext'}, {expiry}")
         try:
-            record = codec.loads_record(entry.payload)
+            record = codec.loads_record(entry.payload, cid)
             slots = dict(record["state"]["slots"])
             out(f"  next_seq {record['next_seq']}, {len(record['events'])} events kept, "
                 f"active loop {(record['state'].get('active_loop') or {}).get('name')}")

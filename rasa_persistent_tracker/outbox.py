@@ -10,7 +10,7 @@ picks up entries left by a process that died. Inserts skip existing
 save the flusher waits ``linger`` seconds before delivering, so one transaction
 carries the rows of many turns.
 
-Entry format: ``<last seq>|<saved_at>|<JSON list of LogRow dicts>``.
+Entry format: ``entries.py``.
 """
 import asyncio
 import json
@@ -18,68 +18,18 @@ import logging
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+from rasa_persistent_tracker.entries import (  # noqa: F401  (the format's old home)
+    PLAIN_ENTRIES,
+    Entries,
+    make_entry,
+    parse_entry,
+    parse_entry_dicts,
+)
 from rasa_persistent_tracker.errors import EventLogUnavailable, HotStateUnavailable
-from rasa_persistent_tracker.event_log import COLUMN_LIMITS, ROW_FIELDS, AsyncEventLog, LogRow, RowDict, Snapshot
+from rasa_persistent_tracker.event_log import AsyncEventLog, RowDict, Snapshot
 from rasa_persistent_tracker.hot_state import HotState
 
 logger = logging.getLogger(__name__)
-
-
-# What each field of an entry row must hold, within the SQL columns' limits
-# (anything else would fail in SQL, over and over, instead of being
-# quarantined once).
-_ROW_TYPES = (("seq", int), ("type_name", str), ("timestamp", (int, float, type(None))),
-              ("intent_name", (str, type(None))), ("action_name", (str, type(None))),
-              ("data", str))
-
-
-def make_entry(rows: List[LogRow], saved_at: float) -> str:
-    """Serialise one turn's rows into an outbox entry."""
-    return f"{rows[-1].seq}|{saved_at!r}|" + json.dumps(
-        [r.as_dict() for r in rows], separators=(",", ":"))
-
-
-def parse_entry(entry: str) -> Tuple[float, List[LogRow]]:
-    """Inverse of ``make_entry``. Raises ValueError/TypeError/KeyError if malformed."""
-    saved_at, rows = parse_entry_dicts(entry)
-    return saved_at, [LogRow(**row) for row in rows]
-
-
-def parse_entry_dicts(entry: str) -> Tuple[float, List[RowDict]]:
-    """``parse_entry`` with the rows left as the dicts JSON gives (what delivery
-    passes to the log). Dicts of plain values are not tracked by the garbage
-    collector, so a batch in flight does not age into the old generation."""
-    # Error messages name what is wrong, never the entry's content.
-    try:
-        entry.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("entry is not UTF-8 text") from None
-    try:
-        last, saved_at, body = entry.split("|", 2)
-        last_seq, saved = int(last), float(saved_at)
-    except ValueError:
-        raise ValueError("entry header is not '<last seq>|<saved_at>|'") from None
-    rows = json.loads(body)
-    if not isinstance(rows, list) or not rows:
-        raise ValueError("entry holds no rows")
-    for row in rows:
-        if not isinstance(row, dict):
-            raise TypeError(f"entry row is a {type(row).__name__}, not an object")
-        if row.keys() != ROW_FIELDS:
-            raise KeyError(f"entry row lacks {sorted(ROW_FIELDS - row.keys())} and has "
-                           f"{len(row.keys() - ROW_FIELDS)} unknown field(s)")
-        for field, kinds in _ROW_TYPES:
-            value = row[field]
-            if not isinstance(value, kinds) or isinstance(value, bool):
-                raise TypeError(f"entry row field {field!r} is a {type(value).__name__}")
-            if isinstance(value, str) and ("\x00" in value or len(value) > COLUMN_LIMITS.get(
-                    field, len(value))):
-                raise ValueError(f"entry row field {field!r} is too long or holds NUL")
-        if not 1 <= row["seq"] < 2 ** 63:
-            raise ValueError("entry row seq is out of range")
-    if rows[-1]["seq"] != last_seq:
-        raise ValueError("entry header does not match its rows")
-    return saved, rows
 
 
 class Outbox:
@@ -87,13 +37,17 @@ class Outbox:
 
     def __init__(self, hot: HotState, log: AsyncEventLog, batch_size: int,
                  scan_interval: float, quarantine_ttl: float,
-                 snapshot_ok: Callable[[str, str], bool] = lambda _cid, _payload: True,
-                 linger: float = 0.0) -> None:
+                 snapshot_payload: Callable[[str, str, int], Optional[str]] = (
+                     lambda _cid, payload, _next_seq: payload),
+                 linger: float = 0.0, entries: Optional[Entries] = None,
+                 ids: Callable[[str], str] = lambda cid: cid) -> None:
         self._hot = hot
+        self._ids = ids  # what log lines show for a conversation id
         self._linger = linger
-        # Decides whether a hot payload may become the SQL snapshot; the store
-        # replaces it with a full check (decode and replay).
-        self.snapshot_ok = snapshot_ok
+        self.entries = entries or PLAIN_ENTRIES
+        # A hot payload as the SQL snapshot at ``next_seq``, or None if it must
+        # not become one; the store replaces it with a full check (decode and replay).
+        self.snapshot_payload = snapshot_payload
         self._log = log
         self._batch_size = batch_size
         self._scan_interval = scan_interval
@@ -237,7 +191,7 @@ class Outbox:
             seen: Dict[int, str] = {}
             for entry in pending.entries:
                 try:
-                    saved_at, entry_rows = parse_entry_dicts(entry)
+                    saved_at, entry_rows = self.entries.parse_dicts(cid, entry)
                     if any(seen.get(r["seq"], r["data"]) != r["data"] for r in entry_rows):
                         # Only corruption gives two entries of one outbox the same
                         # numbers with different events.
@@ -248,7 +202,7 @@ class Outbox:
                     key = await self._hot.quarantine_entry(cid, entry, self._quarantine_ttl)
                     self.quarantined += 1
                     logger.warning("Conversation '%s': unreadable outbox entry (%s) moved to %s.",
-                                   cid, exc, key)
+                                   self._ids(cid), exc, key.replace(cid, self._ids(cid)))
                     continue
                 good.extend(r for r in entry_rows if r["seq"] not in seen)  # copies: once
                 seen.update((r["seq"], r["data"]) for r in entry_rows)
@@ -258,11 +212,13 @@ class Outbox:
                 continue
             rows[cid] = good
             upto[cid] = good[-1]["seq"]
-            # Never let an unreadable hot value replace the last good snapshot.
-            if (pending.complete and pending.payload is not None
-                    and self.snapshot_ok(cid, pending.payload)):
+            # Never let an unreadable (or older) hot value replace the last good snapshot.
+            payload = None
+            if pending.complete and pending.payload is not None:
+                payload = self.snapshot_payload(cid, pending.payload, good[-1]["seq"] + 1)
+            if payload is not None:
                 snapshots[cid] = Snapshot(next_seq=good[-1]["seq"] + 1, version=pending.version,
-                                          saved_at=saved_at, payload=pending.payload)
+                                          saved_at=saved_at, payload=payload)
         if rows:
             await self._log.run(self._log.sync.append, rows, snapshots)
             for cid, seq in upto.items():

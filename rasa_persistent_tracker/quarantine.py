@@ -15,35 +15,49 @@ back once it reads with the configured keys:
 Refs are what ``list_copies`` prints and the store's warnings name.
 """
 import dataclasses
+import re
 import sqlite3
 import time
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
+from rasa_persistent_tracker import crypto
 from rasa_persistent_tracker.backends import Backends
+from rasa_persistent_tracker.codec import Codec, JsonSerializer
 from rasa_persistent_tracker.crypto import key_id_of
+from rasa_persistent_tracker.entries import Entries
 from rasa_persistent_tracker.errors import (
     ConfigError,
     CorruptRecordError,
     EncryptionKeyMissing,
 )
-from rasa_persistent_tracker.outbox import parse_entry
+from rasa_persistent_tracker.event_log import RowDict
 from rasa_persistent_tracker.replay import validate_record
 
 HOT_RECORD, OUTBOX_ENTRY, UNKNOWN = "hot record", "outbox entry", "unreadable value"
 _EMBEDDED_MARK = "#rpt_quarantine/"
+_ENTRY = re.compile(r"^\d+\|[^|]*\|")
+PLAIN = Entries(Codec(JsonSerializer()))
 
+# KEYS: live record, the copy, where a replaced live record goes.
+# ARGV: record TTL ms, force, quarantine TTL ms, the payload to write.
 _RESTORE_RECORD = """
-local live_v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0') or 0
+local live_v = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if ARGV[2] ~= '1' then return -1 end
+  if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
+    live_v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0') or 0
+  end
   redis.call('RENAME', KEYS[1], KEYS[3])
   redis.call('PEXPIRE', KEYS[3], ARGV[3])
 end
-local copy_v = tonumber(redis.call('HGET', KEYS[2], 'v') or '0') or 0
-redis.call('RENAME', KEYS[2], KEYS[1])
+local copy_v = 0
+if redis.call('TYPE', KEYS[2])['ok'] == 'hash' then
+  copy_v = tonumber(redis.call('HGET', KEYS[2], 'v') or '0') or 0
+end
 local v = math.max(live_v, copy_v) + 1
-redis.call('HSET', KEYS[1], 'v', v)
+redis.call('HSET', KEYS[1], 'v', v, 'd', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
 return v
 """
 
@@ -69,14 +83,60 @@ class Copy:
                 f"{self.size} bytes, {key}, quarantined {when}: {state}")
 
 
+def _unsealed(codec: Codec, cid: str, text: str) -> str:
+    """A copy's content: ``rotate-keys`` seals copies whole (kind quarantine)."""
+    if text.startswith(crypto.PREFIX):
+        try:
+            return codec.unwrap(text, crypto.QUARANTINE, cid)
+        except (CorruptRecordError, EncryptionKeyMissing):
+            pass  # not sealed as a copy (a record moved aside as it was), or no key yet
+    return text
+
+
+def record_of(codec: Codec, cid: str, text: str) -> Dict[str, Any]:
+    """The hot record a copy holds, checked. Raises CorruptRecordError /
+    EncryptionKeyMissing."""
+    clear = _unsealed(codec, cid, text)
+    try:
+        record = codec.loads_record(clear, cid)
+    except CorruptRecordError:
+        if clear is text or clear[:1] != "{":
+            raise
+        record = JsonSerializer().loads(clear)  # opened from a rotated copy: its clear JSON
+    return validate_record(record, cid)
+
+
+def rows_of(codec: Codec, cid: str, text: str) -> List[RowDict]:
+    """An outbox entry's rows with ``data`` sealed for the log. Raises
+    CorruptRecordError / EncryptionKeyMissing / ValueError."""
+    clear = _unsealed(codec, cid, text)
+    try:
+        rows = [r.as_dict() for r in Entries(codec).parse(cid, clear)[1]]
+    except (ValueError, TypeError, KeyError):
+        if clear is text:
+            raise
+        rows = [r.as_dict() for r in PLAIN.parse(cid, clear)[1]]  # a rotated copy
+    for row in rows:
+        try:
+            codec.row_text(row["data"], cid, row["seq"])
+            continue  # sealed for its place already: kept byte for byte (the log
+            # recognises a row it holds only by identical data)
+        except CorruptRecordError:
+            if clear is text:
+                raise
+        event_text = row["data"]  # a rotated copy holds the rows' clear JSON
+        row["data"] = codec.protect_event(JsonSerializer().loads(event_text), event_text,
+                                          cid, row["seq"])
+    return rows
+
+
 def _check(backends: Backends, cid: str, kind: str, payload: str) -> Optional[str]:
     """None if ``payload`` reads with the configured keys, else why not."""
     try:
         if kind == HOT_RECORD:
-            validate_record(backends.codec.loads_record(payload), cid)
+            record_of(backends.codec, cid, payload)
         elif kind == OUTBOX_ENTRY:
-            for row in parse_entry(payload)[1]:
-                backends.codec.loads(row.data)
+            rows_of(backends.codec, cid, payload)
         else:
             return "not a record or an outbox entry: cannot be restored"
     except EncryptionKeyMissing as exc:
@@ -86,12 +146,13 @@ def _check(backends: Backends, cid: str, kind: str, payload: str) -> Optional[st
     return None
 
 
-def _kind_of_text(text: str) -> str:
-    try:
-        parse_entry(text)
-        return OUTBOX_ENTRY
-    except (ValueError, TypeError, KeyError):
-        return UNKNOWN
+def _kind_of(codec: Codec, cid: str, text: str, stored_as_hash: bool) -> str:
+    """What a copy was: Redis keeps moved records as hashes; otherwise an
+    outbox entry has the header ``<seq>|<time>|``."""
+    if stored_as_hash:
+        return HOT_RECORD
+    clear = _unsealed(codec, cid, text)
+    return OUTBOX_ENTRY if _ENTRY.match(clear) else HOT_RECORD
 
 
 class QuarantineAdmin:
@@ -134,15 +195,13 @@ class QuarantineAdmin:
         kind_name = kind_name.decode() if isinstance(kind_name, bytes) else kind_name
         if kind_name == "hash":
             value = await self._redis.hget(key, "d")
-            kind = HOT_RECORD
         elif kind_name == "string":
             value = await self._redis.get(key)
-            kind = None
         else:
-            value, kind = None, UNKNOWN
+            value = None
         text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
-        if kind is None:  # strings are outbox entries (hot records are moved as hashes)
-            kind = _kind_of_text(text or "")
+        kind = _kind_of(self._backends.codec, cid, text, kind_name == "hash") if text \
+            else UNKNOWN
         return Copy(key, cid, kind, _stamp_time(stamp), len(text or ""),
                     key_id_of(text) if text else None,
                     _check(self._backends, cid, kind, text) if text else "empty")
@@ -157,9 +216,7 @@ class QuarantineAdmin:
                                                           .fetchall()):
             text = payload.decode("utf-8", "surrogateescape") if isinstance(payload, bytes) \
                 else str(payload)
-            kind = _kind_of_text(text)
-            if kind == UNKNOWN:
-                kind = HOT_RECORD  # the embedded store keeps a record's payload as it was
+            kind = _kind_of(self._backends.codec, cid, text, False)
             copies.append(Copy(f"{self._config.embedded_path}{_EMBEDDED_MARK}{row_id}", cid,
                                kind, created, len(text), key_id_of(text),
                                _check(self._backends, cid, kind, text)))
@@ -199,8 +256,7 @@ class QuarantineAdmin:
         return await self._restore_record(copy, force)
 
     async def _restore_entry(self, copy: Copy) -> str:
-        text = await self._payload(copy)
-        rows = [r.as_dict() for r in parse_entry(text)[1]]
+        rows = rows_of(self._backends.codec, copy.conversation_id, await self._payload(copy))
         log = self._backends.log
         await log.run(log.sync.append, {copy.conversation_id: rows}, {})
         await self._delete(copy)
@@ -209,16 +265,20 @@ class QuarantineAdmin:
 
     async def _restore_record(self, copy: Copy, force: bool) -> str:
         ttl_ms = int(self._config.record_exp * 1000)
+        codec = self._backends.codec
+        record = record_of(codec, copy.conversation_id, await self._payload(copy))
+        payload = codec.dumps_record(record)  # sealed for its place as the live record
         if self._redis is not None:
             hot = f"{self._config.key_prefix}:h:{{{copy.conversation_id}}}"
             aside = f"{self._config.key_prefix}:q:{{{copy.conversation_id}}}:" \
                     f"{int(time.time() * 1000)}-restore"
             version = await self._redis.eval(
                 _RESTORE_RECORD, 3, hot, copy.ref, aside, ttl_ms, "1" if force else "0",
-                int(self._config.quarantine_ttl * 1000))
+                int(self._config.quarantine_ttl * 1000), payload)
         else:
             version = self._sqlite(lambda c: _restore_embedded(
-                c, copy, force, self._config.record_exp, self._config.quarantine_ttl))
+                c, copy, payload, force, self._config.record_exp,
+                self._config.quarantine_ttl))
         if int(version) == -1:
             raise ConfigError(
                 f"Conversation '{copy.conversation_id}' has a live hot record; restoring "
@@ -228,7 +288,10 @@ class QuarantineAdmin:
 
     async def _payload(self, copy: Copy) -> str:
         if self._redis is not None:
-            value = await self._redis.get(copy.ref)
+            kind = await self._redis.type(copy.ref)
+            kind = kind.decode() if isinstance(kind, bytes) else kind
+            value = await (self._redis.hget(copy.ref, "d") if kind == "hash"
+                           else self._redis.get(copy.ref))
             return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
         row_id = int(copy.ref.rsplit(_EMBEDDED_MARK, 1)[1])
         return self._sqlite(lambda c: c.execute(
@@ -242,12 +305,10 @@ class QuarantineAdmin:
         self._sqlite(lambda c: c.execute("DELETE FROM rpt_quarantine WHERE id=?", (row_id,)))
 
 
-def _restore_embedded(conn: sqlite3.Connection, copy: Copy, force: bool, record_exp: float,
-                      quarantine_ttl: float) -> int:
+def _restore_embedded(conn: sqlite3.Connection, copy: Copy, payload: str, force: bool,
+                      record_exp: float, quarantine_ttl: float) -> int:
     now = time.time()
     row_id = int(copy.ref.rsplit(_EMBEDDED_MARK, 1)[1])
-    payload = conn.execute("SELECT payload FROM rpt_quarantine WHERE id=?",
-                           (row_id,)).fetchone()[0]
     live = conn.execute("SELECT version, payload, expires_at FROM rpt_hot WHERE "
                         "conversation_id=?", (copy.conversation_id,)).fetchone()
     live_version = live[0] if live else 0

@@ -18,6 +18,7 @@ from rasa.shared.core.events import Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import window
+from rasa_persistent_tracker.crypto import SNAPSHOT
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     EventLogUnavailable,
@@ -27,7 +28,6 @@ from rasa_persistent_tracker.errors import (
 from rasa_persistent_tracker.event_log import LogRow, Snapshot
 from rasa_persistent_tracker.events import EVENT_ERRORS, fingerprint, parse_event
 from rasa_persistent_tracker.hot_state import HotEntry
-from rasa_persistent_tracker.outbox import parse_entry
 
 if TYPE_CHECKING:
     from rasa_persistent_tracker.store import PersistentTrackerStore
@@ -46,6 +46,10 @@ class Recovery:
     def __init__(self, store: "PersistentTrackerStore") -> None:
         self._store = store
         self._suspect_until = 0.0
+
+    def _id(self, sender_id: str) -> str:
+        """What log lines show for a conversation (``log_conversation_ids``)."""
+        return self._store._ids(sender_id)
 
     def suspect(self) -> None:
         """The hot state just failed: check records against SQL for a while."""
@@ -66,7 +70,7 @@ class Recovery:
             return None
         logger.warning("Conversation '%s': hot record is behind the SQL snapshot (a write was "
                        "lost, e.g. in a failover); restoring from the snapshot and log.",
-                       sender_id)
+                       self._id(sender_id))
         return await self.from_snapshot(sender_id, refill=True, snapshot=snapshot,
                                         expected=version)
 
@@ -90,7 +94,7 @@ class Recovery:
                 self.suspect()
                 if delay is None:
                     logger.error("Conversation '%s': %s Reading the SQL snapshot instead.",
-                                 sender_id, exc)
+                                 self._id(sender_id), exc)
                     return None
                 await asyncio.sleep(delay)
         return None
@@ -98,7 +102,9 @@ class Recovery:
     async def quarantine(self, sender_id: str, reason: str) -> Optional[str]:
         where = await self._hot.quarantine(sender_id, self._store.config.quarantine_ttl)
         logger.warning("Conversation '%s': stored hot state is unreadable (%s); kept as %s.",
-                       sender_id, reason, where or "nothing (already gone)")
+                       self._id(sender_id), reason,
+                       self._store._ids.in_text(where, sender_id) if where
+                       else "nothing (already gone)")
         return where
 
     async def quarantined(self, sender_id: str, reason: str) -> DialogueStateTracker:
@@ -107,12 +113,15 @@ class Recovery:
         await self.quarantine(sender_id, reason)
         tracker = await self.from_snapshot(sender_id, refill=True)
         if tracker is not None:
-            logger.warning("Conversation '%s' resumed from its SQL snapshot and log.", sender_id)
+            logger.warning("Conversation '%s' resumed from its SQL snapshot and log.",
+                           self._id(sender_id))
             return tracker
         tracker = self._store.init_tracker(sender_id)
-        self._store._mark(tracker, 0, await self._next_seq(sender_id, 0), {})
+        entry = await self.load(sender_id)  # undelivered rows count too
+        self._store._mark(tracker, 0, await self._next_seq(
+            sender_id, entry.outbox_seq if entry else 0), {})
         logger.warning("Conversation '%s' has no usable snapshot: starting a fresh session.",
-                       sender_id)
+                       self._id(sender_id))
         return tracker
 
     async def missing(self, sender_id: str, outbox_seq: int) -> Optional[DialogueStateTracker]:
@@ -121,7 +130,7 @@ class Recovery:
             snapshot = await self._snapshot(sender_id)
         except EventLogUnavailable as exc:
             logger.warning("Conversation '%s' has no hot record and its snapshot cannot be read "
-                           "(%s): treating it as a new session.", sender_id, exc)
+                           "(%s): treating it as a new session.", self._id(sender_id), exc)
             return None
         if snapshot is None:
             return None
@@ -132,7 +141,7 @@ class Recovery:
         tracker = await self.from_snapshot(sender_id, refill=True, snapshot=snapshot)
         if tracker is not None:
             logger.warning("Conversation '%s': hot record was lost; restored from the SQL "
-                           "snapshot.", sender_id)
+                           "snapshot.", self._id(sender_id))
         return tracker
 
     async def _snapshot(self, sender_id: str) -> Optional[Snapshot]:
@@ -153,8 +162,8 @@ class Recovery:
             tail = await self.all_rows(sender_id, after_seq=after)
         except EventLogUnavailable as exc:
             raise HotStateUnavailable(
-                f"Conversation '{sender_id}': the hot state is unusable and the SQL snapshot "
-                f"is unreachable ({exc})") from exc
+                f"Conversation '{self._id(sender_id)}': the hot state is unusable and the SQL "
+                f"snapshot is unreachable ({exc})") from exc
         restored = self._restore(sender_id, snapshot)
         from_log = restored is None
         if from_log:
@@ -169,7 +178,7 @@ class Recovery:
             # Resuming from a replay with holes could bring back an older value
             # as if it were current (and write it back): refuse it.
             logger.warning("Conversation '%s': %d event(s) after the snapshot are unreadable; "
-                           "not resuming from an incomplete history.", sender_id,
+                           "not resuming from an incomplete history.", self._id(sender_id),
                            len(tail) - len(events))
             return None
         for event in events:
@@ -195,10 +204,11 @@ class Recovery:
         if snapshot is None:
             return None
         try:
-            record, tracker, cache, previous = self._store._decode(sender_id, snapshot.payload)
+            record, tracker, cache, previous = self._store._decode(
+                sender_id, snapshot.payload, SNAPSHOT)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': SQL snapshot is unreadable too (%s); "
-                           "replaying the log instead.", sender_id, exc)
+                           "replaying the log instead.", self._id(sender_id), exc)
             return None
         return tracker, cache, record["next_seq"], previous
 
@@ -215,6 +225,10 @@ class Recovery:
         elif entry.payload is not None:
             try:
                 record, stored, cache, previous = self._store._decode(sender_id, entry.payload)
+                behind = await self._store._fresh.behind(sender_id, record["next_seq"],
+                                                         entry.outbox_seq)
+                if behind:  # a replayed older record: never the base of a merge
+                    raise CorruptRecordError(f"record is stale: {behind}")
             except CorruptRecordError as exc:
                 await self.quarantine(sender_id, str(exc))
                 record = None
@@ -251,7 +265,7 @@ class Recovery:
         except EventLogUnavailable:
             # Number provisionally; delivery re-sequences on collision (event_log.append).
             logger.warning("Conversation '%s': event log unreachable, numbering new events "
-                           "provisionally.", sender_id)
+                           "provisionally.", self._id(sender_id))
             logged = 1
         return max(logged, outbox_seq + 1)
 
@@ -260,7 +274,7 @@ class Recovery:
         if not rows:
             return None
         try:
-            return self._store._codec.loads(rows[0].data)
+            return self._store._codec.loads_event(rows[0].data, sender_id, seq)
         except CorruptRecordError:
             return None
 
@@ -273,13 +287,14 @@ class Recovery:
             pending = await self._hot.pending(sender_id, 100_000)
             for entry in pending.entries:
                 try:
-                    undelivered.update((r.seq, r) for r in parse_entry(entry)[1])
+                    undelivered.update((r.seq, r) for r in
+                                       self._store._outbox.entries.parse(sender_id, entry)[1])
                 except (ValueError, TypeError, KeyError):
                     logger.warning("Conversation '%s': skipped an unreadable outbox entry.",
-                                   sender_id)
+                                   self._id(sender_id))
         except HotStateUnavailable:
             logger.warning("Conversation '%s': hot state unreachable; undelivered events "
-                           "are missing from this read.", sender_id)
+                           "are missing from this read.", self._id(sender_id))
         rows = await self._log.run(self._log.sync.read, sender_id, after_seq)
         logged = {r.seq for r in rows}
         rows.extend(r for seq, r in sorted(undelivered.items())
@@ -292,12 +307,13 @@ class Recovery:
         events: List[Event] = []
         for row in rows:
             try:
-                event = parse_event(self._store._codec.loads(row.data))
+                event = parse_event(self._store._codec.loads_event(row.data, sender_id,
+                                                                   row.seq))
                 if event is None:
                     raise CorruptRecordError("unknown event type")
             except (CorruptRecordError, *EVENT_ERRORS) as exc:
                 logger.warning("Conversation '%s': skipped corrupt log row seq=%d (%s).",
-                               sender_id, row.seq, exc)
+                               self._id(sender_id), row.seq, exc)
                 continue
             events.append(event)
         return events

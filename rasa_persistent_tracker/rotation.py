@@ -1,25 +1,23 @@
-"""Key rotation: re-encrypt stored data under the newest key.
+"""Key rotation: re-seal stored data under the newest key.
 
-Hot records, every ``rpt_events`` row and ``rpt_snapshots`` payload that uses
-another key (and sensitive rows written before encryption was on) are
-rewritten in batches that commit on their own, so a run can be stopped and
-started again; a rerun skips what is already under the newest key. Used by
-``rasa-persistent-tracker rotate-keys`` (cli.py).
+Hot records, every ``rpt_events`` row and ``rpt_snapshots`` payload and every
+quarantine copy that is not in the current format under the newest key
+(another key, the unbound legacy format, or plaintext: the latter two only
+with ``accept_plaintext``) are rewritten in batches that commit on their own,
+so a run can be stopped and started again; a rerun skips what is done. What
+one value becomes is ``rekey``'s. The report counts every stored value per
+key id. Used by ``rasa-persistent-tracker rotate-keys`` (cli.py).
 """
-import contextlib
+import collections
 import dataclasses
 import logging
-import pathlib
-import re
-import sqlite3
-import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import sqlalchemy as sa
 
+from rasa_persistent_tracker import rekey
 from rasa_persistent_tracker.backends import Backends
-from rasa_persistent_tracker.config import StoreConfig
-from rasa_persistent_tracker.crypto import PREFIX, key_id_of
+from rasa_persistent_tracker.crypto import HOT, MAC_PREFIX, PREFIX, SNAPSHOT, key_id_of
 from rasa_persistent_tracker.errors import (
     ConcurrentSaveError,
     ConfigError,
@@ -28,11 +26,11 @@ from rasa_persistent_tracker.errors import (
 )
 from rasa_persistent_tracker.event_log import EVENTS, SNAPSHOTS
 from rasa_persistent_tracker.hot_state import UnusableValue
-from rasa_persistent_tracker.outbox import parse_entry
+from rasa_persistent_tracker.raw_access import RawHotAccess
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("hot records", "rpt_events", "rpt_snapshots")
+PHASES = ("hot records", "rpt_events", "rpt_snapshots", "quarantine")
 _COMMIT_ATTEMPTS = 5
 _LISTED = 20  # unreadable values named one by one per phase; the rest are counted
 
@@ -47,36 +45,52 @@ class Progress:
     rewritten: int
 
 
+def _zeros() -> Dict[str, int]:
+    return dict.fromkeys(PHASES, 0)
+
+
 @dataclasses.dataclass
 class RotationReport:
-    """What ``rotate`` did, per phase, and what still uses an old key."""
+    """What ``rotate`` did, per phase; what each kind of stored value is under
+    (``by_key``: key id, ``<id> (legacy)`` or ``plaintext`` -> count, as left
+    by the run) and what still is not under the primary key (``old_key``)."""
 
     primary: str
-    checked: Dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0))
-    rewritten: Dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0))
-    unreadable: Dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    checked: Dict[str, int] = dataclasses.field(default_factory=_zeros)
+    rewritten: Dict[str, int] = dataclasses.field(default_factory=_zeros)
+    unreadable: Dict[str, int] = dataclasses.field(default_factory=_zeros)
     old_key: Dict[str, int] = dataclasses.field(default_factory=dict)
+    by_key: Dict[str, collections.Counter] = dataclasses.field(
+        default_factory=lambda: {p: collections.Counter() for p in (*PHASES, "outbox")})
     complete: bool = False
+    quarantine_checked: bool = False
 
     @property
     def finished(self) -> bool:
-        """True when the run was complete and nothing uses an old key any more."""
-        return self.complete and not any(self.old_key.values())
+        """True when the run was complete and nothing at all is left under
+        another key, in a legacy format or in plaintext."""
+        return self.complete and self.quarantine_checked and not any(self.old_key.values())
 
     def summary(self) -> str:
         lines = [f"  {p}: {self.checked[p]} checked, {self.rewritten[p]} re-encrypted"
                  + (f", {self.unreadable[p]} unreadable" if self.unreadable[p] else "")
                  for p in PHASES]
+        lines += [f"  now in {p}: " + ", ".join(f"{n} under {k}" for k, n in sorted(c.items()))
+                  for p, c in self.by_key.items() if c]
         if not self.complete:
             head = "Key rotation stopped before the end: run rotate-keys again to finish."
+        elif not self.quarantine_checked:
+            head = "Key rotation did not check the quarantine copies: keep the other keys."
         elif self.finished:
-            head = (f"Key rotation complete: no row or record uses an old key; every key "
-                    f"except '{self.primary}' can be removed.")
+            head = (f"Key rotation complete: no record, row, snapshot, outbox entry or "
+                    f"quarantine copy uses another key; every key except "
+                    f"'{self.primary}' can be removed.")
         else:
             left = ", ".join(f"{n} in {p}" for p, n in self.old_key.items() if n)
-            head = (f"Key rotation done, but some data still uses a key other than "
-                    f"'{self.primary}' ({left}): keep the other keys. Unreadable values are "
-                    f"named in the warnings above (is a key missing from the keyring?).")
+            head = (f"Key rotation done, but some data is not under '{self.primary}' "
+                    f"({left}): keep the other keys. Unreadable values are named in the "
+                    f"warnings above (is a key missing from the keyring? plaintext needs "
+                    f"accept_plaintext: true).")
         return "\n".join([head, *lines])
 
     def unreadable_value(self, phase: str, what: str, reason: object) -> None:
@@ -87,57 +101,12 @@ class RotationReport:
         if self.unreadable[phase] == _LISTED:
             logger.warning("Further unreadable values in %s are counted, not listed.", phase)
 
+    def count(self, phase: str, value: str) -> None:
+        self.by_key[phase][rekey.label(value)] += 1
+
 
 class _Stopped(Exception):
     """``max_batches`` reached."""
-
-
-class RawHotAccess:
-    """Reads the ``HotState`` protocol does not offer: remaining TTL, quarantine keys.
-
-    Args:
-        config: the store config (prefix, embedded path).
-        redis_client: a redis.asyncio client on the hot state's server (None:
-            the embedded hot state, read from its SQLite file).
-    """
-
-    def __init__(self, config: StoreConfig, redis_client: Any = None) -> None:
-        self._config = config
-        self._redis = redis_client
-
-    def _hash_key(self, cid: str) -> str:
-        return f"{self._config.key_prefix}:h:{{{cid}}}"
-
-    def _sqlite(self, sql: str, args: Tuple) -> List[tuple]:
-        uri = pathlib.Path(self._config.embedded_path).resolve().as_uri() + "?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
-            return conn.execute(sql, args).fetchall()
-
-    async def ttl(self, cid: str) -> Optional[float]:
-        """Seconds the record has left; None if gone, ``record_exp`` if unknown."""
-        if self._redis is not None:
-            ms = await self._redis.pttl(self._hash_key(cid))
-            return None if ms == -2 else self._config.record_exp if ms < 0 else ms / 1000
-        rows = self._sqlite("SELECT expires_at FROM rpt_hot WHERE conversation_id=?", (cid,))
-        left = rows[0][0] - time.time() if rows else -1.0
-        return left if left > 0 else None
-
-    async def quarantined(self, cid: str) -> List[str]:
-        if self._redis is not None:
-            literal = re.sub(r"([\\*?\[\]])", r"\\\1", cid)  # SCAN glob syntax
-            pattern = f"{self._config.key_prefix}:q:{{{literal}}}:*"
-            return sorted([k.decode() if isinstance(k, bytes) else k
-                           async for k in self._redis.scan_iter(match=pattern, count=1000)])
-        rows = self._sqlite("SELECT id FROM rpt_quarantine WHERE conversation_id=? AND "
-                            "expires_at>? ORDER BY id", (cid, time.time()))
-        return [f"{self._config.embedded_path}#rpt_quarantine/{r[0]}" for r in rows]
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.close()
-
-
-# ------------------------------------------------------------------ rotation
 
 
 def primary_key_id(backends: Backends) -> str:
@@ -149,29 +118,10 @@ def primary_key_id(backends: Backends) -> str:
     return kid
 
 
-def _reencode_event(backends: Backends, primary: str, data: str) -> Optional[str]:
-    """New ``data`` for a log row, or None if it is fine as it is."""
-    kid = key_id_of(data)
-    if kid == primary:
-        return None
-    event = backends.codec.loads(data)
-    if not isinstance(event, dict):
-        raise CorruptRecordError("log row is not an event object")
-    new = backends.codec.dumps_event(event)
-    # Plaintext the config does not call sensitive stays as it is.
-    return None if kid is None and key_id_of(new) is None else new
-
-
-def _reencode_record(backends: Backends, primary: str, payload: str) -> Optional[str]:
-    if key_id_of(payload) == primary:
-        return None
-    return backends.codec.dumps_record(backends.codec.loads_record(payload))
-
-
-def _read_batch(engine: sa.engine.Engine, table: sa.Table, key: str, column: str,
-                after: Any, limit: int) -> List[Tuple[Any, str]]:
-    order = table.c[key]
-    query = sa.select(order, table.c[column]).order_by(order).limit(limit)
+def _read_batch(engine: sa.engine.Engine, table: sa.Table, columns: Tuple[str, ...],
+                after: Any, limit: int) -> List[tuple]:
+    order = table.c[columns[0]]
+    query = sa.select(*(table.c[c] for c in columns)).order_by(order).limit(limit)
     if after is not None:
         query = query.where(order > after)
     with engine.connect() as conn:
@@ -192,20 +142,31 @@ def _write_batch(engine: sa.engine.Engine, table: sa.Table, key: str, column: st
 def _count(engine: sa.engine.Engine, table: sa.Table, column: str,
            primary: Optional[str] = None) -> int:
     query = sa.select(sa.func.count()).select_from(table)
-    if primary is not None:  # rows under a key other than ``primary``
+    if primary is not None:  # values not in the current format under ``primary``
         col = table.c[column]
-        query = query.where(col.startswith(PREFIX, autoescape=True),
-                            ~col.startswith(f"{PREFIX}{primary}:", autoescape=True))
+        query = query.where(~col.startswith(f"{PREFIX}{primary}:", autoescape=True),
+                            ~col.startswith(f"{MAC_PREFIX}{primary}:", autoescape=True))
     with engine.connect() as conn:
         return int(conn.execute(query).scalar() or 0)
+
+
+def _event(backends: Backends, primary: str, row: tuple) -> Optional[str]:
+    _, cid, seq, data = row
+    return rekey.event(backends.codec, primary, cid, seq, data)
+
+
+def _snapshot(backends: Backends, primary: str, row: tuple) -> Optional[str]:
+    cid, payload = row
+    return rekey.record(backends.codec, primary, cid, payload, SNAPSHOT)
 
 
 async def rotate(backends: Backends, batch_size: int = 500,
                  progress: Optional[Callable[[Progress], None]] = None,
                  max_batches: Optional[int] = None,
                  ttl_of: Optional[Callable[[str], Awaitable[Optional[float]]]] = None,
-                 ) -> RotationReport:
-    """Re-encrypt every hot record, log row and snapshot under the primary key.
+                 raw: Optional[RawHotAccess] = None) -> RotationReport:
+    """Re-seal every hot record, log row, snapshot and quarantine copy under
+    the primary key.
 
     Args:
         backends: the storage, opened with the new keyring (new key first).
@@ -214,6 +175,8 @@ async def rotate(backends: Backends, batch_size: int = 500,
         max_batches: stop after this many batches (None: run to the end).
         ttl_of: remaining TTL of a conversation's hot record in seconds (None:
             gone); without it records keep ``record_exp``.
+        raw: direct access to the hot state's quarantine copies (without it
+            they are neither rotated nor counted, and the run is not finished).
 
     Returns:
         The report; ``report.finished`` says whether old keys can be removed.
@@ -241,21 +204,26 @@ async def rotate(backends: Backends, batch_size: int = 500,
             for cid in ids[start:start + batch_size]:
                 await _rotate_record(backends, primary, cid, report, ttl_of)
             batch_done("hot records", len(ids))
-        for phase, table, key, column, encode in (
-                ("rpt_events", EVENTS, "id", "data", _reencode_event),
-                ("rpt_snapshots", SNAPSHOTS, "conversation_id", "payload", _reencode_record)):
-            await _rotate_table(backends, primary, report, phase, table, key, column, encode,
+        for phase, table, columns, encode in (
+                ("rpt_events", EVENTS, ("id", "conversation_id", "seq", "data"), _event),
+                ("rpt_snapshots", SNAPSHOTS, ("conversation_id", "payload"), _snapshot)):
+            await _rotate_table(backends, primary, report, phase, table, columns, encode,
                                 batch_size, batch_done)
+        if raw is not None:
+            await _rotate_quarantine(backends, primary, report, raw)
         report.complete = True
     except _Stopped:
         pass
     engine = backends.log.sync.engine
     report.old_key = {
+        "hot records": report.old_key.get("hot records", 0),
         "rpt_events": await backends.log.run(_count, engine, EVENTS, "data", primary),
         "rpt_snapshots": await backends.log.run(_count, engine, SNAPSHOTS, "payload", primary),
-        "hot records": report.old_key.get("hot records", 0),
-        "outbox": await _old_key_outbox_rows(backends, primary),
+        "outbox": await _outbox_left(backends, primary, report),
+        "quarantine": (sum(n for k, n in report.by_key["quarantine"].items() if k != primary)
+                       if raw is not None else 0),
     }
+    report.quarantine_checked = raw is not None
     return report
 
 
@@ -267,16 +235,19 @@ async def _rotate_record(backends: Backends, primary: str, cid: str, report: Rot
         entry = await backends.hot.load(cid)
         if entry.payload is None:
             if entry.problem:
-                report.unreadable_value(phase, f"Hot record of '{cid}'", entry.problem)
-            return
-        try:
-            new = _reencode_record(backends, primary, entry.payload)
-        except (CorruptRecordError, EncryptionKeyMissing) as exc:
-            report.unreadable_value(phase, f"Hot record of '{cid}'", exc)
-            if key_id_of(entry.payload) not in (None, primary):
+                report.unreadable_value(phase, f"Hot record of '{backends.ids(cid)}'",
+                                        entry.problem)
                 report.old_key[phase] = report.old_key.get(phase, 0) + 1
             return
+        try:
+            new = rekey.record(backends.codec, primary, cid, entry.payload, HOT)
+        except (CorruptRecordError, EncryptionKeyMissing) as exc:
+            report.unreadable_value(phase, f"Hot record of '{backends.ids(cid)}'", exc)
+            report.count(phase, entry.payload)
+            report.old_key[phase] = report.old_key.get(phase, 0) + 1
+            return
         if new is None:
+            report.count(phase, entry.payload)
             return
         ttl = await ttl_of(cid) if ttl_of is not None else backends.config.record_exp
         if ttl is None:
@@ -286,33 +257,36 @@ async def _rotate_record(backends: Backends, primary: str, cid: str, report: Rot
         except ConcurrentSaveError:
             continue  # a turn saved meanwhile (with the keys it has): look again
         except UnusableValue as exc:
-            report.unreadable_value(phase, f"Hot record of '{cid}'", exc)
+            report.unreadable_value(phase, f"Hot record of '{backends.ids(cid)}'", exc)
             return
         report.rewritten[phase] += 1
+        report.count(phase, new)
         return
     report.old_key[phase] = report.old_key.get(phase, 0) + 1
 
 
 async def _rotate_table(backends: Backends, primary: str, report: RotationReport, phase: str,
-                        table: sa.Table, key: str, column: str,
-                        encode: Callable[[Backends, str, str], Optional[str]],
+                        table: sa.Table, columns: Tuple[str, ...],
+                        encode: Callable[[Backends, str, tuple], Optional[str]],
                         batch_size: int, batch_done: Callable[[str, int], None]) -> None:
     log, engine = backends.log, backends.log.sync.engine
+    key, column = columns[0], columns[-1]
     total = await log.run(_count, engine, table, column)
     after = None
     while True:
-        rows = await log.run(_read_batch, engine, table, key, column, after, batch_size)
+        rows = await log.run(_read_batch, engine, table, columns, after, batch_size)
         if not rows:
             return
         updates = []
-        for row_key, value in rows:
+        for row in rows:
             try:
-                new = encode(backends, primary, value)
+                new = encode(backends, primary, row)
             except (CorruptRecordError, EncryptionKeyMissing) as exc:
-                report.unreadable_value(phase, f"{phase} {key}={row_key}", exc)
-                continue
+                report.unreadable_value(phase, f"{phase} {key}={row[0]}", exc)
+                new = None
             if new is not None:
-                updates.append((row_key, value, new))
+                updates.append((row[0], row[-1], new))
+            report.count(phase, new or row[-1])
         if updates:
             report.rewritten[phase] += await log.run(
                 _write_batch, engine, table, key, column, updates)
@@ -321,16 +295,29 @@ async def _rotate_table(backends: Backends, primary: str, report: RotationReport
         batch_done(phase, max(total, report.checked[phase]))
 
 
-async def _old_key_outbox_rows(backends: Backends, primary: str) -> int:
-    count = 0
+async def _rotate_quarantine(backends: Backends, primary: str, report: RotationReport,
+                             raw: RawHotAccess) -> None:
+    phase = "quarantine"
+    async for where, cid, value in raw.copies():
+        report.checked[phase] += 1
+        try:
+            new = rekey.quarantine_copy(backends.codec, primary, cid, value)
+        except (CorruptRecordError, EncryptionKeyMissing) as exc:
+            report.unreadable_value(phase, "Quarantine copy "
+                                   f"{backends.ids.in_text(str(where), cid)!r}", exc)
+            new = None
+        if new is not None and await raw.replace_copy(where, value, new):
+            report.rewritten[phase] += 1
+            value = new
+        report.count(phase, value)
+
+
+async def _outbox_left(backends: Backends, primary: str, report: RotationReport) -> int:
+    """Outbox entries (body and rows) not under ``primary``, counted per key."""
+    left = 0
     async for cid in backends.hot.outboxes():
         for entry in (await backends.hot.pending(cid, 100_000)).entries:
-            try:
-                rows = parse_entry(entry)[1]
-            except (ValueError, TypeError, KeyError):
-                continue
-            count += sum(key_id_of(r.data) not in (None, primary) for r in rows)
-    return count
-
-
-# ------------------------------------------------------------------ inspect
+            body = entry.split("|", 2)[-1]
+            report.count("outbox", body)
+            left += not rekey.current(body, primary)
+    return left

@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from rasa_persistent_tracker.codec import ENCRYPTED_MARK
+from rasa_persistent_tracker.crypto import is_ciphertext
 from rasa_persistent_tracker.errors import ConfigError, EncryptionKeyMissing
 from rasa_persistent_tracker.event_log import SQLEventLog
 
@@ -49,7 +49,7 @@ def check_encryption(log: SQLEventLog, keyring: Any, where: str) -> None:
     encrypted = log.fact(ENCRYPTED_FACT) == "yes"
     if keyring is None:
         if not encrypted:
-            encrypted = any(p.startswith(ENCRYPTED_MARK)
+            encrypted = any(is_ciphertext(p)
                             for p in log.sample_snapshot_payloads(_SAMPLE))
             if encrypted:
                 log.record_fact(ENCRYPTED_FACT, "yes")

@@ -16,14 +16,15 @@ from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import lifecycle, replay, startup, window
 from rasa_persistent_tracker.backends import Backends, open_backends
+from rasa_persistent_tracker.crypto import HOT, SNAPSHOT
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     EventLogUnavailable,
     HotStateBusy,
     HotStateUnavailable,
 )
+from rasa_persistent_tracker.freshness import Freshness
 from rasa_persistent_tracker.hot_state import UnusableValue, payload_digest
-from rasa_persistent_tracker.outbox import make_entry
 from rasa_persistent_tracker.recent import RecentRecords, Remembered, shareable
 from rasa_persistent_tracker.recovery import Recovery
 from rasa_persistent_tracker.turns import TurnEncoder
@@ -72,11 +73,14 @@ class PersistentTrackerStore(TrackerStore):
         self._hot = self._backends.hot
         self._log = self._backends.log
         self._codec = self._backends.codec
+        self._ids = self._backends.ids  # conversation ids as log lines show them
         self._outbox = self._backends.outbox
         self._recovery = Recovery(self)
         self._recent = RecentRecords(self.config.record_cache_size)
         self._turns = TurnEncoder(self._codec, self._recent, self.config.max_history)
-        self._shape_ok, self._outbox.snapshot_ok = self._outbox.snapshot_ok, self._snapshot_ok
+        self._fresh = Freshness(self._log, self._hot, self._outbox.entries)
+        self._shape_ok, self._outbox.snapshot_payload = (self._outbox.snapshot_payload,
+                                                         self._snapshot_payload)
         if self._backends.announce:
             logger.info(self._backends.announce)
         lifecycle.deliver_on_exit(self._outbox, self._hot)
@@ -133,8 +137,8 @@ class PersistentTrackerStore(TrackerStore):
                 # Its latest turns may be in the unreachable outbox: it cannot be
                 # told apart from a new conversation, so do not pretend it is one.
                 raise HotStateUnavailable(
-                    f"Conversation '{sender_id}': the hot state is unreachable and the SQL "
-                    f"log has nothing of it (yet).")
+                    f"Conversation '{self._ids(sender_id)}': the hot state is unreachable and "
+                    f"the SQL log has nothing of it (yet).")
             return tracker
         if entry.problem:
             return await self._recovery.quarantined(sender_id, entry.problem)
@@ -151,6 +155,9 @@ class PersistentTrackerStore(TrackerStore):
                 record, tracker, cache, previous = self._decode(sender_id, entry.payload)
             except CorruptRecordError as exc:
                 return await self._recovery.quarantined(sender_id, str(exc))
+            behind = await self._fresh.behind(sender_id, record["next_seq"], entry.outbox_seq)
+            if behind:  # a replayed older record: never believed
+                return await self._recovery.quarantined(sender_id, f"record is stale: {behind}")
         if self._recovery.suspecting:
             newer = await self._recovery.newer_snapshot(
                 sender_id, record["next_seq"], entry.version)
@@ -170,46 +177,55 @@ class PersistentTrackerStore(TrackerStore):
                 remembered.base_text, remembered.base_events, remembered.window_events)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': the record this process remembers does not "
-                           "replay (%s); reading the stored one.", sender_id, exc)
+                           "replay (%s); reading the stored one.", self._ids(sender_id), exc)
             self._recent.forget(sender_id)
             return None
         remembered.base_events = previous.slot_events
         remembered.window_events = shareable(known[0] for known in cache.values())
         return record, tracker, cache, previous
 
-    def _decode(self, sender_id: str, payload: str) -> Tuple[
+    def _decode(self, sender_id: str, payload: str, kind: str = HOT) -> Tuple[
             Dict[str, Any], DialogueStateTracker, window.Known, window.Previous]:
-        """A stored record (hot or snapshot) and the tracker rebuilt from it.
+        """A stored record (hot or snapshot: ``kind``) and the tracker rebuilt from it.
 
         Raises CorruptRecordError if it cannot be decoded, validated or replayed.
         """
-        record = replay.validate_record(self._codec.loads_record(payload), sender_id)
+        record = replay.validate_record(self._codec.loads_record(payload, sender_id, kind),
+                                        sender_id)
         tracker, cache, previous = replay.rebuild_tracker(
             record, self.domain.slots, self.max_event_history)
         return record, tracker, cache, previous
 
-    def _snapshot_ok(self, sender_id: str, payload: str) -> bool:
-        """Whether a hot payload may become the SQL snapshot: it must decode
-        and replay (a record that only looks right must never replace the last
-        good snapshot). The record this process wrote needs no check."""
+    def _snapshot_payload(self, sender_id: str, payload: str, next_seq: int) -> Optional[str]:
+        """A hot payload as the SQL snapshot at ``next_seq``, or None: it must
+        decode, replay and be the record at ``next_seq`` (a record that only
+        looks right, or an older one, must never replace the last good
+        snapshot). The record this process wrote needs no replay."""
         remembered = self._recent.get(sender_id)
         if remembered is not None and remembered.digest == payload_digest(payload):
-            return True
-        if self.domain is None:  # cannot replay yet: check the shape only
-            return self._shape_ok(sender_id, payload)
+            record = remembered.record
+        elif self.domain is None:  # cannot replay yet: check the shape only
+            return self._shape_ok(sender_id, payload, next_seq)
+        else:
+            try:
+                record = self._decode(sender_id, payload)[0]
+            except CorruptRecordError:
+                return None
+            except Exception:  # e.g. a custom event failing to replay: keep the old snapshot
+                logger.exception("Conversation '%s': hot record cannot be replayed; not taken "
+                                 "as the SQL snapshot.", self._ids(sender_id))
+                return None
+        if record["next_seq"] != next_seq:
+            return None
         try:
-            self._decode(sender_id, payload)
-            return True
+            return self._codec.reseal_record(payload, sender_id, SNAPSHOT)
         except CorruptRecordError:
-            return False
-        except Exception:  # e.g. a custom event failing to replay: keep the old snapshot
-            logger.exception("Conversation '%s': hot record cannot be replayed; not taken "
-                             "as the SQL snapshot.", sender_id)
-            return False
+            return None
 
     def _mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
               cache: window.Known, previous: Optional[window.Previous] = None) -> None:
         last = tracker.events[-1] if tracker.events else None
+        self._fresh.saw(tracker.sender_id, next_seq)
         setattr(tracker, MARK, window.Loaded(tracker.sender_id, version, next_seq, last, cache,
                                               previous))
 
@@ -280,7 +296,7 @@ class PersistentTrackerStore(TrackerStore):
         rows = self._turns.rows(sender_id, new, next_seq, cache)
         built = self._turns.build(state, self.domain.slots, next_seq + len(new), cache, previous)
         payload, remembered = self._turns.encode(built)
-        entry = make_entry(rows, time.time())
+        entry = self._outbox.entries.make(sender_id, rows, time.time())
         try:
             version = await self._hot.commit(sender_id, expected, payload,
                                              self.config.record_exp, entry)
@@ -309,7 +325,7 @@ class PersistentTrackerStore(TrackerStore):
             await self._outbox.deliver([sender_id])
         except EventLogUnavailable as exc:
             logger.warning("Conversation '%s': event log unreachable, rows kept in the outbox "
-                           "for delivery later (%s).", sender_id, exc)
+                           "for delivery later (%s).", self._ids(sender_id), exc)
 
     # --------------------------------------------------------------- lifecycle
 

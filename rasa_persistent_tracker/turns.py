@@ -53,7 +53,8 @@ class TurnEncoder:
             rows.append(LogRow(first_seq + offset, _column("type_name", event.type_name),
                                event.timestamp, _column("intent_name", intent),
                                _column("action_name", action),
-                               self._codec.protect_event(as_dict, text)))
+                               self._codec.protect_event(as_dict, text, sender_id,
+                                                         first_seq + offset)))
         return rows
 
     def _event(self, sender_id: str, event: Event) -> Tuple[str, Dict[str, Any]]:

@@ -18,7 +18,7 @@ from rasa.shared.core.trackers import DialogueStateTracker
 from rasa_persistent_tracker import ConfigError, EncryptionKeyMissing, PersistentTrackerStore
 from rasa_persistent_tracker.backends import assemble
 from rasa_persistent_tracker.config import parse_config
-from rasa_persistent_tracker.crypto import key_id_of, new_key_entry
+from rasa_persistent_tracker.crypto import is_encrypted, key_id_of, new_key_entry
 from rasa_persistent_tracker.event_log import EVENTS, SNAPSHOTS, SQLEventLog, make_engine
 from rasa_persistent_tracker.hot_state import RedisHotState
 
@@ -141,9 +141,13 @@ async def test_hot_record_and_sensitive_rows_are_encrypted(backend, domain):
     await store.flush()
     payload = backend.redis_client().hget(hot_key(backend, "e1"), "d").decode()
     assert key_id_of(payload) == "k1" and "Secret" not in payload
-    kinds = {r.type_name: key_id_of(r.data) for r in log_rows(backend, "e1")}
-    assert kinds["user"] == kinds["bot"] == kinds["slot"] == "k1"
-    assert kinds["action"] is None  # action names are not user data
+    rows = log_rows(backend, "e1")
+    kinds = {r.type_name: key_id_of(r.data) for r in rows}
+    assert kinds["user"] == kinds["bot"] == kinds["slot"] == kinds["action"] == "k1"
+    # Action names are not user data: authenticated, but readable in SQL.
+    assert {is_encrypted(r.data) for r in rows if r.type_name == "action"} == {False}
+    assert all('"action_listen"' in r.data or '"utter_greet"' in r.data
+               for r in rows if r.type_name == "action")
     assert all(key_id_of(p) == "k1" for p in snapshot_payloads(backend))
     loaded = await store.retrieve("e1")
     assert loaded.get_slot("name") == "Zed Secret1"
@@ -312,7 +316,10 @@ async def test_plaintext_then_encrypted_turns_all_read(backend, domain, caplog):
     await chat(plain, "m1", 2)
     await plain.flush()
     assert backend.redis_client().hget(hot_key(backend, "m1"), "d").startswith(b"{")
-    keyed = keyed_store(backend, domain, K1)
+    with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
+        keyed = keyed_store(backend, domain, K1, accept_plaintext=True)  # the migration switch
+    assert warnings_of(caplog, "accept_plaintext is on")
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
         assert (await keyed.retrieve("m1")).get_slot("name") == "Zed Secret1"
         await chat(keyed, "m1", 2, start=2)
@@ -364,6 +371,7 @@ async def test_inline_keys_and_unreadable_key_file_are_config_errors(backend, do
 async def test_key_file_works_like_the_environment(backend, domain, tmp_path):
     key_file = tmp_path / "keys"
     key_file.write_text(f"# rotated 2025-01\n{K2}\n{K1}\n")
+    key_file.chmod(0o600)
     writer = keyed_store(backend, domain, K1)
     await chat(writer, "f1", 1)
     await writer.flush()
@@ -397,7 +405,7 @@ async def test_undecryptable_rows_never_resurrect_an_older_value(backend, domain
     plain = keyed_store(backend, domain, None)
     await chat(plain, "s1", 1)  # name = "Zed Secret0", written in plaintext
     await plain.flush()
-    keyed = keyed_store(backend, domain, K1)
+    keyed = keyed_store(backend, domain, K1, accept_plaintext=True)
     await chat(keyed, "s1", 1, start=1)  # name = "Zed Secret1", encrypted
     await keyed.flush()
     # Without any key the process refuses to start; with another key the

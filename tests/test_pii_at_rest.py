@@ -8,6 +8,7 @@ checking that the ciphertext does not simply encode the plaintext.
 """
 import base64
 import binascii
+import logging
 import re
 from typing import Any, Dict, Iterable, List
 
@@ -97,7 +98,8 @@ async def run_conversations(store: TrackerStore) -> None:
 
 # ----------------------------------------------------------- searching bytes
 
-_CIPHERTEXT = re.compile(r"rpt-enc:1:([A-Za-z0-9_\-]+):([A-Za-z0-9_\-=]+)")
+_CIPHERTEXT = re.compile(r"rpt-enc:[12]:([A-Za-z0-9_\-]+):([A-Za-z0-9_\-=]+)")
+_MAC_TAG = re.compile(r"rpt-mac:2:([A-Za-z0-9_\-]+):([A-Za-z0-9_\-=]+):")
 _CLOCK = re.compile(r"\d{10}\.\d+")
 
 
@@ -149,7 +151,8 @@ def masked(dump: str, noise: Iterable[str] = ()) -> str:
         except (binascii.Error, ValueError):
             continue
         assert not [s for s in SENSITIVE if s.encode() in raw], "ciphertext is not encrypted"
-    dump = _CIPHERTEXT.sub(r"rpt-enc:1:\1:<ciphertext>", dump)
+    dump = _CIPHERTEXT.sub(r"rpt-enc:\1:<ciphertext>", dump)
+    dump = _MAC_TAG.sub(r"rpt-mac:2:\1:<tag>:", dump)
     dump = _CLOCK.sub("<time>", dump)
     for word in noise:
         dump = dump.replace(word, "<noise>")
@@ -264,3 +267,60 @@ async def test_rasa_builtin_stores_keep_the_same_values_in_clear(backend, bank_d
     for name, found in totals.items():
         assert all(n >= len(CONVERSATIONS) for n in found.values()), (name, found)
         assert sum(found.values()) >= 10 * len(CONVERSATIONS), (name, found)
+
+
+def store_log(caplog: Any) -> str:
+    """Everything the store's own loggers said (messages and tracebacks)."""
+    return "\n".join(f"{r.getMessage()}\n{r.exc_text or ''}" for r in caplog.records
+                     if r.name.startswith("rasa_persistent_tracker"))
+
+
+async def faults_and_reads(store: TrackerStore, backend: Any, cids: List[str]) -> str:
+    """Make the store quarantine a hot record and an outbox entry, and read the
+    conversations every way; returns the outbox as it was before delivery."""
+    client = backend.redis_client()
+    hot = f"{backend.prefix}:h:{{{cids[0]}}}"
+    payload = client.hget(hot, "d").decode()
+    i = len(payload) // 2
+    client.hset(hot, "d", payload[:i] + ("A" if payload[i] != "A" else "B") + payload[i + 1:])
+    outbox = f"{backend.prefix}:o:{{{cids[1]}}}"
+    entry = client.lindex(outbox, -1).decode()
+    client.rpush(outbox, "x" + entry)  # an unreadable header: moved out at delivery
+    queued = redis_dump(client, f"{backend.prefix}:o:*")
+    await store.retrieve(cids[0])
+    await store.flush()
+    for cid in cids:
+        await store.retrieve(cid)
+        await store.retrieve_full_tracker(cid)
+    return queued
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG], ids=["INFO", "DEBUG"])
+async def test_logs_quarantine_and_outbox_hold_no_sensitive_value(backend, bank_domain,
+                                                                 caplog, monkeypatch, level):
+    found: Dict[str, Dict[str, Dict[str, int]]] = {}
+    for mode, keys in (("key", K1), ("control", None)):  # the control must find them
+        caplog.clear()
+        cids = [f"{mode}-{n}" for n in range(3)]
+        with caplog.at_level(level):
+            store = keyed_store(backend, bank_domain, keys)
+            monkeypatch.setattr(store._outbox, "notify", lambda cid: None)  # outbox stays full
+            for n, cid in enumerate(cids):
+                for turn in banking_turns(n):
+                    tracker = await store.retrieve(cid) or store.init_tracker(cid)
+                    for event in turn:
+                        tracker.update(event)
+                    await store.save(tracker)
+            queued = await faults_and_reads(store, backend, cids)
+            if mode == "control":  # and the log scan can fail too
+                logging.getLogger("rasa_persistent_tracker.test").info("for Alice Martin")
+        client = backend.redis_client()
+        quarantine = redis_dump(client, f"{backend.prefix}:q:{{{mode}-*")
+        assert quarantine.count(f"{backend.prefix}:q:") == 2  # the record and the entry
+        noise = [backend.prefix]
+        found[mode] = {name: counts(hits(masked(text, noise))) for name, text in (
+            ("log", store_log(caplog)), ("outbox", queued), ("quarantine", quarantine))}
+        assert store_log(caplog).count("moved to") == 1  # the entry was quarantined
+    print(f"\n[{backend.kind}] sensitive values found: {found}")
+    assert not any(sum(n.values()) for n in found["key"].values()), found["key"]
+    assert all(sum(n.values()) for n in found["control"].values()), found["control"]

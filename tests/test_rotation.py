@@ -13,10 +13,12 @@ import sys
 from typing import Any, Dict, List
 
 import pytest
+import sqlalchemy as sa
 
 from rasa_persistent_tracker import ConfigError, PersistentTrackerStore, cli
-from rasa_persistent_tracker.crypto import key_id_of
-from rasa_persistent_tracker.event_log import EVENTS
+from rasa_persistent_tracker.crypto import QUARANTINE, key_id_of
+from rasa_persistent_tracker.event_log import EVENTS, LogRow
+from rasa_persistent_tracker.rotation import RotationReport
 
 from test_encryption import (
     ENV,
@@ -56,6 +58,16 @@ def raw_access(store: PersistentTrackerStore, backend: Any) -> cli.RawHotAccess:
     return cli.RawHotAccess(store.config, async_redis(backend))
 
 
+async def rotate_all(store: PersistentTrackerStore, backend: Any, **kwargs: Any
+                     ) -> RotationReport:
+    """``cli.rotate`` with access to the quarantine copies, as the CLI runs it."""
+    raw = raw_access(store, backend)
+    try:
+        return await cli.rotate(store._backends, raw=raw, **kwargs)
+    finally:
+        await raw.close()
+
+
 async def test_rotation_end_to_end(backend, domain, caplog, monkeypatch):
     writer = keyed_store(backend, domain, K1)
     for cid in ("a", "b", "c"):
@@ -72,16 +84,19 @@ async def test_rotation_end_to_end(backend, domain, caplog, monkeypatch):
     raw = raw_access(rotator, backend)
     progress: List[cli.Progress] = []
     report = await cli.rotate(rotator._backends, batch_size=5, progress=progress.append,
-                              ttl_of=raw.ttl)
+                              ttl_of=raw.ttl, raw=raw)
     await raw.close()
 
     assert report.finished, report.summary()
     assert "every key except 'k2' can be removed" in report.summary()
-    assert report.rewritten["hot records"] == 4 and report.rewritten["rpt_snapshots"] == 4
-    assert report.rewritten["rpt_events"] == 3 * 3 * 3 + 2 * 3  # user, bot, slot per turn
+    # 'pending' gets its snapshot when rotation delivers it: sealed under k2 already.
+    assert report.rewritten["hot records"] == 4 and report.rewritten["rpt_snapshots"] == 3
+    assert report.rewritten["rpt_events"] == 59  # every row: sealed or authenticated
     assert not client.exists(f"{backend.prefix}:o:{{pending}}")
     kids = key_ids(backend)
-    assert set(kids["events"]) == {None, "k2"} and set(kids["snapshots"]) == {"k2"}
+    assert set(kids["events"]) == {"k2"} and set(kids["snapshots"]) == {"k2"}
+    assert report.by_key["rpt_events"] == {"k2": 59} and report.by_key["hot records"] == {
+        "k2": 4}
     assert kids["hot"] == {"k2": 4}
     assert sum(kids["events"].values()) == 3 * (1 + 3 * 5) + 1 + 2 * 5  # nothing lost
     assert 400_000 < client.pttl(hot_key(backend, "a")) <= 500_000  # remaining TTL kept
@@ -96,7 +111,7 @@ async def test_rotation_end_to_end(backend, domain, caplog, monkeypatch):
         assert (await reader.retrieve("pending")).get_slot("name") == "Zed Secret1"
     assert not warnings_of(caplog, "")
 
-    again = await cli.rotate(rotator._backends, batch_size=5)
+    again = await rotate_all(rotator, backend, batch_size=5)
     assert again.finished and not any(again.rewritten.values())  # idempotent
 
 
@@ -106,14 +121,20 @@ async def test_rotation_encrypts_rows_written_before_encryption(backend, domain)
     await plain.flush()
     assert key_ids(backend)["events"] == {None: 11}
 
-    rotator = keyed_store(backend, domain, K1)
-    report = await cli.rotate(rotator._backends)
+    refused = keyed_store(backend, domain, K1)  # plaintext is not made authentic unasked
+    report = await rotate_all(refused, backend)
+    assert not report.finished and report.unreadable["rpt_events"] == 11
+    assert "plaintext needs accept_plaintext" in report.summary()
+    assert key_ids(backend)["events"] == {None: 11}
+
+    rotator = keyed_store(backend, domain, K1, accept_plaintext=True)  # the migration
+    report = await rotate_all(rotator, backend)
     assert report.finished, report.summary()
     kinds = {r.type_name: key_id_of(r.data) for r in log_rows(backend)}
-    assert kinds == {"action": None, "user": "k1", "bot": "k1", "slot": "k1"}
+    assert kinds == {"action": "k1", "user": "k1", "bot": "k1", "slot": "k1"}
     kids = key_ids(backend)
     assert kids["hot"] == {"k1": 1} and kids["snapshots"] == {"k1": 1}
-    assert not any((await cli.rotate(rotator._backends)).rewritten.values())
+    assert not any((await rotate_all(rotator, backend)).rewritten.values())
     reader = keyed_store(backend, domain, K1)
     assert len((await reader.retrieve_full_tracker("p1")).events) == 11
     assert (await reader.retrieve("p1")).get_slot("name") == "Zed Secret1"
@@ -150,7 +171,7 @@ async def test_rotation_interrupted_and_resumed_loses_nothing(backend, domain):
         await cli.rotate(rotator._backends, batch_size=2, progress=crash)
     assert key_ids(backend)["events"]["k1"] < kids["events"]["k1"]
 
-    final = await cli.rotate(rotator._backends, batch_size=2)
+    final = await rotate_all(rotator, backend, batch_size=2)
     assert final.finished, final.summary()
     assert "k1" not in {**key_ids(backend)["events"], **key_ids(backend)["snapshots"]}
     assert len(log_rows(backend)) == rows_before
@@ -187,7 +208,9 @@ async def test_rotation_retries_a_record_a_turn_saved_meanwhile(backend, domain)
 
     racing = dataclasses.replace(rotator._backends,
                                  hot=RacingHot(rotator._backends.hot, turn_meanwhile))
-    report = await cli.rotate(racing)
+    raw = raw_access(rotator, backend)
+    report = await cli.rotate(racing, raw=raw)
+    await raw.close()
     assert racing.hot.raced and report.finished, report.summary()
     assert report.rewritten["hot records"] == 0  # the turn already wrote it under k2
     await bot.flush()
@@ -208,7 +231,7 @@ async def test_rotation_reports_rows_it_cannot_decrypt(backend, domain, caplog):
     engine.dispose()
     rotator = keyed_store(backend, domain, f"{K2},{K1}")
     with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
-        report = await cli.rotate(rotator._backends)
+        report = await rotate_all(rotator, backend)
     assert report.complete and not report.finished
     assert report.unreadable["rpt_events"] == 1 and report.old_key["rpt_events"] == 1
     assert "keep the other keys" in report.summary() and "1 in rpt_events" in report.summary()
@@ -223,11 +246,14 @@ async def test_rotation_without_the_old_key_changes_nothing_and_says_so(backend,
     rows_before = [(r.id, r.data) for r in log_rows(backend)]
     rotator = keyed_store(backend, domain, K2)  # k1 forgotten in the keyring
     with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
-        report = await cli.rotate(rotator._backends)
+        report = await rotate_all(rotator, backend)
     assert report.complete and not report.finished
-    assert report.unreadable == {"hot records": 1, "rpt_events": 24, "rpt_snapshots": 1}
-    assert report.old_key == {"hot records": 1, "rpt_events": 24, "rpt_snapshots": 1,
-                              "outbox": 0}
+    rows = 1 + 8 * 5  # every row: sealed or authenticated under k1
+    assert report.unreadable == {"hot records": 1, "rpt_events": rows, "rpt_snapshots": 1,
+                                 "quarantine": 0}
+    assert report.old_key == {"hot records": 1, "rpt_events": rows, "rpt_snapshots": 1,
+                              "outbox": 0, "quarantine": 0}
+    assert report.by_key["rpt_events"] == {"k1": rows}
     assert "is a key missing from the keyring?" in report.summary()
     assert len(warnings_of(caplog, "rpt_events id=")) == 20  # then counted, not listed
     assert warnings_of(caplog, "Further unreadable values in rpt_events")
@@ -303,7 +329,7 @@ async def test_cli_rotate_and_inspect(backend, domain, tmp_path, monkeypatch, ca
     out, err = capsys.readouterr()
     assert code == 0, out + err
     assert "Rotating to key 'k2'" in out and "rpt_events: 4/16 checked" in out
-    assert "rpt_events: 16/16 checked, 9 re-encrypted" in out
+    assert "rpt_events: 16/16 checked, 16 re-encrypted" in out
     assert "Key rotation complete" in out
     code = await asyncio.to_thread(cli.main, ["inspect", "cli1", "--endpoints", path])
     inspected, err = capsys.readouterr()
@@ -435,3 +461,43 @@ async def test_outbox_stop_survives_a_swallowed_cancellation(backend, domain):
         await store.close()
     reader = keyed_store(backend, domain, K1)  # nothing was lost on the way
     assert len((await reader.retrieve_full_tracker("z1")).events) == 1 + 5
+
+
+async def test_rotation_leaves_nothing_under_an_old_key_quarantine_included(
+        backend, domain, tmp_path):
+    writer = endpoint_store(backend, domain, tmp_path, K1)
+    await chat(writer, "qr1", 2)
+    await chat(writer, "qr2", 1)
+    await writer.flush()
+    hot = writer._backends.hot
+    # Genuine values moved aside (as a stale record or a refused entry would be) ...
+    await hot.quarantine("qr1", 3600)
+    entry = writer._outbox.entries.make("qr2", [LogRow(99, "slot", 1.0, None, None,
+                                                       writer._codec.dumps_event(
+                                                           {"event": "slot", "name": "name",
+                                                            "value": "Zed Quarantined"},
+                                                           "qr2", 99))], 1.0)
+    await hot.quarantine_entry("qr2", entry, 3600)
+    # ... and a plaintext one (a forged record refused under the key).
+    await hot.commit("qr2", None, '{"schema": "forged Zed Plain"}\n#0', 3600, None)
+    await hot.quarantine("qr2", 3600)
+    rotator = endpoint_store(backend, domain, tmp_path, f"{K2},{K1}")
+    raw = cli.RawHotAccess(rotator.config, None if backend.kind == "fake" else
+                           async_redis(backend))
+    report = await cli.rotate(rotator._backends, raw=raw)
+    assert report.finished, report.summary()
+    assert report.rewritten["quarantine"] == 3 and report.by_key["quarantine"] == {"k2": 3}
+    copies = [(cid, value) async for _, cid, value in raw.copies()]
+    await raw.close()
+    stored = "\n".join(v for _, v in copies)
+    with rotator._backends.log.sync.engine.connect() as conn:
+        for table in ("rpt_events", "rpt_snapshots"):
+            stored += "\n".join(str(r) for r in conn.execute(sa.text(f"SELECT * FROM {table}")))
+    for form in ("rpt-enc:2:k1:", "rpt-mac:2:k1:", "rpt-enc:1:k1:", "Zed"):
+        assert form not in stored
+    # Readable with the new key alone, as an operator would read them.
+    reader = endpoint_store(backend, domain, tmp_path, K2)
+    clear = [reader._codec.unwrap(v, QUARANTINE, cid) for cid, v in copies]
+    assert sorted(c.count("Zed") > 0 for c in clear) == [True] * 3
+    assert any("Zed Quarantined" in c for c in clear) and any("Zed Plain" in c for c in clear)
+    assert (await reader.retrieve("qr2")) is not None
