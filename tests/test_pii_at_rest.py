@@ -299,7 +299,9 @@ async def faults_and_reads(store: TrackerStore, backend: Any, cids: List[str]) -
 async def test_logs_quarantine_and_outbox_hold_no_sensitive_value(backend, bank_domain,
                                                                  caplog, monkeypatch, level):
     found: Dict[str, Dict[str, Dict[str, int]]] = {}
-    for mode, keys in (("key", K1), ("control", None)):  # the control must find them
+    # The control first: a process without the key refuses to start on a log
+    # that already holds ciphertext (issue 11).
+    for mode, keys in (("control", None), ("key", K1)):  # the control must find them
         caplog.clear()
         cids = [f"{mode}-{n}" for n in range(3)]
         with caplog.at_level(level):
