@@ -49,7 +49,7 @@ def test_start_up_errors_mask_query_passwords(tmp_path):
                                sql_url=f"postgresql+psycopg2://rasa@127.0.0.1:1/x?"
                                        f"password={SECRET}&connect_timeout=1")
     assert SECRET not in str(info.value) and "password=***" in str(info.value)
-    with pytest.raises(StorageUnavailable) as info:  # a URL SQLAlchemy cannot parse
+    with pytest.raises(ConfigError) as info:  # a URL SQLAlchemy cannot parse: a config error
         PersistentTrackerStore(None, host="embedded", embedded_path=str(tmp_path / "hot"),
                                sql_url=f"postgresql://rasa:{SECRET}@db:port/x")
     assert SECRET not in str(info.value)
