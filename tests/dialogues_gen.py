@@ -214,6 +214,11 @@ class Simulator:
         """The events of ``turn`` (already applied to ``self.reference``)."""
         self.new: List[Event] = []
         rng = random.Random(turn.seed)
+        # Between turns every Rasa tracker store (InMemoryTrackerStore too)
+        # stores the events serialised and parses them back.
+        self.reference = DialogueStateTracker.from_dict(
+            self.reference.sender_id, [e.as_dict() for e in self.reference.events],
+            self.domain.slots)
         ref = self.reference
         if not ref.events or turn.kind == "expire":
             if turn.kind == "expire":
@@ -282,6 +287,10 @@ class Simulator:
             self._act("action_custom", [SlotSet("amount", 5.0)])
             self._act("action_custom", [ActionReverted()])
         else:
+            self._act("utter_greet", [BotUttered("hi")], rule=True, rng=rng)
+        if isinstance(self.reference.events[-1], UserUttered):
+            # the two-stage fallback's clarification: the processor goes on
+            # predicting for the clarified message
             self._act("utter_greet", [BotUttered("hi")], rule=True, rng=rng)
         if self.reference.latest_action_name != "action_listen":
             self._act("action_listen")

@@ -44,7 +44,7 @@ def runners(backend: Backend, dom: Any, histories=HISTORIES,
 
 
 class FullStore:
-    """Control: keeps every event (a tracker rebuilt from all of them)."""
+    """Control: keeps every event, serialised, as Rasa's InMemoryTrackerStore."""
 
     def __init__(self, dom: Any) -> None:
         self.domain, self.events = dom, {}
@@ -52,11 +52,11 @@ class FullStore:
     async def retrieve(self, sender_id: str) -> Optional[DialogueStateTracker]:
         if sender_id not in self.events:
             return None
-        return DialogueStateTracker.from_events(
+        return DialogueStateTracker.from_dict(
             sender_id, copy.deepcopy(self.events[sender_id]), self.domain.slots)
 
     async def save(self, tracker: DialogueStateTracker) -> None:
-        self.events[tracker.sender_id] = list(tracker.events)
+        self.events[tracker.sender_id] = [e.as_dict() for e in tracker.events]
 
 
 class TruncatingStore(FullStore):
