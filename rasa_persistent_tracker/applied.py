@@ -21,6 +21,7 @@ from rasa.shared.core.constants import ACTION_LISTEN_NAME, ACTION_UNLIKELY_INTEN
 from rasa.shared.core.events import (
     ActionExecuted,
     ActionExecutionRejected,
+    ActionReverted,
     ActiveLoop,
     AllSlotsReset,
     BotUttered,
@@ -28,8 +29,11 @@ from rasa.shared.core.events import (
     Event,
     LoopInterrupted,
     ReminderScheduled,
+    Restarted,
+    SessionStarted,
     SlotSet,
     UserUttered,
+    UserUtteranceReverted,
 )
 from rasa.shared.core.slots import Slot
 from rasa.shared.core.trackers import DialogueStateTracker
@@ -169,3 +173,37 @@ def summary(sender_id: str, applied: Sequence[Event], slots: Iterable[Slot],
 def _last_stamp(events: Sequence[Event]) -> Optional[float]:
     return events[-1].timestamp if events else None
 
+
+def window_start(events: Sequence[Event], start: int, floor: int, users: int) -> Optional[int]:
+    """The ``action_listen`` before the ``users``-th last user message after
+    ``max(start, floor)`` (None: there are fewer, keep them all)."""
+    seen = 0
+    for i in range(len(events) - 1, max(start, floor), -1):
+        if isinstance(events[i], UserUttered):
+            seen += 1
+            if seen == users:
+                for j in range(i - 1, max(start, floor), -1):
+                    if (isinstance(events[j], ActionExecuted)
+                            and events[j].action_name == ACTION_LISTEN_NAME):
+                        return j
+                return None
+    return None
+
+
+def bot_at(sender_id: str, events: Sequence[Event], w: int, names: Sequence[str],
+           floor: int, stored: Optional[Event]) -> Optional[Event]:
+    """``latest_bot_utterance`` of a tracker of ``events[:w]``: the last bot
+    message since Rasa last reset the tracker (a revert replays the applied
+    events; a restart or session start empties it). Events before ``floor``
+    are a record's base, whose value there was ``stored``."""
+    for i in range(w - 1, floor - 1, -1):
+        event = events[i]
+        if isinstance(event, BotUttered):
+            return event
+        if isinstance(event, (UserUtteranceReverted, ActionReverted)):
+            bots = [e for e in fold(sender_id, events[:i + 1], names)
+                    if isinstance(e, BotUttered)]
+            return bots[-1] if bots else None
+        if isinstance(event, (Restarted, SessionStarted)):
+            return None
+    return stored if floor else None

@@ -27,11 +27,10 @@ base holds the whole session raw. ``replay`` reads records back (schema 1 too).
 import dataclasses
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from rasa.shared.core.constants import ACTION_LISTEN_NAME, ACTION_SESSION_START_NAME
+from rasa.shared.core.constants import ACTION_SESSION_START_NAME
 from rasa.shared.core.events import (
     ActionExecuted,
     ActionReverted,
-    BotUttered,
     Event,
     Restarted,
     SessionStarted,
@@ -129,43 +128,6 @@ def _reusable_base(events: List[Event], previous: Optional[Previous],
     return previous
 
 
-def _window_start(events: Sequence[Event], start: int, floor: int) -> Optional[int]:
-    """The ``action_listen`` before the ``RAW_USER_MESSAGES``-th last user
-    message (None: the session holds fewer, keep it all)."""
-    seen = 0
-    for i in range(len(events) - 1, max(start, floor), -1):
-        if isinstance(events[i], UserUttered):
-            seen += 1
-            if seen == RAW_USER_MESSAGES:
-                for j in range(i - 1, max(start, floor), -1):
-                    if _is_action(events[j], ACTION_LISTEN_NAME):
-                        return j
-                return None
-    return None
-
-
-def _bot_at(sender_id: str, events: Sequence[Event], w: int, names: Sequence[str],
-            previous: Optional[Previous]) -> Optional[Event]:
-    """``latest_bot_utterance`` of a tracker of ``events[:w]``: the last bot
-    message since Rasa last reset the tracker (a revert replays the applied
-    events; a restart or session start empties it)."""
-    floor = previous.length if previous is not None and previous.base else 0
-    for i in range(w - 1, floor - 1, -1):
-        event = events[i]
-        if isinstance(event, BotUttered):
-            return event
-        if isinstance(event, (UserUtteranceReverted, ActionReverted)):
-            bots = [e for e in applied.fold(sender_id, events[:i + 1], names)
-                    if isinstance(e, BotUttered)]
-            return bots[-1] if bots else None
-        if isinstance(event, (Restarted, SessionStarted)):
-            return None
-    if floor:
-        stored = previous.base.get("latest_bot")
-        return parse_event(stored) if stored else None
-    return None
-
-
 def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List[Slot],
              max_history: int, previous: Optional[Previous],
              as_dict: Callable[[Event], Dict[str, Any]]) -> Tuple[Dict[str, Any], int, bool]:
@@ -175,7 +137,7 @@ def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List
     floor = previous.length if previous is not None and previous.base else 0
     if start >= floor:
         floor, previous = 0, None  # a new session began after the base
-    w = _window_start(events, start, floor)
+    w = applied.window_start(events, start, floor, RAW_USER_MESSAGES)
     if w is None:
         if floor:  # the base already holds all that is not raw
             return previous.base, previous.length, False
@@ -202,7 +164,9 @@ def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List
     cut = kept if short else (cut or 0)
     summary = applied.summary(tracker.sender_id, done[:cut], slot_list,
                                                 applied.slot_cap(max_history)) if cut else []
-    bot = _bot_at(tracker.sender_id, events, w, names, previous)
+    stored = previous.base.get("latest_bot") if floor else None
+    bot = applied.bot_at(tracker.sender_id, events, w, names, floor,
+                         parse_event(stored) if stored else None)
     return {
         "loops": names,
         "head": [as_dict(e) for e in head],

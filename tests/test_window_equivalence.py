@@ -15,12 +15,12 @@ one random seed; ``tests/long_equivalence.py`` runs thousands in the background.
 import copy
 import os
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import pytest
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from tests.conftest import BACKENDS, Backend
+from tests.conftest import Backend
 from tests.dialogues_gen import domain as gen_domain, generate
 from tests.equivalence import StoreRunner, run_dialogue, shrink
 
@@ -142,5 +142,3 @@ async def test_generated_dialogues_real_servers(seed: int, tmp_path: Any) -> Non
     finally:
         await pair.cleanup()
 
-
-_ = (BACKENDS, Dict)
