@@ -114,10 +114,8 @@ def session_start(events: Sequence[Event]) -> int:
 
 def _reusable_base(events: List[Event], previous: Optional[Previous],
                    max_history: int) -> Optional[Previous]:
-    if previous is None or not previous.base or len(events) < previous.length:
+    if previous is None or not previous.base:
         return None
-    if previous.length and events[0] is not previous.first:
-        return None  # events were dropped (max_event_history): compact afresh
     window = events[previous.length:]
     if any(isinstance(e, _RESETTING) or _is_action(e, ACTION_SESSION_START_NAME)
            for e in window):
@@ -231,6 +229,9 @@ def build_record(
     def as_dict(event: Event) -> Dict[str, Any]:
         hit = known.get(id(event))
         return hit[1] if hit is not None and hit[0] is event else encode(event)[1]
+    if previous is not None and previous.length and (
+            len(events) < previous.length or events[0] is not previous.first):
+        previous = None  # events were dropped (max_event_history): compact afresh
     reused = _reusable_base(events, previous, max_history)
     short = False
     if reused is not None:
