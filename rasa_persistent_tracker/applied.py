@@ -39,8 +39,12 @@ from rasa.shared.core.slots import Slot
 from rasa.shared.core.trackers import DialogueStateTracker
 
 # User turns one turn may undo before the next save: ``action_back`` reverts
-# its own message and the one before it.
+# its own message and the one before it. A record keeps REVERT_KEPT of them,
+# and is rebuilt from the log only when fewer than REVERT_MARGIN are left
+# (so a conversation with a ``/back`` now and then reads its log once per
+# REVERT_KEPT - REVERT_MARGIN + 1 of them, not at each).
 REVERT_MARGIN = 2
+REVERT_KEPT = 4
 
 
 def slot_cap(max_history: int) -> int:
@@ -83,11 +87,12 @@ def _countable(event: Event) -> bool:
             and not event.hide_rule_turn)
 
 
-def cut_point(applied: Sequence[Event], max_history: int, names: Sequence[str]) -> Optional[int]:
+def cut_point(applied: Sequence[Event], max_history: int, names: Sequence[str],
+              margin: int = REVERT_MARGIN) -> Optional[int]:
     """Where the verbatim applied events must begin (None: the whole session).
 
     From the end (or from the earliest loop execution a later one may
-    collapse to), skip ``REVERT_MARGIN`` user messages, then count
+    collapse to), skip ``margin`` user messages, then count
     ``max_history + 2`` countable actions (the first state of a replayed
     window lacks its previous action), then go back to an ``action_listen``.
     """
@@ -102,11 +107,11 @@ def cut_point(applied: Sequence[Event], max_history: int, names: Sequence[str]) 
             end = min(end, last)
     users = 0
     i = end - 1
-    while i >= 0 and users < REVERT_MARGIN:
+    while i >= 0 and users < margin:
         if isinstance(applied[i], UserUttered):
             users += 1
         i -= 1
-    if users < REVERT_MARGIN:
+    if users < margin:
         return None
     needed = max_history + 2
     while i >= 0 and needed:

@@ -153,13 +153,14 @@ def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List
     shared = 0
     while shared < min(len(done), len(whole)) and whole[shared] is done[shared]:
         shared += 1
-    cut = applied.cut_point(whole, max_history, names)
+    cut = applied.cut_point(whole, max_history, names, applied.REVERT_KEPT)
     cut = None if cut is None else min(cut, shared)
-    # The old summary stands for history this tracker no longer has: a cut
-    # inside it means reverts consumed the margin (``Built.short``).
+    # The old summary stands for history this tracker no longer has: needing
+    # a cut inside it means reverts consumed the margin (``Built.short``).
     kept = len(previous.base["summary"]) if floor else 0
-    short = bool(kept) and (cut is None or cut < kept)
-    cut = kept if short else (cut or 0)
+    need = applied.cut_point(whole, max_history, names)
+    short = bool(kept) and (need is None or min(need, shared) < kept)
+    cut = kept if cut is None or cut < kept else cut
     summary = applied.summary(tracker.sender_id, done[:cut], slot_list,
                                                 applied.slot_cap(max_history)) if cut else []
     stored = previous.base.get("latest_bot") if floor else None
