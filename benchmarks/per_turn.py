@@ -213,8 +213,11 @@ def record_shape(store: Any, servers: common.Servers, key: str) -> Optional[Dict
         text = servers.redis.hget(key, "d").decode("utf-8")
         cid = key.split(":h:{", 1)[1][:-1]  # <prefix>:h:{<id>}: records are bound to it
         record = store._codec.loads_record(text, cid)
-        return {"base_slot_events": len(record["base"].get("slot_events") or []),
-                "window_events": len(record["events"])}
+        base = record["base"]
+        replayed = (len(base.get("slot_events") or [])  # schema 1
+                    + sum(len(base.get(k) or []) for k in ("head", "summary", "applied"))
+                    + 2 * len(base.get("loops") or []))
+        return {"base_slot_events": replayed, "window_events": len(record["events"])}
     except Exception:  # noqa: BLE001 - a diagnostic only
         return None
 
@@ -348,7 +351,7 @@ def print_report(cells: List[Cell], lengths: List[int], summary: Dict[str, Any])
                        f"{window[0]}–{window[-1]}")
         rows.append(row)
     print("\n### Our hot record during the measured turns: events retrieve replays "
-          "(base slot events + window events)\n")
+          "(base events + window events)\n")
     print(common.markdown_table(header, rows))
 
     print("\n### Our SQL event log (background delivery through the Redis outbox)\n")

@@ -302,6 +302,26 @@ class Recovery:
         rows.sort(key=lambda r: r.seq)
         return rows
 
+    async def full_session(self, sender_id: str, next_seq: int,
+                           new: List[Event]) -> Optional[DialogueStateTracker]:
+        """The conversation from its log (seq 1 .. next_seq - 1) plus ``new``,
+        for a record whose tracker lost history to reverts; None (with a
+        warning) if the log is unreachable or incomplete."""
+        try:
+            rows = await self.all_rows(sender_id)
+        except EventLogUnavailable as exc:
+            logger.warning("Conversation '%s': reverted past its hot record and the log is "
+                           "unreachable (%s); older states stay summarised.", sender_id, exc)
+            return None
+        events = self.decode_rows(sender_id, [r for r in rows if r.seq < next_seq])
+        if len(events) != next_seq - 1:
+            logger.warning("Conversation '%s': reverted past its hot record and the log is "
+                           "incomplete; older states stay summarised.", sender_id)
+            return None
+        return DialogueStateTracker.from_events(
+            sender_id, events + list(new), self._store.domain.slots,
+            self._store.max_event_history)
+
     def decode_rows(self, sender_id: str, rows: List[LogRow]) -> List[Event]:
         """Events of ``rows``; corrupt rows are skipped with a warning naming them."""
         events: List[Event] = []

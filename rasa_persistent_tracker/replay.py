@@ -3,12 +3,26 @@
 The record layout is ``window``'s (see its docstring); this module only
 trusts what it has checked. Everything it rejects raises
 ``CorruptRecordError``, which the store turns into quarantine and recovery.
+Records of schema 1 (before 0.2: a base of slot events, loop and paused flag)
+are converted on read into the same events a schema-2 base replays; the next
+save writes schema 2.
 """
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from rasa.shared.core.events import ActiveLoop, ConversationPaused, Event, SlotSet
+from rasa.shared.core.events import (
+    ActionExecutionRejected,
+    ActiveLoop,
+    BotUttered,
+    ConversationPaused,
+    Event,
+    LoopInterrupted,
+    SlotSet,
+    UserUttered,
+)
 from rasa.shared.core.slots import Slot
-from rasa.shared.core.trackers import DialogueStateTracker, TrackerActiveLoop
+from rasa.shared.core.trackers import DialogueStateTracker
+
+from rasa_persistent_tracker import applied
 
 from rasa_persistent_tracker.errors import CorruptRecordError
 from rasa_persistent_tracker.events import EVENT_ERRORS, fingerprint, parse_event
@@ -35,22 +49,33 @@ def validate_record(record: Any, sender_id: str) -> Dict[str, Any]:
     if not isinstance(record, dict):
         raise CorruptRecordError(f"record is a {type(record).__name__}, not an object")
     schema = record.get("schema")
-    if schema != SCHEMA_VERSION:
+    if schema not in (1, SCHEMA_VERSION) or isinstance(schema, bool):
         raise CorruptRecordError(f"unsupported schema version {schema!r}")
     if record.get("sender_id") != sender_id:
         raise CorruptRecordError("record belongs to another conversation")
     if _require(record, "next_seq", int) < 1:
         raise CorruptRecordError("field 'next_seq' is not positive")
     base = _require(record, "base", dict)
-    if base and not (isinstance(base.get("slot_events"), list)
-                     and isinstance(base.get("paused"), bool)
-                     and isinstance(base.get("active_loop"), (dict, type(None)))):
-        raise CorruptRecordError("field 'base' is malformed")
+    if base and schema == 1:
+        if not (isinstance(base.get("slot_events"), list)
+                and isinstance(base.get("paused"), bool)
+                and isinstance(base.get("active_loop"), (dict, type(None)))):
+            raise CorruptRecordError("field 'base' is malformed")
+        lists = [base["slot_events"]]
+    elif base:
+        lists = [base.get(k) for k in ("head", "summary", "applied")]
+        if not (all(isinstance(v, list) for v in lists)
+                and isinstance(base.get("loops"), list)
+                and all(isinstance(n, str) for n in base["loops"])
+                and isinstance(base.get("latest_bot"), (dict, type(None)))):
+            raise CorruptRecordError("field 'base' is malformed")
+        if base["latest_bot"] is not None:
+            lists.append([base["latest_bot"]])
     events = _require(record, "events", list)
     if not events or not all(_well_formed(e) for e in events):
         raise CorruptRecordError("field 'events' is empty or holds malformed events")
-    if base and not all(_well_formed(e) for e in base["slot_events"]):
-        raise CorruptRecordError("field 'base.slot_events' holds malformed events")
+    if base and not all(_well_formed(e) for part in lists for e in part):
+        raise CorruptRecordError("field 'base' holds malformed events")
     state = _require(record, "state", dict)
     if not isinstance(state.get("slots"), dict):
         raise CorruptRecordError("field 'state.slots' is malformed")
@@ -86,17 +111,21 @@ def rebuild_tracker(
     base = record["base"]
     try:
         if base_events is None:
-            base_events = [parse_event(d) for d in base.get("slot_events") or []]
-            if not all(isinstance(e, SlotSet) for e in base_events):
-                raise CorruptRecordError("base holds a non-slot event")
+            base_events = _base_events(record)
+        elif any(isinstance(e, UserUttered) for e in base_events):
+            # user messages are never shared between trackers (EntitiesAdded
+            # edits the latest one in place)
+            base_events = [parse_event(e.as_dict()) if isinstance(e, UserUttered) else e
+                           for e in base_events]
+        if base and record["schema"] != 1:
+            for event in applied.markers(base["loops"]):
+                tracker.update(event)
         for event in base_events:
             tracker.update(event)
-        if base.get("active_loop"):
-            tracker.update(ActiveLoop(base["active_loop"].get("name")))
-            tracker.active_loop = TrackerActiveLoop(**base["active_loop"])
-        if base.get("paused"):
-            tracker.update(ConversationPaused())
-        previous = Previous(base, len(tracker.events),
+        if base and record["schema"] != 1:
+            bot = base.get("latest_bot")
+            tracker.latest_bot_utterance = parse_event(bot) if bot else BotUttered.empty()
+        previous = Previous(base if record["schema"] != 1 else {}, len(tracker.events),
                             tracker.events[0] if tracker.events else None, base_text,
                             base_events)
         cache: Known = {}
@@ -116,3 +145,39 @@ def rebuild_tracker(
     if expected != actual:
         raise CorruptRecordError("replayed slots do not match the recorded state")
     return tracker, cache, previous
+
+
+def _base_events(record: Dict[str, Any]) -> List[Event]:
+    """The events a record's base replays (after the loop markers).
+
+    Schema 1 kept the active loop as fields; they become the events a
+    schema-2 summary uses (the trigger message as a user message, then the
+    activation and its flags), so the loop survives the next compaction.
+    """
+    base = record["base"]
+    if not base:
+        return []
+    if record["schema"] != 1:
+        dicts = base["head"] + base["summary"] + base["applied"]
+        out = [parse_event(d) for d in dicts]
+        if any(e is None for e in out):
+            raise CorruptRecordError("base holds an unknown event type")
+        return out
+    out = [parse_event(d) for d in base.get("slot_events") or []]
+    if not all(isinstance(e, SlotSet) for e in out):
+        raise CorruptRecordError("base holds a non-slot event")
+    loop = base.get("active_loop")
+    if loop and loop.get("name"):
+        trigger = dict(loop.get("trigger_message") or {})
+        out += [UserUttered(trigger.get("text"), trigger.get("intent"),
+                            trigger.get("entities"), trigger), ActiveLoop(loop["name"])]
+        if loop.get("is_interrupted"):
+            out.append(LoopInterrupted(True))
+        if loop.get("rejected"):
+            out.append(ActionExecutionRejected(loop["name"]))
+    if base.get("paused"):
+        out.append(ConversationPaused())
+    stamp = record["events"][0].get("timestamp")
+    for event in out:
+        event.timestamp = stamp
+    return out

@@ -295,6 +295,11 @@ class PersistentTrackerStore(TrackerStore):
             return
         rows = self._turns.rows(sender_id, new, next_seq, cache)
         built = self._turns.build(state, self.domain.slots, next_seq + len(new), cache, previous)
+        if built.short:
+            full = await self._recovery.full_session(sender_id, next_seq, new)
+            if full is not None:  # reverts reached past the record: rebuild it from the log
+                state = full
+                built = self._turns.build(full, self.domain.slots, next_seq + len(new), cache)
         payload, remembered = self._turns.encode(built)
         entry = self._outbox.entries.make(sender_id, rows, time.time())
         try:

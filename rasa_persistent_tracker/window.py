@@ -1,33 +1,37 @@
 """The hot record: what a conversation needs to resume, bounded in size.
 
-A record holds the current session only, compacted to
+A tracker rebuilt from the record must be, for everything Rasa reads, the
+tracker of the full history (docs/contract.md). Rasa reads the *applied*
+events (``applied_events``: reverts undone, loops' happy paths collapsed), a
+few raw events, and some tracker attributes. A record therefore holds the
+current session as
 
-* ``base``: the dialogue state where the window begins (the session's slot
-  events in order, the active loop with its flags, the paused flag), replayed as
-  synthetic events;
-* ``events``: the recent events verbatim, at least ``max_history + 1`` actions
-  (so the last ``max_history`` dialogue states are exactly those of the full
-  history), cut only at an ``action_listen`` boundary, always including the
-  latest user message (Rasa's session expiry reads its timestamp) and, while a
-  form is active, reaching back to the form's activation;
-* ``state``: the resulting slots / active loop / requested slot / latest action
-  / followup / paused / last user message time, checked against the replay on
-  load (a mismatch means the record is corrupt).
+* ``base.loops``: every loop name seen, replayed as an activation and a
+  deactivation before the session head (Rasa's collapse depends on them);
+* ``base.head``: the session's ``action_session_start`` / ``SessionStarted``;
+* ``base.summary``: the state where the verbatim applied events begin, as
+  events that replay to it (``applied.summary``);
+* ``base.applied``: the applied events from the cut point on, verbatim, as
+  far back as the policies' states, a revert or a loop's collapse can reach
+  (``applied.cut_point``);
+* ``base.latest_bot``: the latest bot message where the raw window begins;
+* ``events``: the raw window: from the ``action_listen`` before the third last
+  user message, verbatim (reverts, fallbacks and all);
+* ``state``: slots / loop / latest action / followup / paused / last user
+  message time, checked against the replay on load (a mismatch: corrupt).
 
-Record layout (schema 1) as documented in the README's "Storage" section;
-``replay`` reads records back.
+Its size is bounded by ``max_history`` and the turns kept, not by the
+conversation's length (docs/contract.md states the bound). A record without
+base holds the whole session raw. ``replay`` reads records back (schema 1 too).
 """
 import dataclasses
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from rasa.shared.core.constants import ACTION_LISTEN_NAME, ACTION_SESSION_START_NAME
+from rasa.shared.core.constants import ACTION_SESSION_START_NAME
 from rasa.shared.core.events import (
     ActionExecuted,
     ActionReverted,
-    ActiveLoop,
-    AllSlotsReset,
     Event,
-    SlotSet,
     Restarted,
     SessionStarted,
     UserUttered,
@@ -36,12 +40,13 @@ from rasa.shared.core.events import (
 from rasa.shared.core.slots import Slot
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker.events import fingerprint
+from rasa_persistent_tracker import applied
+from rasa_persistent_tracker.events import fingerprint, parse_event
 
-SCHEMA_VERSION = 1
-# While a form is active the window reaches back to its activation, up to this
-# many times the normal window; beyond that the normal cut applies.
-LOOP_REACH_FACTOR = 4
+SCHEMA_VERSION = 2
+# Raw user messages the window keeps verbatim (the two-stage fallback reads
+# the last three user messages and reverts as they happened).
+RAW_USER_MESSAGES = 3
 
 
 @dataclasses.dataclass
@@ -70,92 +75,10 @@ Known = Dict[int, Tuple[Event, Dict[str, Any], Optional[str]]]
 Encoder = Callable[[Event], Tuple[str, Dict[str, Any]]]
 
 
-def slot_cap(max_history: int) -> int:
-    """How many slot events the base keeps before dropping superseded ones."""
-    return 4 * (max_history + 1)
-
-
-_UNDOING = (ActionReverted, UserUtteranceReverted, Restarted, SessionStarted, AllSlotsReset)
-
-
-def _slot_history(tracker: DialogueStateTracker, dropped: List[Event],
-                  cap: int) -> List[Dict[str, Any]]:
-    """The session's applied slot events, in order.
-
-    Rasa carries slots into a new session by replaying exactly these events
-    (``ActionSessionStart``), so keeping them keeps the log identical to
-    Rasa's. Past ``cap`` events, values later overwritten are dropped (the state
-    stays exact; only a session-start carry-over would list fewer events).
-    """
-    if any(isinstance(e, _UNDOING) for e in dropped):
-        events = [e for e in tracker.applied_events() if isinstance(e, SlotSet)]
-    else:  # nothing undone: the applied slot events are simply all of them
-        events = [e for e in dropped if isinstance(e, SlotSet)]
-    if len(events) > cap:
-        last = {e.key: i for i, e in enumerate(events)}
-        events = [e for i, e in enumerate(events) if last[e.key] == i]
-    return [e.as_dict() for e in events]
-
-
-def _loop_dict(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
-    return dataclasses.asdict(tracker.active_loop) if tracker.active_loop else None
-
-
-def _is_action(event: Event, name: Optional[str] = None) -> bool:
-    return isinstance(event, ActionExecuted) and (name is None or event.action_name == name)
-
-
-def _session_start(events: Sequence[Event]) -> int:
-    for i in range(len(events) - 1, -1, -1):
-        if _is_action(events[i], ACTION_SESSION_START_NAME):
-            return i
-    return 0
-
-
-def _cut_index(events: Sequence[Event], start: int, max_history: int, loop: Optional[str]) -> int:
-    """Where the verbatim window begins (``start`` keeps the whole session)."""
-    last_user = next(
-        (i for i in range(len(events) - 1, start - 1, -1) if isinstance(events[i], UserUttered)),
-        None,
-    )
-    limit = len(events) if last_user is None else last_user
-    needed = max_history + 1
-    actions = 0
-    cut = start
-    for i in range(len(events) - 1, start, -1):
-        if isinstance(events[i], ActionExecuted):
-            actions += 1
-            if i <= limit and events[i].action_name == ACTION_LISTEN_NAME and actions >= needed:
-                cut = i
-                break
-    if cut == start or not loop:
-        return cut
-    # Keep a running form's activation inside the window: Rasa collapses a
-    # form's happy-path turns in `applied_events`, so the turns before the cut
-    # would otherwise change the states the policies see.
-    activation = next(
-        (i for i in range(cut - 1, start - 1, -1)
-         if isinstance(events[i], ActiveLoop) and events[i].name == loop),
-        None,
-    )
-    if activation is None:
-        return cut
-    budget = needed * LOOP_REACH_FACTOR
-    actions = 0
-    for i in range(len(events) - 1, start, -1):
-        if isinstance(events[i], ActionExecuted):
-            actions += 1
-            if actions > budget:
-                return cut
-            if i <= activation and events[i].action_name == ACTION_LISTEN_NAME:
-                return i
-    return start
-
-
 @dataclasses.dataclass
 class Previous:
     """The base a tracker was rebuilt from, how many events it occupies and,
-    if known, its JSON text and parsed slot events."""
+    if known, its JSON text and parsed events (head, summary, applied)."""
 
     base: Dict[str, Any]
     length: int
@@ -164,46 +87,92 @@ class Previous:
     slot_events: Optional[List[Event]] = None
 
 
+def _loop_dict(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
+    return dataclasses.asdict(tracker.active_loop) if tracker.active_loop else None
+
+
 def slack(max_history: int) -> int:
-    """Extra actions the window may hold before it is compacted again."""
-    return max(3, (max_history + 1) // 2)
+    """User turns the raw window may grow by before it is compacted again."""
+    return max(2, (max_history + 1) // 2)
+
+
+def _is_action(event: Event, name: Optional[str] = None) -> bool:
+    return isinstance(event, ActionExecuted) and (name is None or event.action_name == name)
+
+
+_RESETTING = (UserUtteranceReverted, ActionReverted, Restarted, SessionStarted)
+
+
+def session_start(events: Sequence[Event]) -> int:
+    """Index where the last session's head begins (its ``action_session_start``
+    and ``SessionStarted``); 0 if there is none."""
+    for i in range(len(events) - 1, -1, -1):
+        if isinstance(events[i], SessionStarted):
+            return i - 1 if i and _is_action(events[i - 1], ACTION_SESSION_START_NAME) else i
+    return 0
 
 
 def _reusable_base(events: List[Event], previous: Optional[Previous],
                    max_history: int) -> Optional[Previous]:
-    if previous is None or len(events) < previous.length:
+    if previous is None or not previous.base:
         return None
-    if previous.length and events[0] is not previous.first:
-        return None  # events were dropped (max_event_history): compact afresh
     window = events[previous.length:]
-    if any(_is_action(e, ACTION_SESSION_START_NAME) for e in window):
-        return None
-    actions = sum(isinstance(e, ActionExecuted) for e in window)
-    if actions > max_history + 1 + slack(max_history):
+    if any(isinstance(e, _RESETTING) or _is_action(e, ACTION_SESSION_START_NAME)
+           for e in window):
+        return None  # undone or restarted: what the base must hold changes
+    users = sum(isinstance(e, UserUttered) for e in window)
+    if users > RAW_USER_MESSAGES + slack(max_history):
         return None
     return previous
 
 
 def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List[Slot],
-             max_history: int) -> Tuple[Dict[str, Any], int]:
-    start = _session_start(events)
-    cut = _cut_index(events, start, max_history, tracker.active_loop_name)
-    known = {s.name for s in slot_list}
-    if cut > start and any(
-        isinstance(e, SlotSet) and e.key not in known for e in events[start:cut]
-    ):
-        # Replaying without the slot's declaration would drop its value: keep
-        # the whole session verbatim rather than lose state.
-        cut = start
-    if cut == start:
-        return {}, cut
-    dropped = events[start:cut]
-    before = DialogueStateTracker.from_events(tracker.sender_id, dropped, slot_list)
+             max_history: int, previous: Optional[Previous],
+             as_dict: Callable[[Event], Dict[str, Any]]) -> Tuple[Dict[str, Any], int, bool]:
+    """A new base, the index where the raw window begins, and whether the
+    tracker lacks history the base should hold (see ``Built.short``)."""
+    start = session_start(events)
+    floor = previous.length if previous is not None and previous.base else 0
+    if start >= floor:
+        floor, previous = 0, None  # a new session began after the base
+    w = applied.window_start(events, start, floor, RAW_USER_MESSAGES)
+    if w is None:
+        if floor:  # the base already holds all that is not raw
+            return previous.base, previous.length, False
+        return {}, start, False
+    names = applied.loop_names(events, previous.base.get("loops", ()) if floor else ())
+    if isinstance(events[start], SessionStarted) or _is_action(events[start]):
+        head = events[start:start + 2] if _is_action(events[start]) else events[start:start + 1]
+    else:
+        head = [SessionStarted(timestamp=events[0].timestamp)]
+    done = applied.fold(tracker.sender_id, events[:w], names)
+    # Reverts in the raw window undo applied events before it: the margins
+    # are measured on the whole tracker's applied events, whose first
+    # ``shared`` events are those of ``done``.
+    whole = applied.fold(tracker.sender_id, events, names)
+    shared = 0
+    while shared < min(len(done), len(whole)) and whole[shared] is done[shared]:
+        shared += 1
+    cut = applied.cut_point(whole, max_history, names, applied.REVERT_KEPT)
+    cut = None if cut is None else min(cut, shared)
+    # The old summary stands for history this tracker no longer has: needing
+    # a cut inside it means reverts consumed the margin (``Built.short``).
+    kept = len(previous.base["summary"]) if floor else 0
+    need = applied.cut_point(whole, max_history, names)
+    short = bool(kept) and (need is None or min(need, shared) < kept)
+    cut = kept if cut is None or cut < kept else cut
+    summary = applied.summary(tracker.sender_id, done[:cut], slot_list,
+                                                applied.slot_cap(max_history)) if cut else []
+    stored = previous.base.get("latest_bot") if floor else None
+    bot = applied.bot_at(tracker.sender_id, events, w, names, floor,
+                         parse_event(stored) if stored else None)
     return {
-        "slot_events": _slot_history(before, dropped, slot_cap(max_history)),
-        "active_loop": _loop_dict(before),
-        "paused": before.is_paused(),
-    }, cut
+        "loops": names,
+        "head": [as_dict(e) for e in head],
+        "summary": [as_dict(e) for e in summary],
+        "applied": [as_dict(e) for e in done[cut:]],
+        "latest_bot": as_dict(bot) if bot is not None else None,
+    }, w, short
 
 
 @dataclasses.dataclass
@@ -214,7 +183,9 @@ class Built:
     not serialised yet), ``base_text`` that of ``record["base"]`` if known
     (reused unchanged), ``kept`` the cache for the events the record holds,
     ``previous`` the base to reuse for this same tracker next time (None after
-    a compaction).
+    a compaction). ``short``: reverts undid more turns than the tracker holds
+    beyond its base (thousands of ``/back``); the record then keeps the old
+    summary, and the store rebuilds it from the log (``store.save``).
     """
 
     record: Dict[str, Any]
@@ -222,6 +193,7 @@ class Built:
     kept: Known
     previous: Optional[Previous]
     base_text: Optional[str] = None
+    short: bool = False
 
 
 def build_record(
@@ -235,9 +207,10 @@ def build_record(
 ) -> Built:
     """Compact ``tracker`` into a hot record (a JSON-ready dict).
 
-    Compaction (replaying the dropped events into a new base) runs only when
-    the window has grown ``slack(max_history)`` actions past what the policies
-    need; in between, the previous base is kept as it was.
+    Compaction (a new base from Rasa's applied events) runs when the raw
+    window has grown ``slack(max_history)`` user turns past what it must hold,
+    or after a revert, restart or session start; in between, the previous
+    base is kept as it was.
 
     Args:
         tracker: the conversation state after the turn.
@@ -252,12 +225,23 @@ def build_record(
         The record with what the store keeps about it (``Built``).
     """
     events = list(tracker.events)
+    known = cache or {}
+
+    def as_dict(event: Event) -> Dict[str, Any]:
+        hit = known.get(id(event))
+        return hit[1] if hit is not None and hit[0] is event else encode(event)[1]
+    if previous is not None and previous.length and (
+            len(events) < previous.length or events[0] is not previous.first):
+        previous = None  # events were dropped (max_event_history): compact afresh
     reused = _reusable_base(events, previous, max_history)
+    short = False
     if reused is not None:
         base, cut = reused.base, reused.length
     else:
-        base, cut = _compact(tracker, events, list(slots), max_history)
-    known = cache or {}
+        base, cut, short = _compact(tracker, events, list(slots), max_history, previous,
+                                    as_dict)
+        if previous is not None and base is previous.base:
+            reused = previous
     kept: Known = {}
     window = []
     texts: List[Optional[str]] = []
@@ -286,13 +270,14 @@ def build_record(
         },
         "last_event": fingerprint(window[-1]) if window else None,
     }
-    return Built(record, texts, kept, reused, reused.text if reused is not None else None)
+    return Built(record, texts, kept, reused, reused.text if reused is not None else None,
+                 short)
 
 
 def last_session(tracker: DialogueStateTracker) -> DialogueStateTracker:
     """A tracker holding only the events of ``tracker``'s last session."""
     events = list(tracker.events)
-    start = _session_start(events)
+    start = session_start(events)
     if start == 0:
         return tracker
     return DialogueStateTracker.from_events(

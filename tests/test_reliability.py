@@ -48,7 +48,7 @@ def _mutate_record(payload: bytes, rng: random.Random) -> bytes:
     record = json.loads(body)
     choice = rng.randrange(9)
     if choice == 0:
-        record["schema"] = 2
+        record["schema"] = 99  # a schema this code does not know
     elif choice == 1:
         record["next_seq"] = rng.choice([-1, 0, "7", None])
     elif choice == 2:

@@ -1,0 +1,273 @@
+"""The oracle: is a retrieved tracker the full tracker for everything Rasa reads?
+
+``differences(reference, got, domain, max_history)`` lists every field of the
+contract (docs/contract.md) on which ``got`` differs from ``reference`` (a
+tracker holding every event of the conversation): the states the policies
+slice (Rasa's own featurizer, with and without rule-only turns and
+``action_unlikely_intent``), slots, the active loop, the latest action and
+message, followup, paused, the last user message's time, the latest bot
+message, what ``current_state`` sends to an action server, the reminder
+decision of ``MessageProcessor.handle_reminder``, and what Rasa's own actions
+(session start, back, default fallback, deactivate loop) produce on it.
+
+``run_dialogue`` plays a generated dialogue through stores, retrieve → append
+→ save per turn as Rasa's processor does, and checks every retrieved tracker.
+``shrink`` removes turns from a failing dialogue while it still fails.
+"""
+import copy
+import datetime
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from rasa.core.actions.action import (
+    ActionBack,
+    ActionDeactivateLoop,
+    ActionDefaultFallback,
+    ActionSessionStart,
+)
+from rasa.core.channels.channel import CollectingOutputChannel
+from rasa.core.featurizers.tracker_featurizers import MaxHistoryTrackerFeaturizer
+from rasa.core.processor import MessageProcessor
+from rasa.shared.core.domain import Domain
+from rasa.shared.core.events import ActionExecuted, ReminderScheduled, UserUttered
+from rasa.shared.core.trackers import DialogueStateTracker, EventVerbosity
+
+from tests.dialogues_gen import RULE_ONLY_DATA, Simulator, Turn
+
+REMINDER_NAMES = ("r0", "r1", "r2")
+_EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def _since_last_user(tracker: DialogueStateTracker) -> List[Dict[str, Any]]:
+    """The events since the last user message, as the action server gets them
+    (rasa_sdk's ``slots_to_validate`` reads the trailing slot events)."""
+    events = tracker.current_state(EventVerbosity.ALL)["events"]
+    starts = [i for i, e in enumerate(events) if e["event"] == "session_started"]
+    events = events[starts[-1]:] if starts else events  # the contract: this session
+    for i in range(len(events) - 1, -1, -1):
+        if events[i]["event"] == "user":
+            # A user message parsed from its stored form shares its entity list
+            # with parse_data, so EntitiesAdded shows there after any store's
+            # round trip (Rasa's own stores too); latest_message has the entities.
+            first = {**events[i], "parse_data": {
+                k: v for k, v in events[i]["parse_data"].items() if k != "entities"}}
+            return [first] + events[i + 1:]
+    return None  # no user message in reach: compared as "absent"
+
+
+def _states(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
+    """Rasa's prediction states (featurizer without slicing; ``sliced`` cuts
+    them to a ``max_history`` as ``slice_state_history`` does)."""
+    featurizer = MaxHistoryTrackerFeaturizer(None, max_history=None)
+    out = {}
+    for rule_only in (False, True):
+        out[f"states(rule_only={rule_only})"] = featurizer.prediction_states(
+            [tracker], domain, ignore_rule_only_turns=rule_only,
+            rule_only_data=RULE_ONLY_DATA if rule_only else None,
+            ignore_action_unlikely_intent=rule_only)[0]
+    return out
+
+
+def sliced(snap: Dict[str, Any], max_history: int) -> Dict[str, Any]:
+    """A snapshot with its state lists cut to the last ``max_history``."""
+    return {k: MaxHistoryTrackerFeaturizer.slice_state_history(v, max_history)
+            if k.startswith("states(") else v for k, v in snap.items()}
+
+
+def _bot(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
+    bot = tracker.latest_bot_utterance
+    if bot is None or (bot.text is None and not bot.data):
+        return None  # Rasa's empty placeholder (stamped with the time of the reset)
+    return bot.as_dict()
+
+
+def _reminders(tracker: DialogueStateTracker) -> Dict[str, bool]:
+    """``handle_reminder``'s decision (True: cancel) for each reminder name."""
+    out = {}
+    for name in REMINDER_NAMES:
+        for kill in (False, True):
+            reminder = ReminderScheduled("remind", _EPOCH, name=name, kill_on_user_message=kill)
+            out[f"{name}/{kill}"] = bool(
+                kill and MessageProcessor._has_message_after_reminder(tracker, reminder)
+                or not MessageProcessor._is_reminder_still_valid(tracker, reminder))
+    return out
+
+
+def snapshot(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
+    """Everything the contract promises, read from ``tracker``."""
+    state = tracker.current_state(EventVerbosity.NONE)
+    last_user = tracker.get_last_event_for(UserUttered)
+    out = {
+        **_states(tracker, domain),
+        "slots": tracker.current_slot_values(),
+        "active_loop": state["active_loop"],
+        "latest_action": tracker.latest_action,
+        "latest_message": state["latest_message"],
+        "followup_action": tracker.followup_action,
+        "paused": tracker.is_paused(),
+        "last_user_timestamp": last_user.timestamp if last_user else None,
+        "latest_bot_utterance": _bot(tracker),
+        "latest_event_time": state["latest_event_time"],
+        "latest_input_channel": next(
+            (e["input_channel"] for e in reversed(_since_last_user(tracker) or [])
+             if e["event"] == "user"), None),
+        "events_since_last_user": _since_last_user(tracker),
+        "reminders": _reminders(tracker),
+    }
+    return out
+
+
+async def _after(action: Any, name: str, tracker: DialogueStateTracker,
+                 domain: Domain) -> DialogueStateTracker:
+    """``tracker`` (a copy) after Rasa's processor ran ``action`` on it."""
+    tracker = copy.deepcopy(tracker)
+    nlg = Simulator(domain, tracker.sender_id).nlg
+    events = await action.run(CollectingOutputChannel(), nlg, tracker, domain)
+    tracker.update(ActionExecuted(name))
+    for event in events:
+        tracker.update(event)
+    return tracker
+
+
+def _plain(events: Sequence[Any]) -> List[Dict[str, Any]]:
+    return [{k: v for k, v in e.as_dict().items() if k != "timestamp"} for e in events]
+
+
+async def action_outputs(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
+    """What Rasa's own actions produce when run on ``tracker``."""
+    start = await ActionSessionStart().run(
+        CollectingOutputChannel(), Simulator(domain, "x").nlg, tracker, domain)
+    out: Dict[str, Any] = {"action_session_start": _plain(start)}
+    # Past slot_cap(max_history) slot events before the window, the record
+    # lists the last value per slot (docs/contract.md): same values, fewer events.
+    out["carried_values"] = {e.key: e.value for e in start if hasattr(e, "key")}
+    for name, action in (("action_back", ActionBack()),
+                         ("action_default_fallback", ActionDefaultFallback()),
+                         ("action_deactivate_loop", ActionDeactivateLoop())):
+        after = await _after(action, name, tracker, domain)
+        out[name] = {"states(rule_only=False)": after.past_states(domain),
+                     "slots": after.current_slot_values(),
+                     "active_loop": after.current_state()["active_loop"],
+                     "latest_message": after.current_state()["latest_message"],
+                     "latest_bot_utterance": _bot(after)}
+    return out
+
+
+def compare(expected: Dict[str, Any], actual: Dict[str, Any]) -> List[str]:
+    """The fields on which two snapshots differ (with both values)."""
+    return [f"{key}: expected {expected[key]!r}, got {actual.get(key)!r}"
+            for key in expected if expected[key] != actual.get(key)]
+
+
+@dataclasses.dataclass
+class Mismatch:
+    config: str
+    turn: int
+    stage: str
+    fields: List[str]
+
+    def __str__(self) -> str:
+        shown = "\n    ".join(f[:600] for f in self.fields[:4])
+        return f"[{self.config}] turn {self.turn} ({self.stage}):\n    {shown}"
+
+
+class StoreRunner:
+    """One configuration: stores that take turns retrieving and saving.
+
+    With several stores (record memory off), each turn is retrieved and saved
+    by the next store in turn, as when another process handles it.
+    """
+
+    def __init__(self, name: str, stores: List[Any], max_history: int) -> None:
+        self.name, self.stores, self.max_history = name, stores, max_history
+        self.turn = 0
+
+    async def step(self, sender_id: str, events: List[Any], domain: Domain,
+                   check_within: Callable[[DialogueStateTracker], List[str]]) -> Any:
+        store = self.stores[self.turn % len(self.stores)]
+        self.turn += 1
+        tracker = await store.retrieve(sender_id)
+        if tracker is None:
+            tracker = DialogueStateTracker(sender_id, domain.slots)
+        for event in copy.deepcopy(events):
+            tracker.update(event)
+        within = check_within(tracker)
+        await store.save(tracker)
+        reader = self.stores[self.turn % len(self.stores)]
+        return within, await reader.retrieve(sender_id)
+
+
+async def run_dialogue(turns: Sequence[Turn], runners: List[StoreRunner], domain: Domain,
+                       sender_id: str, actions: bool = True,
+                       stop_at_first: bool = True) -> "Result":
+    """Play ``turns`` through every runner; compare after each turn."""
+    sim = Simulator(domain, sender_id)
+    mismatches: List[Mismatch] = []
+    histories = sorted({r.max_history for r in runners})
+    for index, turn in enumerate(turns):
+        events = await sim.play(turn)
+        # The retrieved tracker is compared with what Rasa's own stores give:
+        # the full history serialised and parsed back (a user message's
+        # in-memory entity list does not survive that, in any store).
+        ref = DialogueStateTracker.from_dict(
+            sender_id, [e.as_dict() for e in sim.reference.events], domain.slots)
+        full = snapshot(ref, domain)
+        expected = {mh: sliced(full, mh) for mh in histories}
+        # Rasa's actions, and the tracker just before its save (against the
+        # in-memory reference), on every third turn and the last: they cost most.
+        check_actions = actions and (index % 3 == 2 or index == len(turns) - 1)
+        if check_actions:
+            live = snapshot(sim.reference, domain)
+            expected_live = {mh: sliced(live, mh) for mh in histories}
+        if check_actions:
+            outputs = await action_outputs(ref, domain)
+            expected_actions = {mh: {k: sliced(v, mh) if isinstance(v, dict) else v
+                                     for k, v in outputs.items()
+                                     if k != "action_session_start"
+                                     or len(v) <= 4 * (mh + 1) + 2} for mh in histories}
+        for number, runner in enumerate(runners):
+            mh = runner.max_history
+            within, got = await runner.step(
+                f"{sender_id}/{number}", events, domain,
+                lambda tr, mh=mh: compare(expected_live[mh], sliced(snapshot(tr, domain), mh))
+                if check_actions else [])
+            if within:
+                mismatches.append(Mismatch(runner.name, index, "before save", within))
+            if got is None:
+                mismatches.append(Mismatch(runner.name, index, "retrieve", ["retrieve gave None"]))
+                continue
+            fields = compare(expected[mh], sliced(snapshot(got, domain), mh))
+            if check_actions:
+                outputs = await action_outputs(got, domain)
+                fields += compare(expected_actions[mh], {
+                    k: sliced(v, mh) if isinstance(v, dict) else v for k, v in outputs.items()})
+            if fields:
+                mismatches.append(Mismatch(runner.name, index, "after retrieve", fields))
+        if mismatches and stop_at_first:
+            break
+    return Result(len(turns), mismatches, sim.reference)
+
+
+@dataclasses.dataclass
+class Result:
+    turns: int
+    mismatches: List[Mismatch]
+    reference: DialogueStateTracker
+
+
+async def shrink(turns: List[Turn], fails: Callable[[List[Turn]], Any]) -> List[Turn]:
+    """Remove chunks of turns (halves, quarters, ... single turns) while
+    ``await fails(candidate)`` stays true: a minimal failing dialogue."""
+    chunk = max(1, len(turns) // 2)
+    while chunk >= 1:
+        i = 0
+        changed = False
+        while i < len(turns):
+            candidate = turns[:i] + turns[i + chunk:]
+            if candidate and await fails(candidate):
+                turns, changed = candidate, True
+            else:
+                i += chunk
+        if not changed:
+            chunk //= 2
+    return turns
