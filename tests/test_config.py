@@ -77,7 +77,7 @@ def test_the_example_endpoints_file_parses(monkeypatch):
     assert endpoint.type == "rasa_persistent_tracker.PersistentTrackerStore"
     config = parse_config({"host": endpoint.url, **endpoint.kwargs}, environ={})
     assert config.redis_url == "redis://cache:6379/0" and config.key_prefix == "mybot"
-    assert config.record_exp == 1800 and config.max_history == 10
+    assert config.record_exp == 3600 and config.max_history == 10
 
 
 def test_the_readme_documents_every_key():
