@@ -98,8 +98,16 @@ MAX_ID_LENGTH = COLUMN_LIMITS["conversation_id"]
 
 
 def loggable(conversation_id: str) -> bool:
-    """Whether the log can hold this conversation id (``save`` refuses others)."""
-    return len(conversation_id) <= MAX_ID_LENGTH and "\x00" not in conversation_id
+    """Whether the log can hold this conversation id (``save`` refuses others):
+    at most ``MAX_ID_LENGTH`` characters, no NUL, valid Unicode (no lone
+    surrogate, which no database driver can encode)."""
+    if len(conversation_id) > MAX_ID_LENGTH or "\x00" in conversation_id:
+        return False
+    try:
+        conversation_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def make_engine(url: str, pool_size: int) -> sa.engine.Engine:
