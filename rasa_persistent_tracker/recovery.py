@@ -221,8 +221,7 @@ class Recovery:
         if record is not None:
             new = self._after_fingerprint(events, record["last_event"])
             if new is None:
-                known = {fingerprint(d) for d in record["events"]}
-                new = [e for e in events if fingerprint(e.as_dict()) not in known]
+                new = self._unknown_tail(events, record["events"])
             for event in new:
                 stored.update(event)
             return stored, new, entry.version, record["next_seq"], cache, previous
@@ -237,6 +236,22 @@ class Recovery:
                 after = self._after_fingerprint(events, fingerprint(last))
                 new = events if after is None else after
         return tracker, new, 0, next_seq, {}, None
+
+    @classmethod
+    def _unknown_tail(cls, events: List[Event], stored: List[Dict[str, Any]]) -> List[Event]:
+        """Events of a tracker that does not end with the stored last event
+        (e.g. a history sent back without its last turn): those after the last
+        one the stored window knows, minus known ones. If it knows none, events
+        older than the window are logged already, never appended again."""
+        known = {fingerprint(d) for d in stored}
+        prints = [fingerprint(e.as_dict()) for e in events]
+        last_known = max((i for i, p in enumerate(prints) if p in known), default=None)
+        if last_known is not None:
+            tail = list(zip(events, prints))[last_known + 1:]
+        else:
+            start = min((d.get("timestamp") or 0.0 for d in stored), default=0.0)
+            tail = [(e, p) for e, p in zip(events, prints) if (e.timestamp or 0.0) > start]
+        return [e for e, p in tail if p not in known]
 
     @staticmethod
     def _after_fingerprint(events: List[Event], mark: Optional[str]) -> Optional[List[Event]]:

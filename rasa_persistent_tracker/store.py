@@ -21,12 +21,14 @@ from rasa_persistent_tracker.errors import (
     EventLogUnavailable,
     HotStateBusy,
     HotStateUnavailable,
+    PersistentTrackerError,
 )
 from rasa_persistent_tracker.hot_state import UnusableValue, payload_digest
 from rasa_persistent_tracker.outbox import make_entry
 from rasa_persistent_tracker.recent import RecentRecords, Remembered, shareable
 from rasa_persistent_tracker.recovery import Recovery
 from rasa_persistent_tracker.turns import TurnEncoder
+from rasa_persistent_tracker.values import ENCODING_ERRORS, unstorable
 
 logger = logging.getLogger(__name__)
 
@@ -277,9 +279,15 @@ class PersistentTrackerStore(TrackerStore):
             if expected:
                 await self._hot.touch(sender_id, self.config.record_exp)
             return
-        rows = self._turns.rows(sender_id, new, next_seq, cache)
-        built = self._turns.build(state, self.domain.slots, next_seq + len(new), cache, previous)
-        payload, remembered = self._turns.encode(built)
+        try:
+            rows = self._turns.rows(sender_id, new, next_seq, cache)
+            built = self._turns.build(state, self.domain.slots, next_seq + len(new), cache,
+                                      previous)
+            payload, remembered = self._turns.encode(built)
+        except PersistentTrackerError:
+            raise
+        except ENCODING_ERRORS as exc:
+            raise unstorable(new, exc) from None
         entry = make_entry(rows, time.time())
         try:
             version = await self._hot.commit(sender_id, expected, payload,
@@ -291,8 +299,12 @@ class PersistentTrackerStore(TrackerStore):
             raise
         except UnusableValue as exc:
             await self._recovery.quarantine(sender_id, str(exc))
-            version = await self._hot.commit(sender_id, expected, payload,
-                                             self.config.record_exp, entry)
+            try:
+                version = await self._hot.commit(sender_id, expected, payload,
+                                                 self.config.record_exp, entry)
+            except UnusableValue as again:  # replaced again in between: give up this turn
+                raise HotStateUnavailable(f"Conversation '{sender_id}': its hot record stays "
+                                          f"unusable ({again}).") from again
         self._recent.put(sender_id, remembered)
         self._mark(tracker, version, next_seq + len(new), built.kept,
                    built.previous if state is tracker else None)
