@@ -275,9 +275,11 @@ class Outbox:
     async def drain(self) -> None:
         """Deliver everything this process knows of, plus a scan; used by close()."""
         await self._scan()
-        while self._dirty:
+        # In flight too: a batch the background task is writing right now is
+        # not in SQL yet (deliver waits for it, then finds nothing left).
+        while self._dirty or self._in_flight:
             quarantined = self.quarantined
-            moved = await self.deliver(set(self._dirty))
+            moved = await self.deliver(self._dirty | self._in_flight)
             if not moved and self.quarantined == quarantined:
                 break  # no progress (cannot happen while every pass moves or quarantines)
 

@@ -207,7 +207,12 @@ class Recovery:
         """For a tracker this store did not hand out: (state, new events,
         expected version, next seq, event cache, previous base)."""
         sender_id = tracker.sender_id
-        entry = await self._hot.load(sender_id)
+        try:
+            entry = await self._hot.load(sender_id)
+        except HotStateBusy:
+            raise
+        except HotStateUnavailable:
+            entry = HotEntry()  # down: merge against the log (the save goes to SQL)
         events = list(tracker.events)
         record = None
         if entry.problem:

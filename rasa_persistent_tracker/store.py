@@ -14,7 +14,7 @@ from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import lifecycle, replay, startup, window
+from rasa_persistent_tracker import direct, lifecycle, replay, startup, window
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
@@ -132,6 +132,8 @@ class PersistentTrackerStore(TrackerStore):
         if entry is None:  # hot state down: degraded read from the snapshot
             tracker = await self._recovery.from_snapshot(sender_id, refill=False)
             if tracker is None:
+                if self.config.sync_log:
+                    return None  # every saved turn reaches SQL before save returns: new
                 # Its latest turns may be in the unreachable outbox: it cannot be
                 # told apart from a new conversation, so do not pretend it is one.
                 raise HotStateUnavailable(
@@ -260,7 +262,9 @@ class PersistentTrackerStore(TrackerStore):
             ConcurrentSaveError: the conversation changed since this tracker was
                 read; nothing was written.
             SlotValueError: a slot value cannot be stored; nothing was written.
-            HotStateUnavailable: the hot state is unreachable; nothing was written.
+            HotStateUnavailable: the hot state and the SQL log are both
+                unreachable; nothing was written. (With only the hot state
+                down, the turn is saved straight to SQL: ``direct``.)
             HotStateBusy: no pooled Redis connection came free in time; nothing
                 was written.
         """
@@ -294,9 +298,11 @@ class PersistentTrackerStore(TrackerStore):
                                              self.config.record_exp, entry)
         except HotStateBusy:
             raise  # overloaded: nothing was written, nothing to re-check
-        except HotStateUnavailable:
+        except HotStateUnavailable as exc:
+            # Redis is the fast path, SQL the record: the turn goes to SQL.
             self._recovery.suspect()
-            raise
+            version = await direct.save(self._log, sender_id, rows, payload, expected or 0, exc)
+            entry = None
         except UnusableValue as exc:
             await self._recovery.quarantine(sender_id, str(exc))
             try:
@@ -308,9 +314,10 @@ class PersistentTrackerStore(TrackerStore):
         self._recent.put(sender_id, remembered)
         self._mark(tracker, version, next_seq + len(new), built.kept,
                    built.previous if state is tracker else None)
-        self._outbox.notify(sender_id)
-        if self.config.sync_log:
-            await self._deliver_now(sender_id)
+        if entry is not None:  # else it is in SQL already
+            self._outbox.notify(sender_id)
+            if self.config.sync_log:
+                await self._deliver_now(sender_id)
         if self.event_broker is not None:
             await self._stream_new_events(self.event_broker, new, sender_id)
 
