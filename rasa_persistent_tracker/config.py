@@ -51,6 +51,7 @@ class StoreConfig:
     quarantine_ttl: float = 30 * 86400.0
     snapshot_resume_window: float = 0.0
     sync_log: bool = False
+    sync_actions: Tuple[str, ...] = ()
     redis_max_connections: int = 50
     redis_socket_timeout: float = 5.0
     sql_pool_size: int = 5
@@ -244,11 +245,11 @@ def parse_config(
             values[key] = _number(key, value, int, ints[key])
         elif key in ("encrypt_user_text", "sync_log"):
             values[key] = _boolean(key, value)
-        elif key == "sensitive_slots":
+        elif key in ("sensitive_slots", "sync_actions"):
             if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+                what = "slot" if key == "sensitive_slots" else "action"
                 raise ConfigError(
-                    f"Config key 'sensitive_slots' must be a list of slot names, "
-                    f"got {_show(value)}."
+                    f"Config key '{key}' must be a list of {what} names, got {_show(value)}."
                 )
             values[key] = tuple(value)
         elif key == "key_prefix":

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 from rasa.core.brokers.broker import EventBroker
 from rasa.core.tracker_store import TrackerStore
 from rasa.shared.core.domain import Domain
-from rasa.shared.core.events import Event
+from rasa.shared.core.events import ActionExecuted, Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import direct, lifecycle, replay, startup, window
@@ -316,10 +316,16 @@ class PersistentTrackerStore(TrackerStore):
                    built.previous if state is tracker else None)
         if entry is not None:  # else it is in SQL already
             self._outbox.notify(sender_id)
-            if self.config.sync_log:
+            if self.config.sync_log or self._runs_sync_action(new):
                 await self._deliver_now(sender_id)
         if self.event_broker is not None:
             await self._stream_new_events(self.event_broker, new, sender_id)
+
+    def _runs_sync_action(self, new: List[Event]) -> bool:
+        """Whether the turn ran an action listed in ``sync_actions`` (written through)."""
+        names = self.config.sync_actions
+        return bool(names) and any(getattr(e, "action_name", None) in names for e in new
+                                   if isinstance(e, ActionExecuted))
 
     async def _deliver_now(self, sender_id: str) -> None:
         # Write-through: the turn is in SQL before save returns. If SQL is
