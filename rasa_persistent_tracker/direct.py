@@ -35,6 +35,8 @@ from rasa_persistent_tracker.event_log import (
     SQLEventLog,
 )
 
+from rasa_persistent_tracker.outbox import Outbox
+
 logger = logging.getLogger("rasa_persistent_tracker.store")
 
 
@@ -87,3 +89,34 @@ async def save(log: AsyncEventLog, conversation_id: str, rows: List[LogRow], pay
     logger.warning("Conversation '%s': hot state unreachable (%s); turn saved straight to the "
                    "SQL log.", conversation_id, cause)
     return version
+
+
+async def write_through(outbox: Outbox, log: AsyncEventLog, conversation_id: str,
+                        rows: List[LogRow], payload: str, version: int) -> None:
+    """Put a turn just committed to the hot state (and the turns queued before
+    it) into SQL before save returns (``sync_log``, ``sync_actions``).
+
+    The outbox delivers them. If that moved fewer rows than this turn has -
+    the hot state failed right after the commit, or a restarted Redis handed
+    back an empty outbox (so the turn reaches SQL only if the old Redis had
+    not lost it) - the turn's own rows and record are appended from memory
+    (idempotent: a later delivery of the same entry skips them). If SQL is
+    down, the rows wait in the outbox.
+    """
+    try:
+        if await outbox.deliver([conversation_id]) >= len(rows):
+            return
+    except EventLogUnavailable as exc:
+        logger.warning("Conversation '%s': event log unreachable, rows kept in the outbox "
+                       "for delivery later (%s).", conversation_id, exc)
+        return
+    except HotStateUnavailable:
+        pass  # the turn's rows are in memory: append them below
+    snapshot = Snapshot(next_seq=rows[-1].seq + 1, version=version, saved_at=time.time(),
+                        payload=payload)
+    try:
+        await log.run(log.sync.append, {conversation_id: [r.as_dict() for r in rows]},
+                      {conversation_id: snapshot})
+    except EventLogUnavailable as exc:
+        logger.warning("Conversation '%s': event log unreachable, rows kept in the outbox "
+                       "for delivery later (%s).", conversation_id, exc)

@@ -18,7 +18,6 @@ from rasa_persistent_tracker import direct, lifecycle, replay, startup, window
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
-    EventLogUnavailable,
     HotStateBusy,
     HotStateUnavailable,
     PersistentTrackerError,
@@ -79,6 +78,7 @@ class PersistentTrackerStore(TrackerStore):
         self._recent = RecentRecords(self.config.record_cache_size)
         self._turns = TurnEncoder(self._codec, self._recent, self.config.max_history)
         self._shape_ok, self._outbox.snapshot_ok = self._outbox.snapshot_ok, self._snapshot_ok
+        self._outbox.on_resequenced = self._recovery.suspect
         if self._backends.announce:
             logger.info(self._backends.announce)
         lifecycle.deliver_on_exit(self._outbox, self._hot)
@@ -317,7 +317,8 @@ class PersistentTrackerStore(TrackerStore):
         if entry is not None:  # else it is in SQL already
             self._outbox.notify(sender_id)
             if self.config.sync_log or self._runs_sync_action(new):
-                await self._deliver_now(sender_id)
+                await direct.write_through(self._outbox, self._log, sender_id, rows, payload,
+                                           version)
         if self.event_broker is not None:
             await self._stream_new_events(self.event_broker, new, sender_id)
 
@@ -326,15 +327,6 @@ class PersistentTrackerStore(TrackerStore):
         names = self.config.sync_actions
         return bool(names) and any(getattr(e, "action_name", None) in names for e in new
                                    if isinstance(e, ActionExecuted))
-
-    async def _deliver_now(self, sender_id: str) -> None:
-        # Write-through: the turn is in SQL before save returns. If SQL is
-        # down the turn still succeeds; its rows wait safely in the outbox.
-        try:
-            await self._outbox.deliver([sender_id])
-        except EventLogUnavailable as exc:
-            logger.warning("Conversation '%s': event log unreachable, rows kept in the outbox "
-                           "for delivery later (%s).", sender_id, exc)
 
     # --------------------------------------------------------------- lifecycle
 

@@ -118,3 +118,60 @@ async def test_redis_stopped_then_restarted_empty(throwaway_redis, domain, tmp_p
     finally:
         throwaway_redis.start()
         await store.close()
+
+
+class _DiesAfterCommit(_Down):
+    """Redis takes the commit, then fails (and loses its data) before delivery."""
+
+    def __init__(self, inner, server):
+        super().__init__(inner)
+        self.down, self.server, self.fired = False, server, False
+
+    async def eval(self, script, *args):
+        if "LRANGE" in script and not self.fired:
+            self.down = self.fired = True
+            await self.inner.flushall()
+        return await super().eval(script, *args)
+
+
+async def test_write_through_survives_redis_failing_right_after_the_commit(make_store, backend):
+    if backend.kind != "fake":
+        pytest.skip("the fault is injected into the client")
+    store = make_store(sync_log=True)
+    await run_turns(store, "w", 2)
+    client = _DiesAfterCommit(fakeredis.aioredis.FakeRedis(server=backend.server),
+                              backend.server)
+    store._hot._factory = lambda: client
+    store._hot._clients = {}
+    tracker = await store.retrieve("w")
+    turn(tracker, 5)
+    await store.save(tracker)  # answered: so it must be stored
+    texts = log_texts(store, "w")
+    assert sum('"my name is bob 5"' in t for t in texts) == 1
+    client.down = False  # back, empty
+    assert (await store.retrieve("w")).get_slot("name") == "bob 5"
+
+
+async def test_write_through_when_a_restarted_redis_hands_back_an_empty_outbox(
+        make_store, backend):
+    if backend.kind != "fake":
+        pytest.skip("the fault is injected into the client")
+    store = make_store(sync_log=True)
+    await run_turns(store, "e", 2)
+    inner = fakeredis.aioredis.FakeRedis(server=backend.server)
+
+    class _RestartsBeforeDelivery:
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        async def eval(self, script, *args):
+            if "LRANGE" in script:  # delivery's read: Redis restarted since the commit
+                await inner.flushall()
+            return await inner.eval(script, *args)
+
+    store._hot._factory = _RestartsBeforeDelivery
+    store._hot._clients = {}
+    tracker = await store.retrieve("e")
+    turn(tracker, 5)
+    await store.save(tracker)
+    assert sum('"my name is bob 5"' in t for t in log_texts(store, "e")) == 1
