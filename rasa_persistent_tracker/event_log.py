@@ -205,6 +205,14 @@ class SQLEventLog:
                 fresh, moved = self._place(conn, cid, conv_rows, existing)
                 values.extend(fresh)
                 repaired += moved
+                if moved and fresh and cid in snapshots:
+                    # Rows numbered provisionally moved after the history: the
+                    # snapshot must point past them, or it would never replace
+                    # the one before (upserts never move backwards) and a lost
+                    # hot record would come back from that stale snapshot.
+                    top = max(value[1] for value in fresh)
+                    snapshots = {**snapshots, cid: dataclasses.replace(
+                        snapshots[cid], next_seq=max(snapshots[cid].next_seq, top + 1))}
             if values:
                 self._bulk.insert(conn, sort_rows(values))
             if snapshots:

@@ -94,6 +94,9 @@ class Outbox:
         # Decides whether a hot payload may become the SQL snapshot; the store
         # replaces it with a full check (decode and replay).
         self.snapshot_ok = snapshot_ok
+        # Called when a delivery moved provisionally numbered rows: hot records
+        # still count from the provisional numbers (the store re-checks them).
+        self.on_resequenced: Callable[[], None] = lambda: None
         self._log = log
         self._batch_size = batch_size
         self._scan_interval = scan_interval
@@ -264,7 +267,8 @@ class Outbox:
                 snapshots[cid] = Snapshot(next_seq=good[-1]["seq"] + 1, version=pending.version,
                                           saved_at=saved_at, payload=pending.payload)
         if rows:
-            await self._log.run(self._log.sync.append, rows, snapshots)
+            if await self._log.run(self._log.sync.append, rows, snapshots):
+                self.on_resequenced()
             for cid, seq in upto.items():
                 await self._hot.ack(cid, seq)
         self._dirty.update(unfinished)

@@ -200,7 +200,9 @@ class Recovery:
             logger.warning("Conversation '%s': SQL snapshot is unreadable too (%s); "
                            "replaying the log instead.", sender_id, exc)
             return None
-        return tracker, cache, record["next_seq"], previous
+        # The snapshot row's next_seq may be past the record's: rows numbered
+        # provisionally (SQL was down) were moved after the history.
+        return tracker, cache, max(record["next_seq"], snapshot.next_seq), previous
 
     async def merge_base(self, tracker: DialogueStateTracker) -> Tuple[
             DialogueStateTracker, List[Event], int, int, Dict, Optional[window.Previous]]:
