@@ -183,9 +183,14 @@ class Recovery:
             built = self._store._turns.build(tracker, self._store.domain.slots, next_seq,
                                              cache, previous)
             payload, remembered = self._store._turns.encode(built)
-            version = await self._hot.commit(sender_id, version, payload,
-                                             self._store.config.record_exp, None)
-            self._store._recent.put(sender_id, remembered)
+            try:
+                version = await self._hot.commit(sender_id, version, payload,
+                                                 self._store.config.record_exp, None)
+                self._store._recent.put(sender_id, remembered)
+            except HotStateUnavailable as exc:  # serve SQL's state; refill on a later read
+                self.suspect()
+                logger.warning("Conversation '%s': could not write the restored record back "
+                               "to the hot state (%s).", sender_id, exc)
             cache, previous = built.kept, built.previous
         self._store._mark(tracker, version, next_seq, cache, previous)
         return tracker

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from redis import exceptions as redis_errors
 from redis.crc import key_slot
 
-from rasa_persistent_tracker import HotStateBusy, PersistentTrackerStore
+from rasa_persistent_tracker import HotStateBusy, HotStateUnavailable, PersistentTrackerStore
+from rasa_persistent_tracker import direct
 from rasa_persistent_tracker.hot_state import RedisHotState
 from rasa_persistent_tracker.redis_keys import KeyNames, key_tag, tag_id
 from tests.conftest import TOPOLOGIES, open_backend
@@ -155,17 +156,28 @@ async def test_commit_retried_after_a_broken_connection_applies_once(make_store,
     assert [e.as_dict().get("text") for e in again.events].count("my name is bob 7") == 1
 
 
-async def test_commit_error_names_the_underlying_cause(make_store, backend):
+async def test_commit_error_names_the_underlying_cause(make_store, backend, caplog,
+                                                      monkeypatch):
     if backend.kind != "fake":
         pytest.skip("the fault is injected into the client")
     store = make_store()
     await run_turns(store, "carol", 1)
     inner = fakeredis.aioredis.FakeRedis(server=backend.server)
-    store._hot._factory = lambda: _LosesReplies(inner, lose=10, before=True)
+    store._hot._factory = lambda: _LosesReplies(inner, lose=100, before=True)
     store._hot._clients = {}
     tracker = await store.retrieve("carol")
     turn(tracker, 1)
-    with pytest.raises(Exception) as raised:
+    caplog.set_level(logging.WARNING)
+    await store.save(tracker)  # Redis keeps failing: the turn goes to SQL
+    assert any("Connection closed by server" in r.getMessage() for r in caplog.records)
+    # With SQL down as well, the error itself names both causes.
+    tracker = await store.retrieve("carol")
+    turn(tracker, 2)
+    def sql_down(*_args):
+        raise sa.exc.OperationalError("INSERT", {}, Exception("could not connect"))
+
+    monkeypatch.setattr(direct, "commit", sql_down)
+    with pytest.raises(HotStateUnavailable) as raised:
         await store.save(tracker)
     assert "Connection closed by server" in str(raised.value)
 
