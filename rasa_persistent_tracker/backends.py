@@ -56,7 +56,8 @@ def open_hot_state(config: StoreConfig) -> HotState:
     if config.embedded:
         return SQLiteHotState(config.embedded_path, outbox_ttl=config.quarantine_ttl)
     return RedisHotState(redis_client_factory(config), config.key_prefix,
-                         outbox_ttl=config.quarantine_ttl, description=mask_url(config.redis_url))
+                         outbox_ttl=config.quarantine_ttl, description=mask_url(config.redis_url),
+                         busy_wait=max(config.redis_socket_timeout, 1.0))
 
 
 def check_hot_state(hot: HotState, config: StoreConfig) -> None:

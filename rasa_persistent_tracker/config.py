@@ -9,6 +9,7 @@ embedded SQLite default.
 """
 import dataclasses
 import difflib
+import math
 import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
@@ -69,6 +70,7 @@ class StoreConfig:
     quarantine_ttl: float = 30 * 86400.0
     snapshot_resume_window: float = 0.0
     sync_log: bool = False
+    sync_actions: Tuple[str, ...] = ()
     redis_max_connections: int = 50
     redis_socket_timeout: float = 5.0
     sql_pool_size: int = 5
@@ -112,18 +114,49 @@ _REDIS_PARTS = ("port", "db", "username", "password", "use_ssl")
 _RASA_PASSED = ("domain", "event_broker", "type", "url")
 
 
+# Largest number any key accepts (seconds: ~31 years; counts: far beyond use).
+# Beyond it, TTLs in milliseconds overflow what Redis and SQL can hold.
+_MAXIMUM = 1e9
+
+
+def _show(value: Any) -> str:
+    """``repr`` for error messages, bounded, and never failing itself (the repr
+    of ``10**5000``, or of a container holding it, raises ValueError)."""
+    try:
+        text = repr(value)
+    except Exception:  # any repr may fail; the message must still be made
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _number(key: str, value: Any, kind: type, minimum: float) -> Any:
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
             raise ValueError
         converted = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(
-            f"Config key '{key}' must be a {kind.__name__}, got {value!r}."
+            f"Config key '{key}' must be a finite {kind.__name__}, got {_show(value)}."
         ) from None
     if converted < minimum:
-        raise ConfigError(f"Config key '{key}' must be >= {minimum}, got {value!r}.")
+        raise ConfigError(f"Config key '{key}' must be >= {minimum}, got {_show(value)}.")
+    if converted > _MAXIMUM:
+        raise ConfigError(f"Config key '{key}' must be <= {_MAXIMUM:g}, got {_show(value)}.")
     return converted
+
+
+def _text(key: str, value: Any, secret: bool = False) -> str:
+    """A string key's value; a number (YAML reads ``password: 1234`` as one)
+    becomes its text. Anything else is a ConfigError naming the key."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return str(value)
+        except ValueError:
+            pass  # an int too long for text
+    shown = f"a {type(value).__name__}" if secret else _show(value)
+    raise ConfigError(f"Config key '{key}' must be a string, got {shown}.")
 
 
 def _boolean(key: str, value: Any) -> bool:
@@ -131,7 +164,7 @@ def _boolean(key: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
-    raise ConfigError(f"Config key '{key}' must be true or false, got {value!r}.")
+    raise ConfigError(f"Config key '{key}' must be true or false, got {_show(value)}.")
 
 
 def _redis_url(host: Optional[str], parts: Dict[str, Any]) -> Optional[str]:
@@ -160,8 +193,9 @@ def _redis_url(host: Optional[str], parts: Dict[str, Any]) -> Optional[str]:
     auth = ""
     if parts.get("username") or parts.get("password"):
         # Quoted: '@', '/', '#' or '?' in a password would otherwise end the userinfo.
-        auth = (f"{quote(str(parts.get('username') or ''), safe='')}:"
-                f"{quote(str(parts.get('password') or ''), safe='')}@")
+        user = _text("username", parts.get("username") or "")
+        password = _text("password", parts.get("password") or "", secret=True)
+        auth = f"{quote(user, safe='')}:{quote(password, safe='')}@"
     return f"{scheme}://{auth}{host}:{port}/{db}"
 
 
@@ -203,6 +237,9 @@ def parse_config(
             the key and the value (passwords masked).
     """
     env = os.environ if environ is None else environ
+    odd = [k for k in kwargs if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"Config keys must be names (strings), got {_show(odd)}.")
     given = {k: v for k, v in kwargs.items() if k not in _RASA_PASSED and v is not None}
     host = given.pop("host", None)
     parts = {k: given.pop(k) for k in _REDIS_PARTS if k in given}
@@ -218,13 +255,12 @@ def parse_config(
         raise ConfigError(_unknown_keys_message(unknown, known | {"url", *_REDIS_PARTS}))
     if host is not None and not isinstance(host, str):
         raise ConfigError(f"Config key 'url' must be a URL or host name (a string), "
-                          f"got a {type(host).__name__}: {host!r}.")
+                          f"got a {type(host).__name__}: {_show(host)}.")
 
     values: Dict[str, Any] = {}
     values["redis_url"] = _redis_url(host, parts) or env.get("REDIS_URL") or EMBEDDED
-    values["sql_url"] = _sql_url(
-        str(given.pop("sql_url", None) or env.get("DATABASE_URL") or StoreConfig.sql_url)
-    )
+    values["sql_url"] = _sql_url(_text(
+        "sql_url", given.pop("sql_url", None) or env.get("DATABASE_URL") or StoreConfig.sql_url))
     floats = {"record_exp": 1.0, "quarantine_ttl": 1.0, "redis_socket_timeout": 0.01,
               "outbox_scan_interval": 0.05, "snapshot_resume_window": 0.0,
               "outbox_linger": 0.0}
@@ -237,11 +273,11 @@ def parse_config(
             values[key] = _number(key, value, int, ints[key])
         elif key in ("encrypt_user_text", "sync_log", "accept_plaintext"):
             values[key] = _boolean(key, value)
-        elif key == "sensitive_slots":
+        elif key in ("sensitive_slots", "sync_actions"):
             if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+                what = "slot" if key == "sensitive_slots" else "action"
                 raise ConfigError(
-                    f"Config key 'sensitive_slots' must be a list of slot names, "
-                    f"got {value!r}."
+                    f"Config key '{key}' must be a list of {what} names, got {_show(value)}."
                 )
             values[key] = tuple(value)
         elif key == "log_conversation_ids":
@@ -253,11 +289,11 @@ def parse_config(
             if not isinstance(value, str) or not _PREFIX_RE.match(value):
                 raise ConfigError(
                     f"Config key 'key_prefix' must be letters, digits, '_', '.' or "
-                    f"'-', got {value!r}."
+                    f"'-', got {_show(value)}."
                 )
             values[key] = value
         else:
             if not isinstance(value, str):
-                raise ConfigError(f"Config key '{key}' must be a string, got {value!r}.")
+                raise ConfigError(f"Config key '{key}' must be a string, got {_show(value)}.")
             values[key] = value
     return StoreConfig(**values)

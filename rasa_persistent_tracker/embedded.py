@@ -3,7 +3,9 @@
 The default when no Redis is configured (the demo runs on it). Same contract as
 ``RedisHotState``: versioned records with a sliding expiry, an outbox written in
 the same transaction, quarantine for unreadable values. Expired rows count as
-absent and are purged lazily. Calls run on a worker thread; one connection
+absent; a commit at most every ``PURGE_INTERVAL`` seconds deletes up to
+``PURGE_LIMIT`` expired records and quarantined copies, so the file does not
+grow forever and no commit pays for a large purge. Calls run on a worker thread; one connection
 guarded by a lock is plenty for one bot process (WAL lets several processes share
 the file).
 """
@@ -30,7 +32,11 @@ CREATE INDEX IF NOT EXISTS ix_rpt_outbox_conversation ON rpt_outbox (conversatio
 CREATE TABLE IF NOT EXISTS rpt_quarantine (
   id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL,
   payload BLOB, created_at REAL NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS ix_rpt_hot_expires ON rpt_hot (expires_at);
+CREATE INDEX IF NOT EXISTS ix_rpt_quarantine_expires ON rpt_quarantine (expires_at);
 """
+PURGE_INTERVAL = 60.0
+PURGE_LIMIT = 500
 
 
 class SQLiteHotState:
@@ -41,6 +47,7 @@ class SQLiteHotState:
         self._outbox_ttl = outbox_ttl
         self._clock = clock
         self._lock = threading.Lock()
+        self._next_purge = 0.0
         try:
             private_file(path)
             self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30,
@@ -116,11 +123,21 @@ class SQLiteHotState:
                         "VALUES (?,?,?,?)", (conversation_id, entry_seq(outbox_entry),
                                              outbox_entry, now + self._outbox_ttl))
                 self._conn.execute("COMMIT")
-                return new
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            if now >= self._next_purge:
+                self._next_purge = now + PURGE_INTERVAL
+                self._purge(now)
+            return new
         return await self._run(commit)
+
+    def _purge(self, now: float) -> None:
+        """Delete up to ``PURGE_LIMIT`` expired records and quarantined copies."""
+        for table in ("rpt_hot", "rpt_quarantine"):
+            self._conn.execute(
+                f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
+                f"WHERE expires_at<=? LIMIT ?)", (now, PURGE_LIMIT))
 
     async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:
         def move() -> Optional[str]:
@@ -156,10 +173,17 @@ class SQLiteHotState:
 
     async def pending(self, conversation_id: str, limit: int) -> Pending:
         def pending() -> Pending:
-            entries = [r[0] for r in self._conn.execute(
-                "SELECT entry FROM rpt_outbox WHERE conversation_id=? ORDER BY id LIMIT ?",
-                (conversation_id, limit))]
-            row = self._row(conversation_id)
+            # One read transaction: a commit by another process between the
+            # two reads would pair these entries with a record that already
+            # holds a later turn (a snapshot replaying that turn twice).
+            self._conn.execute("BEGIN")
+            try:
+                entries = [r[0] for r in self._conn.execute(
+                    "SELECT entry FROM rpt_outbox WHERE conversation_id=? ORDER BY id LIMIT ?",
+                    (conversation_id, limit))]
+                row = self._row(conversation_id)
+            finally:
+                self._conn.execute("COMMIT")
             payload = row[1] if row else None
             if isinstance(payload, bytes):
                 payload = payload.decode("utf-8", errors="replace")

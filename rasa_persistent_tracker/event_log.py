@@ -98,8 +98,16 @@ MAX_ID_LENGTH = COLUMN_LIMITS["conversation_id"]
 
 
 def loggable(conversation_id: str) -> bool:
-    """Whether the log can hold this conversation id (``save`` refuses others)."""
-    return len(conversation_id) <= MAX_ID_LENGTH and "\x00" not in conversation_id
+    """Whether the log can hold this conversation id (``save`` refuses others):
+    at most ``MAX_ID_LENGTH`` characters, no NUL, valid Unicode (no lone
+    surrogate, which no database driver can encode)."""
+    if len(conversation_id) > MAX_ID_LENGTH or "\x00" in conversation_id:
+        return False
+    try:
+        conversation_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def make_engine(url: str, pool_size: int) -> sa.engine.Engine:
@@ -210,6 +218,14 @@ class SQLEventLog:
                 fresh, moved = self._place(conn, cid, conv_rows, existing)
                 values.extend(fresh)
                 repaired += moved
+                if moved and fresh and cid in snapshots:
+                    # Rows numbered provisionally moved after the history: the
+                    # snapshot must point past them, or it would never replace
+                    # the one before (upserts never move backwards) and a lost
+                    # hot record would come back from that stale snapshot.
+                    top = max(value[1] for value in fresh)
+                    snapshots = {**snapshots, cid: dataclasses.replace(
+                        snapshots[cid], next_seq=max(snapshots[cid].next_seq, top + 1))}
             if values:
                 self._bulk.insert(conn, sort_rows(values))
             if snapshots:

@@ -3,8 +3,9 @@
 ``HotState`` is the boundary the store talks to; ``RedisHotState`` implements
 it on redis-py's asyncio client (standalone, Sentinel or Cluster), and
 ``embedded.SQLiteHotState`` on a local file. Per conversation there are three
-keys, all sharing the hash tag ``{<conversation id>}`` so the Lua scripts
-(``redis_scripts.py``) touch one cluster slot:
+keys, all sharing one hash tag (``redis_keys.py``: the id itself, or its hex
+when it holds braces) so the Lua scripts (``redis_scripts.py``) touch one
+cluster slot:
 
 * ``<prefix>:h:{id}`` hash ``v`` (version) + ``d`` (record payload), TTL
   ``record_exp``, refreshed on every save;
@@ -20,10 +21,10 @@ import time
 import uuid
 from typing import AsyncIterator, Callable, List, Optional, Protocol
 
-from redis import exceptions as redis_errors
-
 from rasa_persistent_tracker import redis_scripts as scripts
-from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateBusy, HotStateUnavailable
+from rasa_persistent_tracker.errors import ConcurrentSaveError
+from rasa_persistent_tracker.redis_calls import Disconnected, RedisCaller
+from rasa_persistent_tracker.redis_keys import KeyNames
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +123,8 @@ def entry_seq(entry: str) -> int:
     return int(entry.split("|", 1)[0])
 
 
-_TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError,
-              redis_errors.BusyLoadingError, OSError, asyncio.TimeoutError)
-# What redis-py's connection pools raise when no connection comes free in time.
-_POOL_EXHAUSTED = ("No connection available.", "Too many connections")
-# Failover in progress (replica answering, cluster resharding): also transient.
-_RETRYABLE_RESPONSES = ("READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+# Pauses before retrying a commit whose connection failed (see ``commit``).
+COMMIT_RETRY_DELAYS = (0.0, 0.05, 0.25)
 
 
 def _decode(value: object) -> Optional[str]:
@@ -150,12 +147,14 @@ class RedisHotState:
     """
 
     def __init__(self, client_factory: Callable[[], object], prefix: str,
-                 outbox_ttl: float, description: str = "redis") -> None:
+                 outbox_ttl: float, description: str = "redis", busy_wait: float = 1.0) -> None:
         self._factory = client_factory
+        self._names = KeyNames(prefix)
         self._prefix = prefix
         self._outbox_ttl_ms = int(outbox_ttl * 1000)
         self._description = description
         self._clients: dict = {}
+        self._redis = RedisCaller(self._client, description, busy_wait)
 
     def __repr__(self) -> str:
         return f"RedisHotState({self._description}, prefix={self._prefix!r})"
@@ -170,31 +169,10 @@ class RedisHotState:
         return client
 
     def _keys(self, conversation_id: str) -> List[str]:
-        tag = "{" + conversation_id + "}"
-        return [f"{self._prefix}:h:{tag}", f"{self._prefix}:o:{tag}"]
+        return [self._names.record(conversation_id), self._names.outbox(conversation_id)]
 
     async def _call(self, script: str, keys: List[str], *args: object):
-        try:
-            client = self._client()
-            return await client.eval(script, len(keys), *keys, *args)
-        except redis_errors.ConnectionError as exc:
-            if str(exc) in _POOL_EXHAUSTED:
-                raise HotStateBusy(
-                    f"Redis at {self._description}: no pooled connection came free in time "
-                    f"(every one busy; see redis_max_connections).") from exc
-            raise HotStateUnavailable(
-                f"Redis at {self._description} is unreachable ({type(exc).__name__})."
-            ) from exc
-        except _TRANSIENT as exc:
-            raise HotStateUnavailable(
-                f"Redis at {self._description} is unreachable ({type(exc).__name__})."
-            ) from exc
-        except redis_errors.ResponseError as exc:
-            if str(exc).startswith(_RETRYABLE_RESPONSES):
-                raise HotStateUnavailable(
-                    f"Redis at {self._description} cannot take writes now: {exc}"
-                ) from exc
-            raise
+        return await self._redis.eval(script, keys, *args)
 
     async def load(self, conversation_id: str, known: Optional[str] = None) -> HotEntry:
         kind, version, payload, seq, same = await self._call(
@@ -222,13 +200,27 @@ class RedisHotState:
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
                      payload: str, ttl: float, outbox_entry: Optional[str]) -> int:
-        result = await self._call(
-            scripts.COMMIT, self._keys(conversation_id),
-            "" if expected_version is None else expected_version, payload,
-            max(1, int(ttl * 1000)), outbox_entry or "", self._outbox_ttl_ms,
-        )
+        # A commit whose connection broke (pooled connections of a restarted
+        # Redis fail on first use) is retried on a fresh one. The token makes
+        # that safe: if the first attempt ran and only its reply was lost, the
+        # script finds its token on the record and reports it as applied.
+        token = uuid.uuid4().hex
+        keys = self._keys(conversation_id) + [self._quarantine_key(conversation_id)]
+        args = ("" if expected_version is None else expected_version, payload,
+                max(1, int(ttl * 1000)), outbox_entry or "", self._outbox_ttl_ms, token)
+        for delay in COMMIT_RETRY_DELAYS + (None,):
+            try:
+                result = await self._call(scripts.COMMIT, keys, *args)
+                break
+            except Disconnected:
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
         code = int(result[0])
         if code > 0:
+            if len(result) > 2 and int(result[2]):
+                logger.warning("Conversation '%s': its outbox key held a value of the wrong "
+                               "Redis type; kept as %s.", conversation_id, keys[2])
             return code
         if code == -1:
             raise ConcurrentSaveError(conversation_id, expected_version or 0, int(result[1]))
@@ -248,7 +240,7 @@ class RedisHotState:
 
     def _quarantine_key(self, conversation_id: str) -> str:
         stamp = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:6]}"
-        return f"{self._prefix}:q:{{{conversation_id}}}:{stamp}"
+        return self._names.quarantine(conversation_id, stamp)
 
     async def pending(self, conversation_id: str, limit: int) -> Pending:
         hot, outbox = self._keys(conversation_id)
@@ -276,16 +268,14 @@ class RedisHotState:
         await self._call("return redis.call('DEL', KEYS[1])", [self._keys(conversation_id)[0]])
 
     async def _scan(self, kind: str) -> AsyncIterator[str]:
-        head = f"{self._prefix}:{kind}:{{"
         try:
-            async for key in self._client().scan_iter(match=head + "*", count=1000):
-                name = _decode(key) or ""
-                if name.startswith(head) and name.endswith("}"):
-                    yield name[len(head):-1]
-        except _TRANSIENT as exc:
-            raise HotStateUnavailable(
-                f"Redis at {self._description} is unreachable ({type(exc).__name__})."
-            ) from exc
+            async for key in self._client().scan_iter(match=self._names.pattern(kind),
+                                                       count=1000):
+                conversation_id = self._names.conversation_of(kind, _decode(key) or "")
+                if conversation_id is not None:
+                    yield conversation_id
+        except Exception as exc:  # every driver error is translated
+            raise self._redis.translate(exc) from exc
 
     def conversations(self) -> AsyncIterator[str]:
         return self._scan("h")

@@ -48,6 +48,9 @@ class Outbox:
         # A hot payload as the SQL snapshot at ``next_seq``, or None if it must
         # not become one; the store replaces it with a full check (decode and replay).
         self.snapshot_payload = snapshot_payload
+        # Called when a delivery moved provisionally numbered rows: hot records
+        # still count from the provisional numbers (the store re-checks them).
+        self.on_resequenced: Callable[[], None] = lambda: None
         self._log = log
         self._batch_size = batch_size
         self._scan_interval = scan_interval
@@ -220,7 +223,8 @@ class Outbox:
                 snapshots[cid] = Snapshot(next_seq=good[-1]["seq"] + 1, version=pending.version,
                                           saved_at=saved_at, payload=payload)
         if rows:
-            await self._log.run(self._log.sync.append, rows, snapshots)
+            if await self._log.run(self._log.sync.append, rows, snapshots):
+                self.on_resequenced()
             for cid, seq in upto.items():
                 await self._hot.ack(cid, seq)
         self._dirty.update(unfinished)
@@ -231,9 +235,11 @@ class Outbox:
     async def drain(self) -> None:
         """Deliver everything this process knows of, plus a scan; used by close()."""
         await self._scan()
-        while self._dirty:
+        # In flight too: a batch the background task is writing right now is
+        # not in SQL yet (deliver waits for it, then finds nothing left).
+        while self._dirty or self._in_flight:
             quarantined = self.quarantined
-            moved = await self.deliver(set(self._dirty))
+            moved = await self.deliver(self._dirty | self._in_flight)
             if not moved and self.quarantined == quarantined:
                 break  # no progress (cannot happen while every pass moves or quarantines)
 

@@ -32,6 +32,7 @@ from rasa_persistent_tracker.errors import (
 )
 from rasa_persistent_tracker.event_log import RowDict
 from rasa_persistent_tracker.replay import validate_record
+from rasa_persistent_tracker.redis_keys import KeyNames, key_tag, tag_id
 
 HOT_RECORD, OUTBOX_ENTRY, UNKNOWN = "hot record", "outbox entry", "unreadable value"
 _EMBEDDED_MARK = "#rpt_quarantine/"
@@ -177,7 +178,7 @@ class QuarantineAdmin:
             return self._embedded_copies(conversation_id)
         prefix = self._config.key_prefix
         pattern = f"{prefix}:q:*" if conversation_id is None else \
-            f"{prefix}:q:{{{_glob_literal(conversation_id)}}}:*"
+            f"{prefix}:q:{{{_glob_literal(key_tag(conversation_id))}}}:*"
         copies = []
         async for raw in self._redis.scan_iter(match=pattern, count=1000):
             key = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
@@ -190,7 +191,9 @@ class QuarantineAdmin:
         head = f"{self._config.key_prefix}:q:{{"
         if not key.startswith(head) or "}:" not in key:
             return None
-        cid, stamp = key[len(head):key.rindex("}:")], key[key.rindex("}:") + 2:]
+        cid, stamp = tag_id(key[len(head):key.rindex("}:")]), key[key.rindex("}:") + 2:]
+        if cid is None:
+            return None
         kind_name = await self._redis.type(key)
         kind_name = kind_name.decode() if isinstance(kind_name, bytes) else kind_name
         if kind_name == "hash":
@@ -269,9 +272,9 @@ class QuarantineAdmin:
         record = record_of(codec, copy.conversation_id, await self._payload(copy))
         payload = codec.dumps_record(record)  # sealed for its place as the live record
         if self._redis is not None:
-            hot = f"{self._config.key_prefix}:h:{{{copy.conversation_id}}}"
-            aside = f"{self._config.key_prefix}:q:{{{copy.conversation_id}}}:" \
-                    f"{int(time.time() * 1000)}-restore"
+            names = KeyNames(self._config.key_prefix)
+            hot = names.record(copy.conversation_id)
+            aside = names.quarantine(copy.conversation_id, f"{int(time.time() * 1000)}-restore")
             version = await self._redis.eval(
                 _RESTORE_RECORD, 3, hot, copy.ref, aside, ttl_ms, "1" if force else "0",
                 int(self._config.quarantine_ttl * 1000), payload)

@@ -192,9 +192,14 @@ class Recovery:
             built = self._store._turns.build(tracker, self._store.domain.slots, next_seq,
                                              cache, previous)
             payload, remembered = self._store._turns.encode(built)
-            version = await self._hot.commit(sender_id, version, payload,
-                                             self._store.config.record_exp, None)
-            self._store._recent.put(sender_id, remembered)
+            try:
+                version = await self._hot.commit(sender_id, version, payload,
+                                                 self._store.config.record_exp, None)
+                self._store._recent.put(sender_id, remembered)
+            except HotStateUnavailable as exc:  # serve SQL's state; refill on a later read
+                self.suspect()
+                logger.warning("Conversation '%s': could not write the restored record back "
+                               "to the hot state (%s).", sender_id, exc)
             cache, previous = built.kept, built.previous
         self._store._mark(tracker, version, next_seq, cache, previous)
         return tracker
@@ -210,14 +215,21 @@ class Recovery:
             logger.warning("Conversation '%s': SQL snapshot is unreadable too (%s); "
                            "replaying the log instead.", self._id(sender_id), exc)
             return None
-        return tracker, cache, record["next_seq"], previous
+        # The snapshot row's next_seq may be past the record's: rows numbered
+        # provisionally (SQL was down) were moved after the history.
+        return tracker, cache, max(record["next_seq"], snapshot.next_seq), previous
 
     async def merge_base(self, tracker: DialogueStateTracker) -> Tuple[
             DialogueStateTracker, List[Event], int, int, Dict, Optional[window.Previous]]:
         """For a tracker this store did not hand out: (state, new events,
         expected version, next seq, event cache, previous base)."""
         sender_id = tracker.sender_id
-        entry = await self._hot.load(sender_id)
+        try:
+            entry = await self._hot.load(sender_id)
+        except HotStateBusy:
+            raise
+        except HotStateUnavailable:
+            entry = HotEntry()  # down: merge against the log (the save goes to SQL)
         events = list(tracker.events)
         record = None
         if entry.problem:
@@ -235,8 +247,7 @@ class Recovery:
         if record is not None:
             new = self._after_fingerprint(events, record["last_event"])
             if new is None:
-                known = {fingerprint(d) for d in record["events"]}
-                new = [e for e in events if fingerprint(e.as_dict()) not in known]
+                new = self._unknown_tail(events, record["events"])
             for event in new:
                 stored.update(event)
             return stored, new, entry.version, record["next_seq"], cache, previous
@@ -251,6 +262,22 @@ class Recovery:
                 after = self._after_fingerprint(events, fingerprint(last))
                 new = events if after is None else after
         return tracker, new, 0, next_seq, {}, None
+
+    @classmethod
+    def _unknown_tail(cls, events: List[Event], stored: List[Dict[str, Any]]) -> List[Event]:
+        """Events of a tracker that does not end with the stored last event
+        (e.g. a history sent back without its last turn): those after the last
+        one the stored window knows, minus known ones. If it knows none, events
+        older than the window are logged already, never appended again."""
+        known = {fingerprint(d) for d in stored}
+        prints = [fingerprint(e.as_dict()) for e in events]
+        last_known = max((i for i, p in enumerate(prints) if p in known), default=None)
+        if last_known is not None:
+            tail = list(zip(events, prints))[last_known + 1:]
+        else:
+            start = min((d.get("timestamp") or 0.0 for d in stored), default=0.0)
+            tail = [(e, p) for e, p in zip(events, prints) if (e.timestamp or 0.0) > start]
+        return [e for e, p in tail if p not in known]
 
     @staticmethod
     def _after_fingerprint(events: List[Event], mark: Optional[str]) -> Optional[List[Event]]:

@@ -20,8 +20,16 @@ if t ~= 'hash' then return {t, false, false, seq, 0} end
 return {t, r[1], r[2], seq, 0}
 """
 
+# KEYS: record, outbox, a fresh quarantine key. ARGV: expected version ('' any),
+# payload, record TTL ms, outbox entry ('' none), outbox TTL ms, save token.
+# Returns {new version, 'ok'|'applied', outbox moved aside 0|1}, {-1, stored
+# version} on a version conflict, {-2|-3, reason} for an unusable record.
+# 'applied': this token's save is already in (a retry whose first reply was lost).
 COMMIT = """
 local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'hash' and ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 't') == ARGV[6] then
+  return {tonumber(redis.call('HGET', KEYS[1], 'v')), 'applied', 0}
+end
 if t ~= 'none' and t ~= 'hash' then return {-2, t} end
 local cur = 0
 if t == 'hash' then
@@ -33,16 +41,23 @@ if ARGV[1] ~= '' then
   if t == 'hash' and cur ~= expected then return {-1, cur} end
   if t == 'none' then cur = expected end
 end
+-- An outbox of the wrong type is moved aside (kept, like any unreadable
+-- value) so this and every later save can queue its rows.
+local moved = 0
 local ot = redis.call('TYPE', KEYS[2])['ok']
-if ARGV[4] ~= '' and ot ~= 'none' and ot ~= 'list' then return {-2, 'outbox ' .. ot} end
+if ot ~= 'none' and ot ~= 'list' then
+  redis.call('RENAME', KEYS[2], KEYS[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+  moved = 1
+end
 local new = cur + 1
-redis.call('HSET', KEYS[1], 'v', new, 'd', ARGV[2])
+redis.call('HSET', KEYS[1], 'v', new, 'd', ARGV[2], 't', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if ARGV[4] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
-return {new, 'ok'}
+return {new, 'ok', moved}
 """
 
 QUARANTINE = """

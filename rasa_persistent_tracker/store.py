@@ -11,23 +11,24 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 from rasa.core.brokers.broker import EventBroker
 from rasa.core.tracker_store import TrackerStore
 from rasa.shared.core.domain import Domain
-from rasa.shared.core.events import Event
+from rasa.shared.core.events import ActionExecuted, Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import lifecycle, replay, startup, window
+from rasa_persistent_tracker import direct, lifecycle, replay, startup, window
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.crypto import HOT, SNAPSHOT
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
-    EventLogUnavailable,
     HotStateBusy,
     HotStateUnavailable,
+    PersistentTrackerError,
 )
 from rasa_persistent_tracker.freshness import Freshness
 from rasa_persistent_tracker.hot_state import UnusableValue, payload_digest
 from rasa_persistent_tracker.recent import RecentRecords, Remembered, shareable
 from rasa_persistent_tracker.recovery import Recovery
 from rasa_persistent_tracker.turns import TurnEncoder
+from rasa_persistent_tracker.values import ENCODING_ERRORS, unstorable
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class PersistentTrackerStore(TrackerStore):
         self._fresh = Freshness(self._log, self._hot, self._outbox.entries)
         self._shape_ok, self._outbox.snapshot_payload = (self._outbox.snapshot_payload,
                                                          self._snapshot_payload)
+        self._outbox.on_resequenced = self._recovery.suspect
         if self._backends.announce:
             logger.info(self._backends.announce)
         lifecycle.deliver_on_exit(self._outbox, self._hot)
@@ -134,6 +136,8 @@ class PersistentTrackerStore(TrackerStore):
         if entry is None:  # hot state down: degraded read from the snapshot
             tracker = await self._recovery.from_snapshot(sender_id, refill=False)
             if tracker is None:
+                if self.config.sync_log:
+                    return None  # every saved turn reaches SQL before save returns: new
                 # Its latest turns may be in the unreachable outbox: it cannot be
                 # told apart from a new conversation, so do not pretend it is one.
                 raise HotStateUnavailable(
@@ -274,7 +278,9 @@ class PersistentTrackerStore(TrackerStore):
             ConcurrentSaveError: the conversation changed since this tracker was
                 read; nothing was written.
             SlotValueError: a slot value cannot be stored; nothing was written.
-            HotStateUnavailable: the hot state is unreachable; nothing was written.
+            HotStateUnavailable: the hot state and the SQL log are both
+                unreachable; nothing was written. (With only the hot state
+                down, the turn is saved straight to SQL: ``direct``.)
             HotStateBusy: no pooled Redis connection came free in time; nothing
                 was written.
         """
@@ -293,44 +299,59 @@ class PersistentTrackerStore(TrackerStore):
             if expected:
                 await self._hot.touch(sender_id, self.config.record_exp)
             return
-        rows = self._turns.rows(sender_id, new, next_seq, cache)
-        built = self._turns.build(state, self.domain.slots, next_seq + len(new), cache, previous)
-        if built.short:
-            full = await self._recovery.full_session(sender_id, next_seq, new)
-            if full is not None:  # reverts reached past the record: rebuild it from the log
-                state = full
-                built = self._turns.build(full, self.domain.slots, next_seq + len(new), cache)
-        payload, remembered = self._turns.encode(built)
+        try:
+            rows = self._turns.rows(sender_id, new, next_seq, cache)
+            built = self._turns.build(state, self.domain.slots, next_seq + len(new), cache,
+                                      previous)
+            if built.short:
+                full = await self._recovery.full_session(sender_id, next_seq, new)
+                if full is not None:  # reverts reached past the record: rebuild it from the log
+                    state = full
+                    built = self._turns.build(full, self.domain.slots, next_seq + len(new),
+                                              cache)
+            payload, remembered = self._turns.encode(built)
+        except PersistentTrackerError:
+            raise
+        except ENCODING_ERRORS as exc:
+            raise unstorable(new, exc) from None
         entry = self._outbox.entries.make(sender_id, rows, time.time())
         try:
             version = await self._hot.commit(sender_id, expected, payload,
                                              self.config.record_exp, entry)
         except HotStateBusy:
             raise  # overloaded: nothing was written, nothing to re-check
-        except HotStateUnavailable:
+        except HotStateUnavailable as exc:
+            # Redis is the fast path, SQL the record: the turn goes to SQL.
             self._recovery.suspect()
-            raise
+            version = await direct.save(self._log, sender_id, rows,
+                                        self._codec.reseal_record(payload, sender_id, SNAPSHOT),
+                                        expected or 0, exc)
+            entry = None
         except UnusableValue as exc:
             await self._recovery.quarantine(sender_id, str(exc))
-            version = await self._hot.commit(sender_id, expected, payload,
-                                             self.config.record_exp, entry)
+            try:
+                version = await self._hot.commit(sender_id, expected, payload,
+                                                 self.config.record_exp, entry)
+            except UnusableValue as again:  # replaced again in between: give up this turn
+                raise HotStateUnavailable(f"Conversation '{sender_id}': its hot record stays "
+                                          f"unusable ({again}).") from again
         self._recent.put(sender_id, remembered)
         self._mark(tracker, version, next_seq + len(new), built.kept,
                    built.previous if state is tracker else None)
-        self._outbox.notify(sender_id)
-        if self.config.sync_log:
-            await self._deliver_now(sender_id)
+        if entry is not None:  # else it is in SQL already
+            self._outbox.notify(sender_id)
+            if self.config.sync_log or self._runs_sync_action(new):
+                await direct.write_through(
+                    self._outbox, self._log, sender_id, rows,
+                    self._codec.reseal_record(payload, sender_id, SNAPSHOT), version)
         if self.event_broker is not None:
             await self._stream_new_events(self.event_broker, new, sender_id)
 
-    async def _deliver_now(self, sender_id: str) -> None:
-        # Write-through: the turn is in SQL before save returns. If SQL is
-        # down the turn still succeeds; its rows wait safely in the outbox.
-        try:
-            await self._outbox.deliver([sender_id])
-        except EventLogUnavailable as exc:
-            logger.warning("Conversation '%s': event log unreachable, rows kept in the outbox "
-                           "for delivery later (%s).", self._ids(sender_id), exc)
+    def _runs_sync_action(self, new: List[Event]) -> bool:
+        """Whether the turn ran an action listed in ``sync_actions`` (written through)."""
+        names = self.config.sync_actions
+        return bool(names) and any(getattr(e, "action_name", None) in names for e in new
+                                   if isinstance(e, ActionExecuted))
 
     # --------------------------------------------------------------- lifecycle
 

@@ -390,12 +390,11 @@ async def test_redis_down_never_gives_a_fresh_tracker_and_recovers(throwaway_red
         assert degraded is not None and degraded.get_slot("name") == "r1-2"
         with pytest.raises(HotStateUnavailable, match="'r2'"):
             await store.retrieve("r2")  # cannot be told from a new one: never a fresh tracker
-        turn(degraded, "lost-while-down")
-        with pytest.raises(HotStateUnavailable):
-            await store.save(degraded)
+        turn(degraded, "saved-while-down")
+        await store.save(degraded)  # straight to SQL (issue 13): the turn is not lost
         throwaway_redis.start()  # comes back empty (no persistence)
         tracker = await store.retrieve("r1")
-        assert tracker.get_slot("name") == "r1-2"
+        assert tracker.get_slot("name") == "saved-while-down"
         turn(tracker, "r1-3")
         await store.save(tracker)
         await store.flush()
@@ -403,7 +402,7 @@ async def test_redis_down_never_gives_a_fresh_tracker_and_recovers(throwaway_red
         rows = log_rows(engine, "r1")
         assert_gap_free(rows)
         assert [json.loads(d)["value"] for _, t, d in rows if t == "slot"] == [
-            "r1-0", "r1-1", "r1-2", "r1-3"]
+            "r1-0", "r1-1", "r1-2", "saved-while-down", "r1-3"]
         engine.dispose()
     finally:
         await pair.cleanup()
