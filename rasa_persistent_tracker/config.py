@@ -283,7 +283,7 @@ def parse_config(
         elif key == "log_conversation_ids":
             if value not in ("clear", "hashed"):
                 raise ConfigError(f"Config key 'log_conversation_ids' must be 'clear' or "
-                                  f"'hashed', got {value!r}.")
+                                  f"'hashed', got {_show(value)}.")
             values[key] = value
         elif key == "key_prefix":
             if not isinstance(value, str) or not _PREFIX_RE.match(value):
