@@ -10,6 +10,7 @@ import time
 from typing import Any, AsyncIterator, List, Optional, Tuple
 
 from rasa_persistent_tracker.config import StoreConfig
+from rasa_persistent_tracker.redis_keys import KeyNames, key_tag, tag_id
 
 # Compare-and-set on a quarantine copy, whatever it holds: a moved hot record
 # (a hash, payload in field d) or a moved outbox entry (a string).
@@ -41,7 +42,7 @@ class RawHotAccess:
         self._redis = redis_client
 
     def _hash_key(self, cid: str) -> str:
-        return f"{self._config.key_prefix}:h:{{{cid}}}"
+        return KeyNames(self._config.key_prefix).record(cid)
 
     def _sqlite(self, sql: str, args: Tuple, write: bool = False) -> List[tuple]:
         uri = pathlib.Path(self._config.embedded_path).resolve().as_uri()
@@ -61,7 +62,7 @@ class RawHotAccess:
 
     async def quarantined(self, cid: str) -> List[str]:
         if self._redis is not None:
-            literal = re.sub(r"([\\*?\[\]])", r"\\\1", cid)  # SCAN glob syntax
+            literal = re.sub(r"([\\*?\[\]])", r"\\\1", key_tag(cid))  # SCAN glob syntax
             pattern = f"{self._config.key_prefix}:q:{{{literal}}}:*"
             return sorted([k.decode() if isinstance(k, bytes) else k
                            async for k in self._redis.scan_iter(match=pattern, count=1000)])
@@ -82,7 +83,8 @@ class RawHotAccess:
         head = f"{self._config.key_prefix}:q:{{"
         async for key in self._redis.scan_iter(match=head + "*", count=1000):
             name = key.decode() if isinstance(key, bytes) else key
-            cid, sep, _ = name[len(head):].rpartition("}:")
+            tag, sep, _ = name[len(head):].rpartition("}:")
+            cid = tag_id(tag) or tag
             kind = await self._redis.type(key)
             kind = kind.decode() if isinstance(kind, bytes) else kind
             value = (await self._redis.hget(key, "d") if kind == "hash"

@@ -501,3 +501,25 @@ async def test_rotation_leaves_nothing_under_an_old_key_quarantine_included(
     assert sorted(c.count("Zed") > 0 for c in clear) == [True] * 3
     assert any("Zed Quarantined" in c for c in clear) and any("Zed Plain" in c for c in clear)
     assert (await reader.retrieve("qr2")) is not None
+
+
+async def test_rotation_finds_records_and_copies_of_ids_with_braces(backend, domain):
+    # Such ids are hex-tagged in their Redis keys (issue 13); rotation and the
+    # quarantine listing must build and read the same key names.
+    odd = "}odd{"
+    writer = keyed_store(backend, domain, K1)
+    await chat(writer, odd, 2)
+    await writer.flush()
+    await writer._hot.quarantine(odd, 3600)  # a copy under the old key
+    await chat(writer, odd, 1, start=2)  # and a live record again
+    await writer.flush()
+    rotator = keyed_store(backend, domain, f"{K2},{K1}")
+    report = await rotate_all(rotator, backend)
+    assert report.finished, report.summary()
+    raw = raw_access(rotator, backend)
+    try:
+        assert len(await raw.quarantined(odd)) == 1
+    finally:
+        await raw.close()
+    reader = keyed_store(backend, domain, K2)  # the new key alone reads everything
+    assert (await reader.retrieve(odd)).get_slot("name") == "Zed Secret2"
