@@ -74,6 +74,8 @@ class Outbox:
             asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop yet: the first notify or retrieve starts it
+        if self._task is not None and not self._task.done():
+            return  # delivering already (maybe on another loop: never steal it from there)
         self._ensure_running()
 
     def undelivered(self) -> Set[str]:
