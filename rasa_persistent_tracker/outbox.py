@@ -112,7 +112,10 @@ class Outbox:
     async def _run(self) -> None:
         backoff = 0.1
         next_scan = 0.0
-        while not self._stopping:
+        # A task another loop replaced (notify or deliver from a thread with its
+        # own loop) stops by itself, so that loop can finish: its cancellation
+        # alone is not enough when redis-py swallows one.
+        while not self._stopping and self._task is asyncio.current_task():
             # Cleared before delivering: a save during delivery sets it again.
             self._wake.clear()
             try:
