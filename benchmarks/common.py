@@ -160,6 +160,9 @@ class Servers:
         engine = sa.create_engine(self.db_url, poolclass=sa.pool.NullPool)
         with engine.begin() as conn:
             conn.execute(sa.text("CREATE SCHEMA rpt"))
+            # The encrypted store has its own log: a log that holds ciphertext
+            # refuses a process without keys (startup.check_encryption).
+            conn.execute(sa.text("CREATE SCHEMA rpt_enc"))
         engine.dispose()
 
     def prefix(self, kind: str) -> str:
@@ -171,6 +174,10 @@ class Servers:
     @property
     def ours_sql_url(self) -> str:
         return self.sql_url_for_schema("rpt")
+
+    @property
+    def encrypted_sql_url(self) -> str:
+        return self.sql_url_for_schema("rpt_enc")
 
     def sql_url_for_schema(self, schema: str) -> str:
         url = self.db_url.render_as_string(hide_password=False)
@@ -245,7 +252,8 @@ def ours(domain: Domain, servers: Servers, kind: str, encrypted: bool = False,
 
     return PersistentTrackerStore(
         domain, host=REDIS_URL, key_prefix=key_prefix_override or servers.prefix(kind),
-        sql_url=sql_url or servers.ours_sql_url, record_exp=3600,
+        sql_url=sql_url or (servers.encrypted_sql_url if encrypted else servers.ours_sql_url),
+        record_exp=3600,
         environ=encryption_environ() if encrypted else {}, **extra)
 
 
