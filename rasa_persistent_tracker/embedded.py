@@ -212,10 +212,6 @@ class SQLiteHotState:
             "UPDATE rpt_hot SET expires_at=? WHERE conversation_id=?",
             (self._clock() + ttl, conversation_id)))
 
-    async def delete(self, conversation_id: str) -> None:
-        await self._run(lambda: self._conn.execute(
-            "DELETE FROM rpt_hot WHERE conversation_id=?", (conversation_id,)))
-
     async def _ids(self, sql: str) -> AsyncIterator[str]:
         for (cid,) in await self._run(lambda: self._conn.execute(sql, (self._clock(),)).fetchall()):
             yield cid

@@ -306,14 +306,6 @@ class SQLEventLog:
                 SNAPSHOTS.c.payload).where(SNAPSHOTS.c.conversation_id == conversation_id)).first()
         return Snapshot(*row) if row else None
 
-    def replace_data(self, conversation_id: str, updates: Dict[int, str]) -> None:
-        """Rewrite the ``data`` of some rows (key rotation only)."""
-        with self.engine.begin() as conn:
-            for seq, data in updates.items():
-                conn.execute(EVENTS.update().where(
-                    EVENTS.c.conversation_id == conversation_id, EVENTS.c.seq == seq,
-                ).values(data=data))
-
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))

@@ -102,9 +102,6 @@ class HotState(Protocol):
     async def touch(self, conversation_id: str, ttl: float) -> None:
         """Refresh the record's TTL."""
 
-    async def delete(self, conversation_id: str) -> None:
-        """Remove the record (not the outbox or quarantine)."""
-
     def conversations(self) -> AsyncIterator[str]:
         """Ids of all conversations with a record (SCAN, never KEYS)."""
 
@@ -263,9 +260,6 @@ class RedisHotState:
     async def touch(self, conversation_id: str, ttl: float) -> None:
         await self._call("return redis.call('PEXPIRE', KEYS[1], ARGV[1])",
                          [self._keys(conversation_id)[0]], max(1, int(ttl * 1000)))
-
-    async def delete(self, conversation_id: str) -> None:
-        await self._call("return redis.call('DEL', KEYS[1])", [self._keys(conversation_id)[0]])
 
     async def _scan(self, kind: str) -> AsyncIterator[str]:
         try:

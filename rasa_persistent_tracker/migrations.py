@@ -95,15 +95,6 @@ def _version_table(meta: sa.MetaData) -> sa.Table:
     )
 
 
-def current_version(engine: Engine) -> int:
-    """Highest applied migration version (0 for an empty database)."""
-    with engine.connect() as conn:
-        if not sa.inspect(conn).has_table(VERSION_TABLE):
-            return 0
-        table = _version_table(sa.MetaData())
-        return conn.execute(sa.select(sa.func.max(table.c.version))).scalar() or 0
-
-
 def migrate(engine: Engine) -> List[int]:
     """Apply pending migrations; return the versions applied now."""
     applied: List[int] = []

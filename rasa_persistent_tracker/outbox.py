@@ -13,18 +13,11 @@ carries the rows of many turns.
 Entry format: ``entries.py``.
 """
 import asyncio
-import json
 import logging
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
-from rasa_persistent_tracker.entries import (  # noqa: F401  (the format's old home)
-    PLAIN_ENTRIES,
-    Entries,
-    make_entry,
-    parse_entry,
-    parse_entry_dicts,
-)
+from rasa_persistent_tracker.entries import PLAIN_ENTRIES, Entries
 from rasa_persistent_tracker.errors import EventLogUnavailable, HotStateUnavailable
 from rasa_persistent_tracker.event_log import AsyncEventLog, RowDict, Snapshot
 from rasa_persistent_tracker.hot_state import HotState

@@ -3,7 +3,7 @@ outbox and the record as one snapshot even while another process commits."""
 import sqlite3
 
 from rasa_persistent_tracker.embedded import PURGE_INTERVAL, SQLiteHotState
-from rasa_persistent_tracker.outbox import make_entry
+from rasa_persistent_tracker.entries import make_entry
 from rasa_persistent_tracker.event_log import LogRow
 
 

@@ -18,7 +18,7 @@ from rasa_persistent_tracker.crypto import build_protected
 from rasa_persistent_tracker.event_log import EVENTS, SNAPSHOTS, LogRow, SQLEventLog
 from rasa_persistent_tracker.events import fingerprint
 from rasa_persistent_tracker.freshness import Freshness
-from rasa_persistent_tracker.outbox import make_entry
+from rasa_persistent_tracker.entries import make_entry
 from test_encryption import (
     ENV,
     K1,
