@@ -16,22 +16,22 @@ from sqlalchemy import exc as sa_errors
 from rasa_persistent_tracker.codec import Codec, JsonSerializer
 from rasa_persistent_tracker.config import StoreConfig, mask_url, parse_config
 from rasa_persistent_tracker.connect import redis_client_factory, run_blocking
-from rasa_persistent_tracker.crypto import SNAPSHOT, build_protected
+from rasa_persistent_tracker.crypto import build_protected
 from rasa_persistent_tracker.entries import Entries
 from rasa_persistent_tracker.embedded import SQLiteHotState
 from rasa_persistent_tracker.errors import (
     ConfigError,
-    CorruptRecordError,
-    EncryptionKeyMissing,
     EventLogUnavailable,
     HotStateUnavailable,
     StorageUnavailable,
 )
+from rasa_persistent_tracker.freshness import Freshness, Suspicion
 from rasa_persistent_tracker.event_log import AsyncEventLog, SQLEventLog, make_engine
 from rasa_persistent_tracker.hot_state import HotState, RedisHotState
 from rasa_persistent_tracker.logids import PURPOSE, ConversationIds
 from rasa_persistent_tracker.outbox import Outbox
-from rasa_persistent_tracker.replay import validate_record
+from rasa_persistent_tracker.recent import RecentRecords
+from rasa_persistent_tracker.records import Records
 from rasa_persistent_tracker.startup import check_encryption, rasa_store_keys, rasa_store_warning
 
 logger = logging.getLogger("rasa_persistent_tracker.store")
@@ -47,6 +47,8 @@ class Backends:
     log: AsyncEventLog
     codec: Codec
     outbox: Outbox
+    records: Records
+    suspicion: Suspicion
     announce: Optional[str] = None
     ids: ConversationIds = dataclasses.field(default_factory=ConversationIds)
 
@@ -169,20 +171,16 @@ def assemble(config: StoreConfig, hot: HotState, log: SQLEventLog,
     log.bind_rows(codec.rebind_row, codec.row_text)
     async_log = AsyncEventLog(log, config.sql_workers)
 
-    def snapshot_payload(conversation_id: str, payload: str, next_seq: int) -> Optional[str]:
-        try:
-            record = validate_record(codec.loads_record(payload, conversation_id),
-                                     conversation_id)
-            if record["next_seq"] != next_seq:
-                return None
-            return codec.reseal_record(payload, conversation_id, SNAPSHOT)
-        except (CorruptRecordError, EncryptionKeyMissing):
-            return None
-
+    entries = Entries(codec)
+    records = Records(codec, RecentRecords(config.record_cache_size),
+                      Freshness(async_log, hot, entries), ids)
+    suspicion = Suspicion()
+    # The snapshot check replays records with the store's domain once Rasa set
+    # it (``Records.snapshot_payload``); re-sequenced rows make hot records suspect.
     outbox = Outbox(hot, async_log, config.outbox_batch_size, config.outbox_scan_interval,
-                    config.quarantine_ttl, snapshot_payload, linger=config.outbox_linger,
-                    entries=Entries(codec), ids=ids)
-    return Backends(config, hot, async_log, codec, outbox, ids=ids)
+                    config.quarantine_ttl, records.snapshot_payload, linger=config.outbox_linger,
+                    entries=entries, ids=ids, on_resequenced=suspicion.suspect)
+    return Backends(config, hot, async_log, codec, outbox, records, suspicion, ids=ids)
 
 
 def open_backends(kwargs: Dict[str, Any], environ: Optional[Mapping[str, str]] = None) -> Backends:

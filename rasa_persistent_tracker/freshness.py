@@ -88,3 +88,28 @@ class Freshness:
             except (ValueError, TypeError, KeyError):
                 continue  # delivery quarantines it
         return top
+
+
+# After the hot state failed (a failover, a restart), records may have lost
+# their latest writes for a while; during this window retrieve also checks the
+# SQL snapshot and restores a newer one.
+SUSPECT_SECONDS = 120.0
+
+
+class Suspicion:
+    """Whether hot records may lag behind SQL right now (see ``SUSPECT_SECONDS``).
+
+    Raised by the store when the hot state fails, and by outbox delivery when
+    it re-sequenced provisionally numbered rows (hot records still count from
+    the provisional numbers)."""
+
+    def __init__(self) -> None:
+        self._until = 0.0
+
+    def suspect(self) -> None:
+        """The hot state just failed: check records against SQL for a while."""
+        self._until = time.monotonic() + SUSPECT_SECONDS
+
+    @property
+    def active(self) -> bool:
+        return time.monotonic() < self._until

@@ -33,17 +33,18 @@ class Outbox:
                  snapshot_payload: Callable[[str, str, int], Optional[str]] = (
                      lambda _cid, payload, _next_seq: payload),
                  linger: float = 0.0, entries: Optional[Entries] = None,
-                 ids: Callable[[str], str] = lambda cid: cid) -> None:
+                 ids: Callable[[str], str] = lambda cid: cid,
+                 on_resequenced: Callable[[], None] = lambda: None) -> None:
         self._hot = hot
         self._ids = ids  # what log lines show for a conversation id
         self._linger = linger
         self.entries = entries or PLAIN_ENTRIES
         # A hot payload as the SQL snapshot at ``next_seq``, or None if it must
-        # not become one; the store replaces it with a full check (decode and replay).
-        self.snapshot_payload = snapshot_payload
+        # not become one (``records.Records.snapshot_payload``).
+        self._snapshot_payload = snapshot_payload
         # Called when a delivery moved provisionally numbered rows: hot records
         # still count from the provisional numbers (the store re-checks them).
-        self.on_resequenced: Callable[[], None] = lambda: None
+        self._on_resequenced = on_resequenced
         self._log = log
         self._batch_size = batch_size
         self._scan_interval = scan_interval
@@ -216,13 +217,13 @@ class Outbox:
             # Never let an unreadable (or older) hot value replace the last good snapshot.
             payload = None
             if pending.complete and pending.payload is not None:
-                payload = self.snapshot_payload(cid, pending.payload, good[-1]["seq"] + 1)
+                payload = self._snapshot_payload(cid, pending.payload, good[-1]["seq"] + 1)
             if payload is not None:
                 snapshots[cid] = Snapshot(next_seq=good[-1]["seq"] + 1, version=pending.version,
                                           saved_at=saved_at, payload=payload)
         if rows:
             if await self._log.run(self._log.sync.append, rows, snapshots):
-                self.on_resequenced()
+                self._on_resequenced()
             for cid, seq in upto.items():
                 await self._hot.ack(cid, seq)
         self._dirty.update(unfinished)

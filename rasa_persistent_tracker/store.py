@@ -14,26 +14,25 @@ from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import ActionExecuted, Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import direct, lifecycle, replay, startup, window
+from rasa_persistent_tracker import direct, lifecycle, startup, window
 from rasa_persistent_tracker.backends import Backends, open_backends
-from rasa_persistent_tracker.crypto import HOT, SNAPSHOT
+from rasa_persistent_tracker.crypto import SNAPSHOT
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     HotStateBusy,
     HotStateUnavailable,
     PersistentTrackerError,
 )
-from rasa_persistent_tracker.freshness import Freshness
-from rasa_persistent_tracker.hot_state import UnusableValue, payload_digest
-from rasa_persistent_tracker.recent import RecentRecords, Remembered, shareable
+from rasa_persistent_tracker.event_log import LogRow
+from rasa_persistent_tracker.history import History
+from rasa_persistent_tracker.hot_state import UnusableValue
+from rasa_persistent_tracker.merging import MergeBase, Merger
+from rasa_persistent_tracker.recent import Remembered
 from rasa_persistent_tracker.recovery import Recovery
 from rasa_persistent_tracker.turns import TurnEncoder
 from rasa_persistent_tracker.values import ENCODING_ERRORS, unstorable
 
 logger = logging.getLogger(__name__)
-
-# Attribute under which a tracker carries what the store knows about it.
-MARK = "_rpt_loaded"
 
 
 class PersistentTrackerStore(TrackerStore):
@@ -68,6 +67,7 @@ class PersistentTrackerStore(TrackerStore):
     ) -> None:
         self._domain: Optional[Domain] = None
         self._checked_domain: Optional[Domain] = None
+        self._max_event_history: Optional[int] = None
         super().__init__(domain, event_broker)
         self._backends = backends or open_backends({"host": host, **kwargs}, environ)
         self.config = self._backends.config
@@ -76,13 +76,18 @@ class PersistentTrackerStore(TrackerStore):
         self._codec = self._backends.codec
         self._ids = self._backends.ids  # conversation ids as log lines show them
         self._outbox = self._backends.outbox
-        self._recovery = Recovery(self)
-        self._recent = RecentRecords(self.config.record_cache_size)
+        self._records = self._backends.records
+        self._records.domain, self._records.max_event_history = (self._domain,
+                                                                 self._max_event_history)
+        self._recent = self._records.recent
+        self._fresh = self._records.fresh
         self._turns = TurnEncoder(self._codec, self._recent, self.config.max_history)
-        self._fresh = Freshness(self._log, self._hot, self._outbox.entries)
-        self._shape_ok, self._outbox.snapshot_payload = (self._outbox.snapshot_payload,
-                                                         self._snapshot_payload)
-        self._outbox.on_resequenced = self._recovery.suspect
+        self._history = History(self._hot, self._log, self._codec, self._outbox.entries,
+                                self._records, self._ids)
+        self._recovery = Recovery(self._hot, self._history, self._records, self._turns,
+                                  self.config, self._backends.suspicion, self._ids)
+        self._merger = Merger(self._hot, self._history, self._records,
+                              self._recovery.quarantine)
         if self._backends.announce:
             logger.info(self._backends.announce)
         lifecycle.deliver_on_exit(self._outbox, self._hot)
@@ -96,10 +101,23 @@ class PersistentTrackerStore(TrackerStore):
     @domain.setter
     def domain(self, value: Optional[Domain]) -> None:
         self._domain = value
+        if hasattr(self, "_records"):  # not during TrackerStore.__init__
+            self._records.domain = value
         # Rasa creates the store with a placeholder domain and sets the model's
         # here once it is loaded: the moment to compare them with the config.
         if hasattr(self, "config"):  # not during TrackerStore.__init__
             self._check_domain(startup.policies_of_loading_agent())
+
+    @property
+    def max_event_history(self) -> Optional[int]:
+        """Rasa's cap on the events a tracker keeps (None: unlimited)."""
+        return self._max_event_history
+
+    @max_event_history.setter
+    def max_event_history(self, value: Optional[int]) -> None:
+        self._max_event_history = value
+        if hasattr(self, "_records"):  # not during TrackerStore.__init__
+            self._records.max_event_history = value
 
     def _check_domain(self, policies: Iterable[Tuple[str, Dict[str, Any]]] = ()) -> None:
         """Warn once per loaded domain/model about settings that do not fit."""
@@ -132,106 +150,48 @@ class PersistentTrackerStore(TrackerStore):
         """
         self._outbox.start()
         remembered = self._recent.get(sender_id)
-        entry = await self._recovery.load(sender_id, remembered.digest if remembered else None)
-        if entry is None:  # hot state down: degraded read from the snapshot
-            tracker = await self._recovery.from_snapshot(sender_id, refill=False)
-            if tracker is None:
-                if self.config.sync_log:
-                    return None  # every saved turn reaches SQL before save returns: new
-                # Its latest turns may be in the unreachable outbox: it cannot be
-                # told apart from a new conversation, so do not pretend it is one.
-                raise HotStateUnavailable(
-                    f"Conversation '{self._ids(sender_id)}': the hot state is unreachable and "
-                    f"the SQL log has nothing of it (yet).")
-            return tracker
-        if entry.problem:
-            return await self._recovery.quarantined(sender_id, entry.problem)
-        if entry.unchanged and remembered is not None:
+        hot = await self._recovery.load(sender_id, remembered.digest if remembered else None)
+        if hot is None:  # hot state down: degraded read from the snapshot
+            return await self._read_degraded(sender_id)
+        if hot.problem:
+            return await self._recovery.resume_after_quarantine(sender_id, hot.problem)
+        if hot.unchanged and remembered is not None:
             # The record this process wrote last is still current: no decoding.
-            rebuilt = self._rebuild_remembered(sender_id, remembered)
-            if rebuilt is None:
+            decoded = self._records.rebuild_remembered(sender_id, remembered)
+            if decoded is None:
                 return await self.retrieve(sender_id)  # forgotten: read the stored one
-            record, tracker, cache, previous = rebuilt
-        elif entry.payload is None:
-            return await self._recovery.missing(sender_id, entry.outbox_seq)
+        elif hot.payload is None:
+            return await self._recovery.restore_lost_record(sender_id)
         else:
             try:
-                record, tracker, cache, previous = self._decode(sender_id, entry.payload)
+                decoded = self._records.decode(sender_id, hot.payload)
             except CorruptRecordError as exc:
-                return await self._recovery.quarantined(sender_id, str(exc))
-            behind = await self._fresh.behind(sender_id, record["next_seq"], entry.outbox_seq)
+                return await self._recovery.resume_after_quarantine(sender_id, str(exc))
+            behind = await self._fresh.behind(sender_id, decoded[0]["next_seq"], hot.outbox_seq)
             if behind:  # a replayed older record: never believed
-                return await self._recovery.quarantined(sender_id, f"record is stale: {behind}")
+                return await self._recovery.resume_after_quarantine(
+                    sender_id, f"record is stale: {behind}")
+        record, tracker, known, previous = decoded
         if self._recovery.suspecting:
             newer = await self._recovery.newer_snapshot(
-                sender_id, record["next_seq"], entry.version)
+                sender_id, record["next_seq"], hot.version)
             if newer is not None:
                 return newer
-        self._mark(tracker, entry.version, record["next_seq"], cache, previous)
+        self._records.mark(tracker, hot.version, record["next_seq"], known, previous)
         return tracker
 
-    def _rebuild_remembered(self, sender_id: str, remembered: Remembered) -> Optional[Tuple[
-            Dict[str, Any], DialogueStateTracker, window.Known, window.Previous]]:
-        """``_decode`` for the record this process remembers; None (and the
-        memory forgotten) if it does not replay, which would be a bug."""
-        record = remembered.replayable()
-        try:
-            tracker, cache, previous = replay.rebuild_tracker(
-                record, self.domain.slots, self.max_event_history, remembered.texts,
-                remembered.base_text, remembered.base_events, remembered.window_events)
-        except CorruptRecordError as exc:
-            logger.warning("Conversation '%s': the record this process remembers does not "
-                           "replay (%s); reading the stored one.", self._ids(sender_id), exc)
-            self._recent.forget(sender_id)
-            return None
-        remembered.base_events = previous.slot_events
-        remembered.window_events = shareable(known[0] for known in cache.values())
-        return record, tracker, cache, previous
-
-    def _decode(self, sender_id: str, payload: str, kind: str = HOT) -> Tuple[
-            Dict[str, Any], DialogueStateTracker, window.Known, window.Previous]:
-        """A stored record (hot or snapshot: ``kind``) and the tracker rebuilt from it.
-
-        Raises CorruptRecordError if it cannot be decoded, validated or replayed.
-        """
-        record = replay.validate_record(self._codec.loads_record(payload, sender_id, kind),
-                                        sender_id)
-        tracker, cache, previous = replay.rebuild_tracker(
-            record, self.domain.slots, self.max_event_history)
-        return record, tracker, cache, previous
-
-    def _snapshot_payload(self, sender_id: str, payload: str, next_seq: int) -> Optional[str]:
-        """A hot payload as the SQL snapshot at ``next_seq``, or None: it must
-        decode, replay and be the record at ``next_seq`` (a record that only
-        looks right, or an older one, must never replace the last good
-        snapshot). The record this process wrote needs no replay."""
-        remembered = self._recent.get(sender_id)
-        if remembered is not None and remembered.digest == payload_digest(payload):
-            record = remembered.record
-        elif self.domain is None:  # cannot replay yet: check the shape only
-            return self._shape_ok(sender_id, payload, next_seq)
-        else:
-            try:
-                record = self._decode(sender_id, payload)[0]
-            except CorruptRecordError:
-                return None
-            except Exception:  # e.g. a custom event failing to replay: keep the old snapshot
-                logger.exception("Conversation '%s': hot record cannot be replayed; not taken "
-                                 "as the SQL snapshot.", self._ids(sender_id))
-                return None
-        if record["next_seq"] != next_seq:
-            return None
-        try:
-            return self._codec.reseal_record(payload, sender_id, SNAPSHOT)
-        except CorruptRecordError:
-            return None
-
-    def _mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
-              cache: window.Known, previous: Optional[window.Previous] = None) -> None:
-        last = tracker.events[-1] if tracker.events else None
-        self._fresh.saw(tracker.sender_id, next_seq)
-        setattr(tracker, MARK, window.Loaded(tracker.sender_id, version, next_seq, last, cache,
-                                              previous))
+    async def _read_degraded(self, sender_id: str) -> Optional[DialogueStateTracker]:
+        """``retrieve`` while the hot state is unreachable: from the SQL snapshot."""
+        tracker = await self._recovery.from_snapshot(sender_id, refill=False)
+        if tracker is None:
+            if self.config.sync_log:
+                return None  # every saved turn reaches SQL before save returns: new
+            # Its latest turns may be in the unreachable outbox: it cannot be
+            # told apart from a new conversation, so do not pretend it is one.
+            raise HotStateUnavailable(
+                f"Conversation '{self._ids(sender_id)}': the hot state is unreachable and "
+                f"the SQL log has nothing of it (yet).")
+        return tracker
 
     async def retrieve_full_tracker(self, conversation_id: str) -> Optional[DialogueStateTracker]:
         """Every event of every session, from the SQL log (plus undelivered ones).
@@ -241,15 +201,14 @@ class PersistentTrackerStore(TrackerStore):
         Raises:
             EventLogUnavailable: the SQL log is unreachable.
         """
-        entry = await self._recovery.load(conversation_id)
-        rows = await self._recovery.all_rows(conversation_id)
+        hot = await self._recovery.load(conversation_id)
+        rows = await self._history.all_rows(conversation_id)
         if not rows:
             return None
-        events = self._recovery.decode_rows(conversation_id, rows)
-        tracker = DialogueStateTracker.from_events(
-            conversation_id, events, self.domain.slots, self.max_event_history)
-        version = entry.version if entry and entry.payload else 0
-        self._mark(tracker, version, rows[-1].seq + 1, {})
+        events = self._history.decode_rows(conversation_id, rows)
+        tracker = self._records.from_events(conversation_id, events)
+        version = hot.version if hot and hot.payload else 0
+        self._records.mark(tracker, version, rows[-1].seq + 1, {})
         return tracker
 
     async def keys(self) -> Iterable[str]:
@@ -260,8 +219,8 @@ class PersistentTrackerStore(TrackerStore):
 
     async def exists(self, conversation_id: str) -> bool:
         """True if the conversation has a hot record or logged events."""
-        entry = await self._hot.load(conversation_id)
-        if entry.payload is not None or entry.problem or entry.outbox_seq:
+        hot = await self._hot.load(conversation_id)
+        if hot.payload is not None or hot.problem or hot.outbox_seq:
             return True
         return await self._log.run(self._log.sync.next_seq, conversation_id) > 1
 
@@ -285,39 +244,67 @@ class PersistentTrackerStore(TrackerStore):
                 was written.
         """
         sender_id = tracker.sender_id
-        marker = getattr(tracker, MARK, None)
-        new: Optional[List[Event]] = None
-        if marker is not None and marker.sender_id == sender_id:
-            new = window.new_events_after(list(tracker.events), marker)
-        if new is not None:
-            state, expected, next_seq = tracker, marker.version, marker.next_seq
-            cache, previous = marker.cache, marker.previous
-        else:
-            state, new, expected, next_seq, cache, previous = await self._recovery.merge_base(
-                tracker)
-        if not new:
-            if expected:
+        base = await self._base_of(tracker)
+        if not base.new:
+            if base.expected_version:
                 await self._hot.touch(sender_id, self.config.record_exp)
             return
+        rows, state, built, payload, remembered = await self._encode_turn(sender_id, base)
+        outbox_entry = self._outbox.entries.make(sender_id, rows, time.time())
+        version, queued = await self._commit(sender_id, base.expected_version, payload,
+                                             outbox_entry, rows)
+        self._recent.put(sender_id, remembered)
+        self._records.mark(tracker, version, base.next_seq + len(base.new), built.kept,
+                           built.previous if state is tracker else None)
+        if queued:  # else it is in SQL already
+            self._outbox.notify(sender_id)
+            if self.config.sync_log or self._runs_sync_action(base.new):
+                await direct.write_through(
+                    self._outbox, self._log, sender_id, rows,
+                    self._codec.reseal_record(payload, sender_id, SNAPSHOT), version)
+        if self.event_broker is not None:
+            await self._stream_new_events(self.event_broker, base.new, sender_id)
+
+    async def _base_of(self, tracker: DialogueStateTracker) -> MergeBase:
+        """Where the tracker's new events start: after the last event this store
+        returned for this very tracker object, else by merging."""
+        loaded = self._records.loaded(tracker)
+        if loaded is not None and loaded.sender_id == tracker.sender_id:
+            new = window.new_events_after(list(tracker.events), loaded)
+            if new is not None:
+                return MergeBase(tracker, new, loaded.version, loaded.next_seq, loaded.cache,
+                                 loaded.previous)
+        return await self._merger.merge_base(tracker)
+
+    async def _encode_turn(self, sender_id: str, base: MergeBase) -> Tuple[
+            List[LogRow], DialogueStateTracker, window.Built, str, Remembered]:
+        """The turn's log rows, the tracker the record is built from, the
+        record and its payload. Raises SlotValueError (nothing written)."""
+        state, new, next_seq = base.state, base.new, base.next_seq
         try:
-            rows = self._turns.rows(sender_id, new, next_seq, cache)
-            built = self._turns.build(state, self.domain.slots, next_seq + len(new), cache,
-                                      previous)
+            rows = self._turns.rows(sender_id, new, next_seq, base.known)
+            built = self._turns.build(state, self.domain.slots, next_seq + len(new), base.known,
+                                      base.previous)
             if built.short:
-                full = await self._recovery.full_session(sender_id, next_seq, new)
+                full = await self._history.full_session(sender_id, next_seq, new)
                 if full is not None:  # reverts reached past the record: rebuild it from the log
                     state = full
                     built = self._turns.build(full, self.domain.slots, next_seq + len(new),
-                                              cache)
+                                              base.known)
             payload, remembered = self._turns.encode(built)
         except PersistentTrackerError:
             raise
         except ENCODING_ERRORS as exc:
             raise unstorable(new, exc) from None
-        entry = self._outbox.entries.make(sender_id, rows, time.time())
+        return rows, state, built, payload, remembered
+
+    async def _commit(self, sender_id: str, expected: int, payload: str, outbox_entry: str,
+                      rows: List[LogRow]) -> Tuple[int, bool]:
+        """Commit record and outbox entry; (new version, whether the entry is
+        queued in the outbox rather than written to SQL already)."""
         try:
-            version = await self._hot.commit(sender_id, expected, payload,
-                                             self.config.record_exp, entry)
+            return await self._hot.commit(sender_id, expected, payload,
+                                          self.config.record_exp, outbox_entry), True
         except HotStateBusy:
             raise  # overloaded: nothing was written, nothing to re-check
         except HotStateUnavailable as exc:
@@ -326,26 +313,15 @@ class PersistentTrackerStore(TrackerStore):
             version = await direct.save(self._log, sender_id, rows,
                                         self._codec.reseal_record(payload, sender_id, SNAPSHOT),
                                         expected or 0, exc)
-            entry = None
+            return version, False
         except UnusableValue as exc:
             await self._recovery.quarantine(sender_id, str(exc))
             try:
-                version = await self._hot.commit(sender_id, expected, payload,
-                                                 self.config.record_exp, entry)
+                return await self._hot.commit(sender_id, expected, payload,
+                                              self.config.record_exp, outbox_entry), True
             except UnusableValue as again:  # replaced again in between: give up this turn
                 raise HotStateUnavailable(f"Conversation '{sender_id}': its hot record stays "
                                           f"unusable ({again}).") from again
-        self._recent.put(sender_id, remembered)
-        self._mark(tracker, version, next_seq + len(new), built.kept,
-                   built.previous if state is tracker else None)
-        if entry is not None:  # else it is in SQL already
-            self._outbox.notify(sender_id)
-            if self.config.sync_log or self._runs_sync_action(new):
-                await direct.write_through(
-                    self._outbox, self._log, sender_id, rows,
-                    self._codec.reseal_record(payload, sender_id, SNAPSHOT), version)
-        if self.event_broker is not None:
-            await self._stream_new_events(self.event_broker, new, sender_id)
 
     def _runs_sync_action(self, new: List[Event]) -> bool:
         """Whether the turn ran an action listed in ``sync_actions`` (written through)."""

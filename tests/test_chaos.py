@@ -152,7 +152,7 @@ def test_chaos_loses_no_answered_turn(throwaway_redis, throwaway_postgres, tmp_p
             for sender in senders:
                 entry = await store._hot.load(sender)
                 snapshot = await store._log.run(store._log.sync.snapshot, sender)
-                record = store._decode(sender, entry.payload)[0] if entry.payload else {}
+                record = store._records.decode(sender, entry.payload)[0] if entry.payload else {}
                 tracker = await store.retrieve(sender)
                 # The last user event, not latest_message: Rasa's own rewinds
                 # (UserUtteranceReverted) move latest_message back a turn.

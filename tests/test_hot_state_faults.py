@@ -144,10 +144,10 @@ async def test_commit_retried_after_a_broken_connection_applies_once(make_store,
     store._hot._factory = lambda: _LosesReplies(inner, lose=1, before=not applied)
     store._hot._clients = {}
     tracker = await store.retrieve("bob")
-    version = tracker._rpt_loaded.version
+    version = store._records.loaded(tracker).version
     turn(tracker, 7)
     await store.save(tracker)  # neither an error nor a conflict
-    assert tracker._rpt_loaded.version == version + 1
+    assert store._records.loaded(tracker).version == version + 1
     await store.flush()
     seqs = logged_seqs(store, "bob")
     assert seqs == list(range(1, len(seqs) + 1))

@@ -294,3 +294,31 @@ async def test_expired_conversation_starts_fresh(make_store):
     await store.flush()
     full = await store.retrieve_full_tracker("e1")
     assert len(full.events) == 1 + 2 * 5 + 1
+
+
+async def test_copied_tracker_saves_its_new_events_once(make_store, backend):
+    """What the store knows of a tracker stays with that object: a copy (Rasa's
+    ``copy()`` or ``deepcopy``) is saved by merging, never duplicating or
+    losing events, and the original still saves on its fast path afterwards."""
+    import copy
+
+    store = make_store()
+    await run_turns(store, "cp", 2)
+    original = await store.retrieve("cp")
+    assert store._records.loaded(original) is not None
+    for copied in (original.copy(), copy.deepcopy(original)):
+        assert store._records.loaded(copied) is None  # not handed out by the store
+    copied = copy.deepcopy(original)
+    copied.update(user("from the copy"))
+    copied.update(ActionExecuted("action_listen"))
+    await store.save(copied)
+    again = await store.retrieve("cp")
+    texts = [e.text for e in again.events if isinstance(e, UserUttered)]
+    assert texts.count("from the copy") == 1
+    await store.save(again)  # nothing new: no second copy of the turn
+    await store.flush()
+    full = await store.retrieve_full_tracker("cp")
+    assert [e.text for e in full.events if isinstance(e, UserUttered)].count("from the copy") == 1
+    again.update(user("after the copy"))
+    await store.save(again)
+    assert store._records.loaded(again).version == store._records.loaded(copied).version + 1
