@@ -17,7 +17,8 @@ from typing import Any, AsyncIterator, Callable, List, Optional, TypeVar
 
 from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateUnavailable
 from rasa_persistent_tracker.files import private_file
-from rasa_persistent_tracker.hot_state import HotEntry, Pending, entry_seq, payload_digest
+from rasa_persistent_tracker.entry_header import entry_seq
+from rasa_persistent_tracker.hot_state import HotEntry, Pending, payload_digest
 
 T = TypeVar("T")
 
@@ -193,15 +194,13 @@ class SQLiteHotState:
 
     async def ack(self, conversation_id: str, upto_seq: int) -> int:
         def ack() -> int:
+            # last_seq was read from the entry's header when it was queued.
             ids: List[int] = []
-            for row_id, entry in self._conn.execute(
-                    "SELECT id, entry FROM rpt_outbox WHERE conversation_id=? ORDER BY id",
+            for row_id, last_seq in self._conn.execute(
+                    "SELECT id, last_seq FROM rpt_outbox WHERE conversation_id=? ORDER BY id",
                     (conversation_id,)):
-                try:
-                    if entry_seq(entry) > upto_seq:
-                        break
-                except ValueError:
-                    break  # unreadable: delivery quarantines it when it reads it
+                if last_seq > upto_seq:
+                    break
                 ids.append(row_id)
             self._conn.executemany("DELETE FROM rpt_outbox WHERE id=?", [(i,) for i in ids])
             return len(ids)

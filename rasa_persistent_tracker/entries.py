@@ -1,6 +1,6 @@
 """The outbox entry format: one turn's log rows, as queued in the hot state.
 
-``<last seq>|<saved_at>|<body>``: the body is the JSON list of the turn's
+``<last seq>|<saved_at>|<body>`` (the header: ``entry_header.py``): the body is the JSON list of the turn's
 ``LogRow`` dicts; with an encryption key it is encrypted whole, bound to the
 conversation and to the header (``Codec.seal_entry``), so only the header (a
 sequence number and a time) is in clear. The header's leading number is what
@@ -10,6 +10,7 @@ import json
 from typing import Callable, List, Tuple
 
 from rasa_persistent_tracker.codec import Codec, JsonSerializer
+from rasa_persistent_tracker.entry_header import make_header, split
 from rasa_persistent_tracker.errors import CorruptRecordError
 from rasa_persistent_tracker.event_log import COLUMN_LIMITS, ROW_FIELDS, LogRow, RowDict
 
@@ -30,7 +31,7 @@ class Entries:
 
     def make(self, conversation_id: str, rows: List[LogRow], saved_at: float) -> str:
         """Serialise one turn's rows into an outbox entry."""
-        header = f"{rows[-1].seq}|{saved_at!r}"
+        header = make_header(rows[-1].seq, saved_at)
         body = json.dumps([r.as_dict() for r in rows], separators=(",", ":"))
         return f"{header}|{self._codec.seal_entry(body, conversation_id, header)}"
 
@@ -72,13 +73,9 @@ def _parse(entry: str, open_body: Callable[[str, str], str]) -> Tuple[float, Lis
         entry.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("entry is not UTF-8 text") from None
+    last_seq, saved, header, body = split(entry)
     try:
-        last, saved_at, body = entry.split("|", 2)
-        last_seq, saved = int(last), float(saved_at)
-    except ValueError:
-        raise ValueError("entry header is not '<last seq>|<saved_at>|'") from None
-    try:
-        rows = json.loads(open_body(body, f"{last}|{saved_at}"))
+        rows = json.loads(open_body(body, header))
     except CorruptRecordError as exc:
         raise ValueError(f"entry body refused: {exc}") from None
     if not isinstance(rows, list) or not rows:

@@ -115,11 +115,6 @@ class HotState(Protocol):
         """Release connections."""
 
 
-def entry_seq(entry: str) -> int:
-    """The last sequence number an outbox entry carries (``<seq>|<rows>``)."""
-    return int(entry.split("|", 1)[0])
-
-
 # Pauses before retrying a commit whose connection failed (see ``commit``).
 COMMIT_RETRY_DELAYS = (0.0, 0.05, 0.25)
 

@@ -3,8 +3,10 @@ keys (``KEYS[1]`` its record ``<prefix>:h:{id}``, ``KEYS[2]`` its outbox
 ``<prefix>:o:{id}``, or a quarantine key with the same hash tag), so they run
 unchanged on Redis Cluster. ``hot_state.RedisHotState`` calls them.
 
-Outbox entries start with their last sequence number: ``<seq>|...``.
+Of an outbox entry the scripts read only its leading sequence number
+(``entry_header.LUA_SEQ``).
 """
+from rasa_persistent_tracker.entry_header import LUA_SEQ
 
 LOAD = """
 local ok, r = pcall(redis.call, 'HMGET', KEYS[1], 'v', 'd')
@@ -15,7 +17,7 @@ end
 local t = redis.call('TYPE', KEYS[1])['ok']
 local okl, last = pcall(redis.call, 'LINDEX', KEYS[2], -1)
 local seq = '0'
-if okl and last then seq = string.match(last, '^(%d+)|') or '0' end
+if okl and last then seq = string.match(last, '<SEQ>') or '0' end
 if t ~= 'hash' then return {t, false, false, seq, 0} end
 return {t, r[1], r[2], seq, 0}
 """
@@ -60,6 +62,8 @@ end
 return {new, 'ok', moved}
 """
 
+LOAD = LOAD.replace("<SEQ>", LUA_SEQ)
+
 QUARANTINE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RENAME', KEYS[1], KEYS[2])
@@ -77,7 +81,7 @@ local n = 0
 while true do
   local head = redis.call('LINDEX', KEYS[1], 0)
   if not head then break end
-  local seq = tonumber(string.match(head, '^(%d+)|') or '')
+  local seq = tonumber(string.match(head, '<SEQ>') or '')
   -- An unreadable head stays: delivery quarantines it when it reads it.
   if seq == nil or seq > tonumber(ARGV[1]) then break end
   redis.call('LPOP', KEYS[1])
@@ -85,6 +89,8 @@ while true do
 end
 return n
 """
+
+ACK = ACK.replace("<SEQ>", LUA_SEQ)
 
 PENDING = """
 local ok, entries = pcall(redis.call, 'LRANGE', KEYS[2], 0, tonumber(ARGV[1]))

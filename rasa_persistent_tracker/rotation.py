@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from rasa_persistent_tracker import rekey
 from rasa_persistent_tracker.backends import Backends
 from rasa_persistent_tracker.crypto import HOT, MAC_PREFIX, PREFIX, SNAPSHOT, key_id_of
+from rasa_persistent_tracker.entry_header import body_of
 from rasa_persistent_tracker.errors import (
     ConcurrentSaveError,
     ConfigError,
@@ -317,7 +318,7 @@ async def _outbox_left(backends: Backends, primary: str, report: RotationReport)
     left = 0
     async for cid in backends.hot.outboxes():
         for entry in (await backends.hot.pending(cid, 100_000)).entries:
-            body = entry.split("|", 2)[-1]
+            body = body_of(entry)
             report.count("outbox", body)
             left += not rekey.current(body, primary)
     return left
