@@ -17,16 +17,16 @@ from rasa_persistent_tracker.codec import Codec, JsonSerializer
 from rasa_persistent_tracker.config import StoreConfig, mask_url, parse_config
 from rasa_persistent_tracker.connect import redis_client_factory, run_blocking
 from rasa_persistent_tracker.crypto import build_protected
-from rasa_persistent_tracker.entries import Entries
 from rasa_persistent_tracker.embedded import SQLiteHotState
+from rasa_persistent_tracker.entries import Entries
 from rasa_persistent_tracker.errors import (
     ConfigError,
     EventLogUnavailable,
     HotStateUnavailable,
     StorageUnavailable,
 )
-from rasa_persistent_tracker.freshness import Freshness, Suspicion
 from rasa_persistent_tracker.event_log import AsyncEventLog, SQLEventLog, make_engine
+from rasa_persistent_tracker.freshness import Freshness, Suspicion
 from rasa_persistent_tracker.hot_state import HotState, RedisHotState
 from rasa_persistent_tracker.logids import PURPOSE, ConversationIds
 from rasa_persistent_tracker.outbox import Outbox

@@ -34,11 +34,11 @@ from typing import Any, AsyncIterator, Dict, Optional, Sequence
 
 import sqlalchemy as sa
 
+from rasa_persistent_tracker import importer, logids
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.config import mask_url, parse_config
 from rasa_persistent_tracker.crypto import load_keyring, new_key_entry
 from rasa_persistent_tracker.errors import ConfigError, PersistentTrackerError
-from rasa_persistent_tracker import importer, logids
 from rasa_persistent_tracker.inspection import inspect_conversation
 from rasa_persistent_tracker.quarantine import QuarantineAdmin
 from rasa_persistent_tracker.raw_access import RawHotAccess

@@ -26,14 +26,8 @@ from rasa_persistent_tracker.errors import (
     EventLogUnavailable,
     HotStateUnavailable,
 )
-from rasa_persistent_tracker.event_log import (
-    EVENTS,
-    SNAPSHOTS,
-    AsyncEventLog,
-    LogRow,
-    Snapshot,
-    SQLEventLog,
-)
+from rasa_persistent_tracker.event_log import AsyncEventLog, SQLEventLog
+from rasa_persistent_tracker.tables import EVENTS, SNAPSHOTS, LogRow, Snapshot
 
 from rasa_persistent_tracker.outbox import Outbox
 

@@ -15,9 +15,9 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, List, Optional, TypeVar
 
+from rasa_persistent_tracker.entry_header import entry_seq
 from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateUnavailable
 from rasa_persistent_tracker.files import private_file
-from rasa_persistent_tracker.entry_header import entry_seq
 from rasa_persistent_tracker.hot_state import HotEntry, Pending, payload_digest
 
 T = TypeVar("T")

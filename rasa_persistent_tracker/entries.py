@@ -12,7 +12,7 @@ from typing import Callable, List, Tuple
 from rasa_persistent_tracker.codec import Codec, JsonSerializer
 from rasa_persistent_tracker.entry_header import make_header, split
 from rasa_persistent_tracker.errors import CorruptRecordError
-from rasa_persistent_tracker.event_log import COLUMN_LIMITS, ROW_FIELDS, LogRow, RowDict
+from rasa_persistent_tracker.tables import COLUMN_LIMITS, ROW_FIELDS, LogRow, RowDict
 
 
 # What each field of an entry row must hold, within the SQL columns' limits

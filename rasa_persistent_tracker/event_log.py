@@ -22,92 +22,18 @@ from rasa_persistent_tracker.config import mask_url
 from rasa_persistent_tracker.errors import CorruptRecordError, EventLogUnavailable
 from rasa_persistent_tracker.files import private_file
 from rasa_persistent_tracker.migrations import migrate
+from rasa_persistent_tracker.tables import (
+    EVENTS,
+    FACTS,
+    SNAPSHOTS,
+    LogRow,
+    RowDict,
+    Snapshot,
+    loggable,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_meta = sa.MetaData()
-EVENTS = sa.Table(
-    "rpt_events", _meta,
-    sa.Column("id", sa.BigInteger, primary_key=True),
-    sa.Column("conversation_id", sa.String(255)),
-    sa.Column("seq", sa.BigInteger),
-    sa.Column("type_name", sa.String(64)),
-    sa.Column("timestamp", sa.Float),
-    sa.Column("intent_name", sa.String(255)),
-    sa.Column("action_name", sa.String(255)),
-    sa.Column("data", sa.Text),
-)
-SNAPSHOTS = sa.Table(
-    "rpt_snapshots", _meta,
-    sa.Column("conversation_id", sa.String(255), primary_key=True),
-    sa.Column("next_seq", sa.BigInteger),
-    sa.Column("version", sa.BigInteger),
-    sa.Column("saved_at", sa.Float),
-    sa.Column("payload", sa.Text),
-)
-
-# Facts about the stored data (``facts``), e.g. ``encrypted``.
-FACTS = sa.Table(
-    "rpt_facts", _meta,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text),
-)
-
-
-@dataclasses.dataclass
-class LogRow:
-    """One event as stored: ``data`` is serialiser output (JSON or ciphertext)."""
-
-    seq: int
-    type_name: str
-    timestamp: Optional[float]
-    intent_name: Optional[str]
-    action_name: Optional[str]
-    data: str
-
-    def as_dict(self) -> Dict[str, Any]:
-        # Not dataclasses.asdict: it deep-copies every field (a hot path).
-        return {"seq": self.seq, "type_name": self.type_name, "timestamp": self.timestamp,
-                "intent_name": self.intent_name, "action_name": self.action_name,
-                "data": self.data}
-
-
-# A LogRow as a dict (``LogRow.as_dict()``): the form rows travel in from the
-# outbox to the log.
-RowDict = Dict[str, Any]
-ROW_FIELDS = frozenset(f.name for f in dataclasses.fields(LogRow))
-
-
-@dataclasses.dataclass
-class Snapshot:
-    """The latest hot record of a conversation, kept in SQL."""
-
-    next_seq: int
-    version: int
-    saved_at: float
-    payload: str
-
-
-# Lengths of the log's string columns, as the tables declare them: what
-# parsing, row building and save() check values against.
-COLUMN_LIMITS = {c.name: c.type.length for c in EVENTS.columns
-                 if isinstance(c.type, sa.String) and c.type.length}
-# Conversation ids up to this length, without NUL.
-MAX_ID_LENGTH = COLUMN_LIMITS["conversation_id"]
-
-
-def loggable(conversation_id: str) -> bool:
-    """Whether the log can hold this conversation id (``save`` refuses others):
-    at most ``MAX_ID_LENGTH`` characters, no NUL, valid Unicode (no lone
-    surrogate, which no database driver can encode)."""
-    if len(conversation_id) > MAX_ID_LENGTH or "\x00" in conversation_id:
-        return False
-    try:
-        conversation_id.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def make_engine(url: str, pool_size: int) -> sa.engine.Engine:

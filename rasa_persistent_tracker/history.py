@@ -17,11 +17,12 @@ from rasa_persistent_tracker.errors import (
     EventLogUnavailable,
     HotStateUnavailable,
 )
-from rasa_persistent_tracker.event_log import AsyncEventLog, LogRow, Snapshot
+from rasa_persistent_tracker.event_log import AsyncEventLog
 from rasa_persistent_tracker.events import EVENT_ERRORS, parse_event
 from rasa_persistent_tracker.hot_state import HotState
 from rasa_persistent_tracker.logids import ConversationIds
 from rasa_persistent_tracker.records import Records
+from rasa_persistent_tracker.tables import LogRow, Snapshot
 
 logger = logging.getLogger("rasa_persistent_tracker.store")
 

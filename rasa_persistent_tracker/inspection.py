@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from rasa_persistent_tracker.backends import Backends
 from rasa_persistent_tracker.crypto import key_id_of
 from rasa_persistent_tracker.errors import CorruptRecordError
-from rasa_persistent_tracker.event_log import EVENTS
 from rasa_persistent_tracker.raw_access import RawHotAccess
+from rasa_persistent_tracker.tables import EVENTS
 
 
 async def inspect_conversation(backends: Backends, raw: RawHotAccess, conversation_id: str,

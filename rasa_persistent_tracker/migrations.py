@@ -6,7 +6,11 @@ version recorded in ``rpt_schema_version``, each in its own transaction,
 serialised across processes (a PostgreSQL advisory lock; SQLite's write lock).
 It is idempotent: running it again changes nothing.
 
-Never edit a released migration; add a new one after it.
+Never edit a released migration; add a new one after it. The schema they
+build is declared once, in ``tables.py``; ``tests/test_schema.py`` checks
+that migrating an empty database yields exactly those tables. (Migrations
+spell out their own DDL instead of importing the tables: a released step
+must keep building what it built, whatever the tables declare later.)
 """
 import logging
 import time

@@ -19,8 +19,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from rasa_persistent_tracker.entries import PLAIN_ENTRIES, Entries
 from rasa_persistent_tracker.errors import EventLogUnavailable, HotStateUnavailable
-from rasa_persistent_tracker.event_log import AsyncEventLog, RowDict, Snapshot
+from rasa_persistent_tracker.event_log import AsyncEventLog
 from rasa_persistent_tracker.hot_state import HotState
+from rasa_persistent_tracker.tables import RowDict, Snapshot
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     EncryptionKeyMissing,
 )
-from rasa_persistent_tracker.event_log import RowDict
-from rasa_persistent_tracker.replay import validate_record
 from rasa_persistent_tracker.redis_keys import KeyNames, key_tag, tag_id
+from rasa_persistent_tracker.replay import validate_record
+from rasa_persistent_tracker.tables import RowDict
 
 HOT_RECORD, OUTBOX_ENTRY, UNKNOWN = "hot record", "outbox entry", "unreadable value"
 _EMBEDDED_MARK = "#rpt_quarantine/"

@@ -28,12 +28,12 @@ from rasa_persistent_tracker.errors import (
     HotStateBusy,
     HotStateUnavailable,
 )
-from rasa_persistent_tracker.event_log import LogRow, Snapshot
 from rasa_persistent_tracker.freshness import Suspicion
 from rasa_persistent_tracker.history import History
 from rasa_persistent_tracker.hot_state import HotEntry, HotState
 from rasa_persistent_tracker.logids import ConversationIds
 from rasa_persistent_tracker.records import Records
+from rasa_persistent_tracker.tables import LogRow, Snapshot
 from rasa_persistent_tracker.turns import TurnEncoder
 
 logger = logging.getLogger("rasa_persistent_tracker.store")

@@ -25,9 +25,9 @@ from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     EncryptionKeyMissing,
 )
-from rasa_persistent_tracker.event_log import EVENTS, SNAPSHOTS
 from rasa_persistent_tracker.hot_state import UnusableValue
 from rasa_persistent_tracker.raw_access import RawHotAccess
+from rasa_persistent_tracker.tables import EVENTS, SNAPSHOTS
 
 logger = logging.getLogger(__name__)
 

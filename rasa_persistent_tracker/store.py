@@ -23,12 +23,12 @@ from rasa_persistent_tracker.errors import (
     HotStateUnavailable,
     PersistentTrackerError,
 )
-from rasa_persistent_tracker.event_log import LogRow
 from rasa_persistent_tracker.history import History
 from rasa_persistent_tracker.hot_state import UnusableValue
 from rasa_persistent_tracker.merging import MergeBase, Merger
 from rasa_persistent_tracker.recent import Remembered
 from rasa_persistent_tracker.recovery import Recovery
+from rasa_persistent_tracker.tables import LogRow
 from rasa_persistent_tracker.turns import TurnEncoder
 from rasa_persistent_tracker.values import ENCODING_ERRORS, unstorable
 

@@ -19,9 +19,9 @@ from rasa_persistent_tracker.errors import (
     PersistentTrackerError,
     SlotValueError,
 )
-from rasa_persistent_tracker.event_log import COLUMN_LIMITS, MAX_ID_LENGTH, LogRow, loggable
 from rasa_persistent_tracker.hot_state import payload_digest
 from rasa_persistent_tracker.recent import RecentRecords, Remembered
+from rasa_persistent_tracker.tables import COLUMN_LIMITS, MAX_ID_LENGTH, LogRow, loggable
 
 
 class TurnEncoder:

@@ -4,7 +4,7 @@ import sqlite3
 
 from rasa_persistent_tracker.embedded import PURGE_INTERVAL, SQLiteHotState
 from rasa_persistent_tracker.entries import make_entry
-from rasa_persistent_tracker.event_log import LogRow
+from rasa_persistent_tracker.tables import LogRow
 
 
 def entry(seq):

@@ -15,8 +15,9 @@ import pytest
 import sqlalchemy as sa
 
 from rasa_persistent_tracker import bulk
-from rasa_persistent_tracker.event_log import LogRow, Snapshot, SQLEventLog
 from rasa_persistent_tracker.entries import make_entry, parse_entry, parse_entry_dicts
+from rasa_persistent_tracker.event_log import SQLEventLog
+from rasa_persistent_tracker.tables import LogRow, Snapshot
 from rasa.shared.core.events import UserUttered
 from rasa.shared.core.trackers import DialogueStateTracker
 

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 
 from rasa_persistent_tracker import ConfigError, PersistentTrackerStore, cli
 from rasa_persistent_tracker.crypto import QUARANTINE, key_id_of
-from rasa_persistent_tracker.event_log import EVENTS, LogRow
 from rasa_persistent_tracker.rotation import RotationReport
+from rasa_persistent_tracker.tables import EVENTS, LogRow
 
 from test_encryption import (
     ENV,
