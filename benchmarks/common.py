@@ -388,23 +388,19 @@ def run(main: Any, loop: str) -> Any:
     return asyncio.run(main)
 
 
-def machine(load_at_start: Sequence[float]) -> Dict[str, Any]:
-    """Where the numbers came from; the load averages show competing work."""
-    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    return {"python": platform.python_version(), "cpus": os.cpu_count(),
-            "platform": platform.platform(), "event_loop": loop,
-            "loadavg_1_5_15_at_start": [round(x, 2) for x in load_at_start],
-            "loadavg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()]}
-
-
 def run_header(benchmark: str, quick: bool, started: float,
                load_at_start: Sequence[float]) -> Dict[str, Any]:
-    """The fields every result file starts with: which run, when, how long, where."""
+    """The fields every result file starts with: which run, when, how long, and
+    on what machine (the load averages show competing work)."""
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     return {
         "benchmark": benchmark, "quick": quick,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "runtime_s": time.time() - started,
-        "machine": machine(load_at_start),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                    "platform": platform.platform(), "event_loop": loop,
+                    "loadavg_1_5_15_at_start": [round(x, 2) for x in load_at_start],
+                    "loadavg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()]},
     }
 
 
