@@ -136,8 +136,9 @@ def redis_key(name: str, store: Any, sid: str) -> Optional[str]:
     return None
 
 
-def log_rows(servers: common.Servers, sid: str) -> int:
-    return servers.execute("SELECT count(*) FROM rpt.rpt_events WHERE conversation_id = :c",
+def log_rows(servers: common.Servers, sid: str, encrypted: bool) -> int:
+    schema = "rpt_enc" if encrypted else "rpt"  # common.Servers: one log schema per store
+    return servers.execute(f"SELECT count(*) FROM {schema}.rpt_events WHERE conversation_id = :c",
                            c=sid)[0][0]
 
 
@@ -188,7 +189,7 @@ async def finish_ours(cells: List[Cell], store: Any, servers: common.Servers) ->
     for cell in cells:
         cell.extra["store_notes"] += notes
         cell.extra["flush_after_turns_ms"] = flush_ms
-        cell.extra["log_rows"] = log_rows(servers, cell.sid)
+        cell.extra["log_rows"] = log_rows(servers, cell.sid, "+" in cell.store)
         cell.extra["log_rows_expected"] = (cell.events_before
                                            + len(cell.turn) * common.EVENTS_PER_TURN)
         cell.extra["outbox_bytes_after_flush"] = servers.memory_usage(
