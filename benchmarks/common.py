@@ -244,6 +244,25 @@ def encryption_environ() -> Dict[str, str]:
     return {"RPT_ENCRYPTION_KEYS": f"k1:{key}"}
 
 
+def rasa_store(name: str, domain: Domain, servers: Servers, kind: str) -> Any:
+    """One of Rasa's own stores on this run's keys and database.
+
+    ``name`` is ``InMemoryTrackerStore``, ``RedisTrackerStore`` (key prefix made
+    from ``kind``) or ``SQLTrackerStore`` (this run's database, ``public`` schema).
+    """
+    from rasa.core.tracker_store import (InMemoryTrackerStore, RedisTrackerStore,
+                                         SQLTrackerStore)
+
+    if name == "InMemoryTrackerStore":
+        return InMemoryTrackerStore(domain)
+    if name == "RedisTrackerStore":
+        return RedisTrackerStore(domain, key_prefix=servers.prefix(kind),
+                                 **servers.rasa_redis_kwargs())
+    if name == "SQLTrackerStore":
+        return SQLTrackerStore(domain, **servers.rasa_sql_kwargs())
+    raise ValueError(f"not one of Rasa's stores: {name!r}")
+
+
 def ours(domain: Domain, servers: Servers, kind: str, encrypted: bool = False,
          sql_url: Optional[str] = None, key_prefix_override: Optional[str] = None,
          **extra: Any):
@@ -267,8 +286,7 @@ async def flush_reporting_errors(store: Any, when: str, attempts: int = 5) -> Li
             return notes
         except Exception as exc:  # noqa: BLE001 - reported, not hidden
             notes.append(f"flush() during {when} failed (attempt {attempt}): "
-                         + "".join(traceback.format_exception(type(exc), exc,
-                                                              exc.__traceback__))[-1500:])
+                         + format_error(exc)[-1500:])
             print(f"  !! flush() during {when} raised {type(exc).__name__}: {exc}", flush=True)
             await asyncio.sleep(0.5)
     return notes
@@ -290,9 +308,28 @@ async def close_reporting_errors(store: Any, notes: List[str], timeout: float = 
         if task is not None:
             task.cancel()
     except Exception as exc:  # noqa: BLE001 - reported, not hidden
-        notes.append("close() raised: " + "".join(traceback.format_exception(
-            type(exc), exc, exc.__traceback__))[-1500:])
+        notes.append("close() raised: " + format_error(exc)[-1500:])
         print(f"  !! close() raised {type(exc).__name__}: {exc}", flush=True)
+
+
+async def close_store(store: Any, notes: List[str]) -> None:
+    """Release any store of the benchmarks: ours through ``close_reporting_errors``,
+    Rasa's Redis / SQL stores by closing their client / engine."""
+    from rasa.core.tracker_store import RedisTrackerStore, SQLTrackerStore
+
+    from rasa_persistent_tracker import PersistentTrackerStore
+
+    if isinstance(store, PersistentTrackerStore):
+        await close_reporting_errors(store, notes)
+    elif isinstance(store, RedisTrackerStore):
+        store.red.close()
+    elif isinstance(store, SQLTrackerStore):
+        store.engine.dispose()
+
+
+def format_error(exc: BaseException) -> str:
+    """The exception with its traceback, as printed for an uncaught one."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 # ------------------------------------------------------------------ stats
@@ -351,13 +388,20 @@ def run(main: Any, loop: str) -> Any:
     return asyncio.run(main)
 
 
-def machine(load_at_start: Sequence[float]) -> Dict[str, Any]:
-    """Where the numbers came from; the load averages show competing work."""
+def run_header(benchmark: str, quick: bool, started: float,
+               load_at_start: Sequence[float]) -> Dict[str, Any]:
+    """The fields every result file starts with: which run, when, how long, and
+    on what machine (the load averages show competing work)."""
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    return {"python": platform.python_version(), "cpus": os.cpu_count(),
-            "platform": platform.platform(), "event_loop": loop,
-            "loadavg_1_5_15_at_start": [round(x, 2) for x in load_at_start],
-            "loadavg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "benchmark": benchmark, "quick": quick,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "runtime_s": time.time() - started,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                    "platform": platform.platform(), "event_loop": loop,
+                    "loadavg_1_5_15_at_start": [round(x, 2) for x in load_at_start],
+                    "loadavg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()]},
+    }
 
 
 def write_results(result: Dict[str, Any], path: str) -> None:

@@ -36,7 +36,6 @@ import os
 import random
 import sys
 import time
-import traceback
 from typing import Any, Deque, Dict, List, Optional, Set
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +43,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import fmt, now, percentile  # noqa: E402
 
-from rasa.core.tracker_store import RedisTrackerStore, SQLTrackerStore  # noqa: E402
 from rasa.shared.core.trackers import DialogueStateTracker  # noqa: E402
 
 STORES = ["ours", "RedisTrackerStore", "SQLTrackerStore"]
@@ -239,11 +237,7 @@ class Conversations:
                     sid, events, self.domain.slots))
             self.notes += await common.flush_reporting_errors(self.store, "setup")
             return
-        if self.name == "RedisTrackerStore":
-            self.store = RedisTrackerStore(self.domain, key_prefix=servers.prefix(cell),
-                                           **servers.rasa_redis_kwargs())
-        else:
-            self.store = SQLTrackerStore(self.domain, **servers.rasa_sql_kwargs())
+        self.store = common.rasa_store(self.name, self.domain, servers, cell)
         self.sids = [f"c{i}-{cell}-{tag}" for i in range(self.n)]
         await self.store.save(DialogueStateTracker.from_events(
             self.sids[0], events, self.domain.slots))
@@ -281,12 +275,7 @@ class Conversations:
         pipe.execute()
 
     async def close(self) -> None:
-        if self.name == "ours":
-            await common.close_reporting_errors(self.store, self.notes)
-        elif self.name == "RedisTrackerStore":
-            self.store.red.close()
-        else:
-            self.store.engine.dispose()
+        await common.close_store(self.store, self.notes)
         if self.name == "ours":
             self.servers.delete_prefix(self._prefix)
         elif self.name == "RedisTrackerStore":
@@ -306,8 +295,7 @@ class Errors:
     def add(self, exc: BaseException) -> None:
         self.count += 1
         if len(self.first) < 2:
-            self.first.append("".join(traceback.format_exception(type(exc), exc,
-                                                                 exc.__traceback__)))
+            self.first.append(common.format_error(exc))
 
 
 class Abandoned(Exception):
@@ -760,10 +748,7 @@ async def main(args: argparse.Namespace) -> Dict[str, Any]:
     finally:
         servers.cleanup()
     return {
-        "benchmark": "load", "quick": args.quick,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "runtime_s": time.time() - started,
-        "machine": common.machine(load_at_start),
+        **common.run_header("load", args.quick, started, load_at_start),
         "history_events": args.history, "rate_turns_per_s": args.rate,
         "duration_s": args.duration, "gc_freeze": args.gc_freeze, "baseline": base, "targets": targets, "cells": cells,
         "store_notes": notes,

@@ -31,11 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import fmt, median, now, percentile, ratio  # noqa: E402
 
-from rasa.core.tracker_store import (  # noqa: E402
-    InMemoryTrackerStore,
-    RedisTrackerStore,
-    SQLTrackerStore,
-)
 from rasa.shared.core.trackers import DialogueStateTracker  # noqa: E402
 
 STORES = ["InMemoryTrackerStore", "RedisTrackerStore", "SQLTrackerStore",
@@ -127,15 +122,10 @@ async def prefill_ours(store: Any, domain: Any, sid: str, length: int,
 
 
 def make_store(name: str, domain: Any, servers: common.Servers) -> Any:
-    if name == "InMemoryTrackerStore":
-        return InMemoryTrackerStore(domain)
-    if name == "RedisTrackerStore":
-        return RedisTrackerStore(domain, key_prefix=servers.prefix("rasa"),
-                                 **servers.rasa_redis_kwargs())
-    if name == "SQLTrackerStore":
-        return SQLTrackerStore(domain, **servers.rasa_sql_kwargs())
-    return common.ours(domain, servers, "ours" if name == "ours" else "enc",
-                       encrypted=name != "ours")
+    if name in OURS:
+        return common.ours(domain, servers, "ours" if name == "ours" else "enc",
+                           encrypted=name != "ours")
+    return common.rasa_store(name, domain, servers, "rasa")
 
 
 def redis_key(name: str, store: Any, sid: str) -> Optional[str]:
@@ -146,8 +136,9 @@ def redis_key(name: str, store: Any, sid: str) -> Optional[str]:
     return None
 
 
-def log_rows(servers: common.Servers, sid: str) -> int:
-    return servers.execute("SELECT count(*) FROM rpt.rpt_events WHERE conversation_id = :c",
+def log_rows(servers: common.Servers, sid: str, encrypted: bool) -> int:
+    schema = "rpt_enc" if encrypted else "rpt"  # common.Servers: one log schema per store
+    return servers.execute(f"SELECT count(*) FROM {schema}.rpt_events WHERE conversation_id = :c",
                            c=sid)[0][0]
 
 
@@ -198,7 +189,7 @@ async def finish_ours(cells: List[Cell], store: Any, servers: common.Servers) ->
     for cell in cells:
         cell.extra["store_notes"] += notes
         cell.extra["flush_after_turns_ms"] = flush_ms
-        cell.extra["log_rows"] = log_rows(servers, cell.sid)
+        cell.extra["log_rows"] = log_rows(servers, cell.sid, "+" in cell.store)
         cell.extra["log_rows_expected"] = (cell.events_before
                                            + len(cell.turn) * common.EVENTS_PER_TURN)
         cell.extra["outbox_bytes_after_flush"] = servers.memory_usage(
@@ -220,15 +211,6 @@ def record_shape(store: Any, servers: common.Servers, key: str) -> Optional[Dict
         return {"base_slot_events": replayed, "window_events": len(record["events"])}
     except Exception:  # noqa: BLE001 - a diagnostic only
         return None
-
-
-async def close(name: str, store: Any, notes: List[str]) -> None:
-    if name in OURS:
-        await common.close_reporting_errors(store, notes)
-    elif name == "RedisTrackerStore":
-        store.red.close()
-    elif name == "SQLTrackerStore":
-        store.engine.dispose()
 
 
 async def profile_ours(domain: Any, servers: common.Servers, turns: int) -> Dict[str, Any]:
@@ -444,8 +426,8 @@ async def main(args: argparse.Namespace) -> Dict[str, Any]:
                 cell.redis_bytes = servers.memory_usage(key)
             if cell.store in OURS:
                 cell.extra["hot_record"] = record_shape(stores[cell.store], servers, key)
-        for name, store in stores.items():
-            await close(name, store, notes)
+        for store in stores.values():
+            await common.close_store(store, notes)
         stores.clear()
         summary = summarise(cells, lengths)
         print_report(cells, lengths, summary)
@@ -459,14 +441,11 @@ async def main(args: argparse.Namespace) -> Dict[str, Any]:
             print_profile(prof)
             result["profile"] = prof
     finally:
-        for name, store in stores.items():
-            await close(name, store, notes)
+        for store in stores.values():
+            await common.close_store(store, notes)
         servers.cleanup()
     result.update({
-        "benchmark": "per_turn", "quick": args.quick,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "runtime_s": time.time() - started,
-        "machine": common.machine(load_at_start),
+        **common.run_header("per_turn", args.quick, started, load_at_start),
         "servers": {"redis": common.REDIS_URL.split("@")[-1],
                     "postgresql": common.DATABASE_URL.split("@")[-1]},
         "turn": "retrieve + 5 events (user with 10-intent ranking and an entity, "

@@ -61,11 +61,12 @@ def loop_names(events: Iterable[Event], known: Iterable[str] = ()) -> List[str]:
     return list(names)
 
 
-def markers(names: Sequence[str]) -> List[Event]:
-    """Events naming each loop without changing any state (activate, deactivate)."""
+def markers(names: Sequence[str], timestamp: Optional[float] = None) -> List[Event]:
+    """Events naming each loop without changing any state (activate, deactivate),
+    stamped ``timestamp`` (a rebuilt tracker is a function of its record alone)."""
     out: List[Event] = []
     for name in names:
-        out += [ActiveLoop(name), ActiveLoop(None)]
+        out += [ActiveLoop(name, timestamp=timestamp), ActiveLoop(None, timestamp=timestamp)]
     return out
 
 
@@ -124,7 +125,7 @@ def cut_point(applied: Sequence[Event], max_history: int, names: Sequence[str],
     return i if i > 0 else None
 
 
-def _capped(slot_events: List[Event], cap: int) -> List[Event]:
+def _capped(slot_events: List[Event], cap: int, stamp: Optional[float]) -> List[Event]:
     """Slot events to list; past ``cap``, the last value per slot
     (the same values on replay and in a session start's carry-over, which
     ignores ``AllSlotsReset``), then the reset and what was set after it."""
@@ -137,19 +138,23 @@ def _capped(slot_events: List[Event], cap: int) -> List[Event]:
         return [e for i, e in enumerate(events) if isinstance(e, SlotSet) and last[e.key] == i]
     if not resets:
         return last_per_key(slot_events)
-    return last_per_key(slot_events) + [AllSlotsReset()] + last_per_key(
+    return last_per_key(slot_events) + [AllSlotsReset(timestamp=stamp)] + last_per_key(
         slot_events[resets[-1] + 1:])
 
 
 def summary(sender_id: str, applied: Sequence[Event], slots: Iterable[Slot],
             cap: int) -> List[Event]:
-    """Events that replay to the state after ``applied`` (see the module doc)."""
+    """Events that replay to the state after ``applied`` (see the module doc).
+
+    The events made here are stamped like the last of ``applied``: a record is
+    a function of the conversation, whoever compacts it and when."""
+    stamp = _last_stamp(applied)
     slot_list = list(slots)
     state = DialogueStateTracker(sender_id, slot_list)
     for event in applied:
         state.update(event)
     out: List[Event] = _capped(
-        [e for e in applied if isinstance(e, (SlotSet, AllSlotsReset))], cap)
+        [e for e in applied if isinstance(e, (SlotSet, AllSlotsReset))], cap, stamp)
     reminders: Dict[str, Event] = {}
     for event in applied:
         if isinstance(event, ReminderScheduled):
@@ -164,14 +169,14 @@ def summary(sender_id: str, applied: Sequence[Event], slots: Iterable[Slot],
         trigger: Dict[str, Any] = dict(loop.trigger_message or {})
         out.append(UserUttered(trigger.get("text"), trigger.get("intent"),
                                trigger.get("entities"), trigger,
-                               timestamp=_last_stamp(applied)))
-        out.append(ActiveLoop(loop.name))
+                               timestamp=stamp))
+        out.append(ActiveLoop(loop.name, timestamp=stamp))
         if loop.is_interrupted:
-            out.append(LoopInterrupted(True))
+            out.append(LoopInterrupted(True, timestamp=stamp))
         if loop.rejected:
-            out.append(ActionExecutionRejected(loop.name))
+            out.append(ActionExecutionRejected(loop.name, timestamp=stamp))
     if state.is_paused():
-        out.append(ConversationPaused())
+        out.append(ConversationPaused(timestamp=stamp))
     return out
 
 

@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
@@ -117,15 +119,17 @@ class SQLEventLog:
         the log's end) is appended after the conversation's last row instead,
         in order: nothing is dropped. Returns the number of rows re-sequenced.
         """
-        for attempt in range(3):
+        for attempt in range(5):
             try:
                 repaired = self._append_once(rows, snapshots)
                 break
             except sa_errors.IntegrityError:
                 # Another process delivered the same rows between our read and
-                # our insert; the next attempt sees them as already there.
-                if attempt == 2:
+                # our insert; the next attempt sees them as already there. Two
+                # deliverers in step would race again: wait a random moment.
+                if attempt == 4:
                     raise
+                time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
         if repaired:
             logger.warning("Event log: %d event(s) numbered while the log was unreachable "
                            "were re-sequenced after the existing history.", repaired)

@@ -118,7 +118,8 @@ def rebuild_tracker(
             base_events = [parse_event(e.as_dict()) if isinstance(e, UserUttered) else e
                            for e in base_events]
         if base and record["schema"] != 1:
-            for event in applied.markers(base["loops"]):
+            # stamped like the record's first event, not with the time of reading
+            for event in applied.markers(base["loops"], record["events"][0].get("timestamp")):
                 tracker.update(event)
         for event in base_events:
             tracker.update(event)

@@ -16,6 +16,7 @@ removes turns from.
 """
 import dataclasses
 import datetime
+import json
 import random
 from typing import Any, Dict, List, Optional
 
@@ -146,6 +147,21 @@ class Simulator:
         self.nlg = TemplatedNaturalLanguageGenerator(dom.responses)
         self.reference = DialogueStateTracker(sender_id, dom.slots)
         self.clock = Clock()
+        # Every event of the finished turns as JSON, the way a tracker store
+        # keeps them: each event is serialised once, when its turn ends (no
+        # generated turn edits an event of an earlier one).
+        self._stored: List[str] = []
+        self._parsed: Optional[DialogueStateTracker] = None
+
+    def stored(self) -> DialogueStateTracker:
+        """What a tracker store gives back: every event of the finished
+        turns, serialised and parsed again. Parsed once per turn: callers
+        only read it (the next ``play`` takes it over and appends to it)."""
+        if self._parsed is None:
+            self._parsed = DialogueStateTracker.from_dict(
+                self.reference.sender_id, [json.loads(text) for text in self._stored],
+                self.domain.slots)
+        return self._parsed
 
     async def _run(self, action: Any) -> List[Event]:
         return await action.run(CollectingOutputChannel(), self.nlg, self.reference, self.domain)
@@ -216,9 +232,13 @@ class Simulator:
         rng = random.Random(turn.seed)
         # Between turns every Rasa tracker store (InMemoryTrackerStore too)
         # stores the events serialised and parses them back.
-        self.reference = DialogueStateTracker.from_dict(
-            self.reference.sender_id, [e.as_dict() for e in self.reference.events],
-            self.domain.slots)
+        self.reference, self._parsed = self.stored(), None
+        try:
+            return await self._play(turn, rng)
+        finally:
+            self._stored.extend(json.dumps(event.as_dict()) for event in self.new)
+
+    async def _play(self, turn: Turn, rng: random.Random) -> List[Event]:
         ref = self.reference
         if not ref.events or turn.kind == "expire":
             if turn.kind == "expire":
