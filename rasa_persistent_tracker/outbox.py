@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 from rasa_persistent_tracker.entries import PLAIN_ENTRIES, Entries
 from rasa_persistent_tracker.errors import EventLogUnavailable, HotStateUnavailable
 from rasa_persistent_tracker.event_log import AsyncEventLog
-from rasa_persistent_tracker.hot_state import HotState
+from rasa_persistent_tracker.hot_state import HotState, Pending
 from rasa_persistent_tracker.tables import RowDict, Snapshot
 
 logger = logging.getLogger(__name__)
@@ -185,52 +185,66 @@ class Outbox:
     async def _deliver_taken(self, ids: List[str]) -> int:
         rows: Dict[str, List[RowDict]] = {}
         snapshots: Dict[str, Snapshot] = {}
-        upto: Dict[str, int] = {}
         unfinished: List[str] = []
         for cid in ids:
             pending = await self._hot.pending(cid, self._batch_size)
-            good: List[RowDict] = []
-            saved_at = 0.0
-            seen: Dict[int, str] = {}
-            for entry in pending.entries:
-                try:
-                    saved_at, entry_rows = self.entries.parse_dicts(cid, entry)
-                    if any(seen.get(r["seq"], r["data"]) != r["data"] for r in entry_rows):
-                        # Only corruption gives two entries of one outbox the same
-                        # numbers with different events.
-                        raise ValueError("entry reuses sequence numbers of an earlier one")
-                except (ValueError, TypeError, KeyError) as exc:
-                    # Moved out of the outbox; the entries around it stay queued
-                    # (none is acknowledged before SQL holds it).
-                    key = await self._hot.quarantine_entry(cid, entry, self._quarantine_ttl)
-                    self.quarantined += 1
-                    logger.warning("Conversation '%s': unreadable outbox entry (%s) moved to %s.",
-                                   self._ids(cid), exc, key.replace(cid, self._ids(cid)))
-                    continue
-                good.extend(r for r in entry_rows if r["seq"] not in seen)  # copies: once
-                seen.update((r["seq"], r["data"]) for r in entry_rows)
             if not pending.complete:
                 unfinished.append(cid)
+            saved_at, good = await self._readable_rows(cid, pending.entries)
             if not good:
                 continue
             rows[cid] = good
-            upto[cid] = good[-1]["seq"]
-            # Never let an unreadable (or older) hot value replace the last good snapshot.
-            payload = None
-            if pending.complete and pending.payload is not None:
-                payload = self._snapshot_payload(cid, pending.payload, good[-1]["seq"] + 1)
-            if payload is not None:
-                snapshots[cid] = Snapshot(next_seq=good[-1]["seq"] + 1, version=pending.version,
-                                          saved_at=saved_at, payload=payload)
+            snapshot = self._snapshot(cid, pending, good[-1]["seq"] + 1, saved_at)
+            if snapshot is not None:
+                snapshots[cid] = snapshot
         if rows:
             if await self._log.run(self._log.sync.append, rows, snapshots):
                 self._on_resequenced()
-            for cid, seq in upto.items():
-                await self._hot.ack(cid, seq)
+            for cid, conv_rows in rows.items():
+                await self._hot.ack(cid, conv_rows[-1]["seq"])
         self._dirty.update(unfinished)
         moved = sum(len(r) for r in rows.values())
         self.delivered += moved
         return moved
+
+    async def _readable_rows(self, cid: str,
+                             entries: List[str]) -> Tuple[float, List[RowDict]]:
+        """(saved_at of the last readable entry, the rows of the readable
+        entries, each seq once); unreadable entries are moved to quarantine."""
+        good: List[RowDict] = []
+        saved_at = 0.0
+        seen: Dict[int, str] = {}
+        for entry in entries:
+            try:
+                saved_at, entry_rows = self.entries.parse_dicts(cid, entry)
+                if any(seen.get(r["seq"], r["data"]) != r["data"] for r in entry_rows):
+                    # Only corruption gives two entries of one outbox the same
+                    # numbers with different events.
+                    raise ValueError("entry reuses sequence numbers of an earlier one")
+            except (ValueError, TypeError, KeyError) as exc:
+                # Moved out of the outbox; the entries around it stay queued
+                # (none is acknowledged before SQL holds it).
+                key = await self._hot.quarantine_entry(cid, entry, self._quarantine_ttl)
+                self.quarantined += 1
+                logger.warning("Conversation '%s': unreadable outbox entry (%s) moved to %s.",
+                               self._ids(cid), exc, key.replace(cid, self._ids(cid)))
+                continue
+            good.extend(r for r in entry_rows if r["seq"] not in seen)  # copies: once
+            seen.update((r["seq"], r["data"]) for r in entry_rows)
+        return saved_at, good
+
+    def _snapshot(self, cid: str, pending: Pending, next_seq: int,
+                  saved_at: float) -> Optional[Snapshot]:
+        """The hot record as the snapshot at ``next_seq``, if it is that record."""
+        # Never let an unreadable (or older) hot value replace the last good
+        # snapshot; with more entries queued, the record is past this batch.
+        if not pending.complete or pending.payload is None:
+            return None
+        payload = self._snapshot_payload(cid, pending.payload, next_seq)
+        if payload is None:
+            return None
+        return Snapshot(next_seq=next_seq, version=pending.version, saved_at=saved_at,
+                        payload=payload)
 
     async def drain(self) -> None:
         """Deliver everything this process knows of, plus a scan; used by close()."""
