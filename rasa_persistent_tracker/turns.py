@@ -13,7 +13,7 @@ from rasa.shared.core.slots import Slot
 from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import window
-from rasa_persistent_tracker.codec import Codec
+from rasa_persistent_tracker.codec import Codec, Encoded
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     PersistentTrackerError,
@@ -82,9 +82,21 @@ class TurnEncoder:
             SlotValueError: a slot value cannot be stored (names the slot).
             PersistentTrackerError: another value cannot be stored.
         """
+        encoded = self._encoded(built)
+        texts = encoded.texts
+        if None in built.texts and len(built.kept) == len(texts):  # keep those made just now
+            for (key, (event, as_dict, _)), text in zip(list(built.kept.items()), texts):
+                built.kept[key] = (event, as_dict, text)
+        if built.previous is not None:
+            built.previous.text = encoded.base_text
+        return encoded.payload, self._remembered(built, encoded)
+
+    def _encoded(self, built: window.Built) -> Encoded:
+        """``Codec.encode_record`` of the built record; a value that cannot be
+        stored raises SlotValueError naming its slot, else PersistentTrackerError."""
         record = built.record
         try:
-            encoded = self._codec.encode_record(record, built.texts, built.base_text)
+            return self._codec.encode_record(record, built.texts, built.base_text)
         except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
             for name, value in record["state"]["slots"].items():
                 try:
@@ -94,21 +106,18 @@ class TurnEncoder:
             raise PersistentTrackerError(
                 f"The state of conversation '{record['sender_id']}' holds a value of type "
                 f"{exc} that cannot be stored. Nothing was saved.") from None
-        texts = encoded.texts
-        if None in built.texts and len(built.kept) == len(texts):  # keep those made just now
-            for (key, (event, as_dict, _)), text in zip(list(built.kept.items()), texts):
-                built.kept[key] = (event, as_dict, text)
-        if built.previous is not None:
-            built.previous.text = encoded.base_text
+
+    def _remembered(self, built: window.Built, encoded: Encoded) -> Remembered:
+        """The record as it reads back, for the per-process memory."""
         # Events this store parsed from a remembered record stay shareable; the
         # caller's own new events are parsed from their stored form next time.
-        before = self._recent.get(record["sender_id"])
+        before = self._recent.get(built.record["sender_id"])
         parsed = {id(e) for e in (before.window_events or ()) if e is not None} if before else ()
-        return encoded.payload, Remembered.of(
-            payload_digest(encoded.payload), encoded.record, texts, encoded.base_text,
+        return Remembered.of(
+            payload_digest(encoded.payload), encoded.record, encoded.texts, encoded.base_text,
             built.previous.slot_events if built.previous is not None else None,
             [e if id(e) in parsed else None for e, _, _ in built.kept.values()]
-            if parsed and len(built.kept) == len(texts) else None)
+            if parsed and len(built.kept) == len(encoded.texts) else None)
 
 
 def _column(name: str, value: Optional[str]) -> Optional[str]:
