@@ -7,11 +7,13 @@ the outbox's last seq on load and to acknowledge delivered entries), the
 embedded store keeps ``entry_seq`` in a column when it queues an entry.
 Everything else reads an entry through ``split``.
 """
+import re
 from typing import Tuple
 
 SEPARATOR = "|"
 # The leading sequence number, as a Lua pattern (redis_scripts.py).
 LUA_SEQ = "^(%d+)|"
+_HEADER = re.compile(r"^\d+\|[^|]*\|")
 
 
 def make_header(last_seq: int, saved_at: float) -> str:
@@ -37,3 +39,8 @@ def entry_seq(entry: str) -> int:
 def body_of(entry: str) -> str:
     """The (possibly sealed) body of an entry, whatever its header holds."""
     return entry.split(SEPARATOR, 2)[-1]
+
+
+def has_header(text: str) -> bool:
+    """Whether ``text`` starts like an entry (``<digits>|<no bar>|``)."""
+    return _HEADER.match(text) is not None

@@ -15,29 +15,28 @@ back once it reads with the configured keys:
 Refs are what ``list_copies`` prints and the store's warnings name.
 """
 import dataclasses
-import re
 import sqlite3
 import time
 from typing import Any, Dict, List, Optional
 
-from rasa_persistent_tracker import crypto
 from rasa_persistent_tracker.backends import Backends
-from rasa_persistent_tracker.codec import Codec, JsonSerializer
+from rasa_persistent_tracker.copies import (
+    OUTBOX_ENTRY,
+    UNKNOWN,
+    check,
+    kind_of,
+    record_of,
+    rows_of,
+)
 from rasa_persistent_tracker.crypto import key_id_of
-from rasa_persistent_tracker.entries import Entries
 from rasa_persistent_tracker.errors import (
     ConfigError,
     CorruptRecordError,
     EncryptionKeyMissing,
 )
 from rasa_persistent_tracker.redis_keys import KeyNames, key_tag, tag_id
-from rasa_persistent_tracker.replay import validate_record
-from rasa_persistent_tracker.tables import RowDict
 
-HOT_RECORD, OUTBOX_ENTRY, UNKNOWN = "hot record", "outbox entry", "unreadable value"
 _EMBEDDED_MARK = "#rpt_quarantine/"
-_ENTRY = re.compile(r"^\d+\|[^|]*\|")
-PLAIN = Entries(Codec(JsonSerializer()))
 
 # KEYS: live record, the copy, where a replaced live record goes.
 # ARGV: record TTL ms, force, quarantine TTL ms, the payload to write.
@@ -82,78 +81,6 @@ class Copy:
         key = f"key {self.key_id!r}" if self.key_id else "plaintext"
         return (f"{self.ref}\n    conversation '{self.conversation_id}', {self.kind}, "
                 f"{self.size} bytes, {key}, quarantined {when}: {state}")
-
-
-def _unsealed(codec: Codec, cid: str, text: str) -> str:
-    """A copy's content: ``rotate-keys`` seals copies whole (kind quarantine)."""
-    if text.startswith(crypto.PREFIX):
-        try:
-            return codec.unwrap(text, crypto.QUARANTINE, cid)
-        except (CorruptRecordError, EncryptionKeyMissing):
-            pass  # not sealed as a copy (a record moved aside as it was), or no key yet
-    return text
-
-
-def record_of(codec: Codec, cid: str, text: str) -> Dict[str, Any]:
-    """The hot record a copy holds, checked. Raises CorruptRecordError /
-    EncryptionKeyMissing."""
-    clear = _unsealed(codec, cid, text)
-    try:
-        record = codec.loads_record(clear, cid)
-    except CorruptRecordError:
-        if clear is text or clear[:1] != "{":
-            raise
-        record = JsonSerializer().loads(clear)  # opened from a rotated copy: its clear JSON
-    return validate_record(record, cid)
-
-
-def rows_of(codec: Codec, cid: str, text: str) -> List[RowDict]:
-    """An outbox entry's rows with ``data`` sealed for the log. Raises
-    CorruptRecordError / EncryptionKeyMissing / ValueError."""
-    clear = _unsealed(codec, cid, text)
-    try:
-        rows = [r.as_dict() for r in Entries(codec).parse(cid, clear)[1]]
-    except (ValueError, TypeError, KeyError):
-        if clear is text:
-            raise
-        rows = [r.as_dict() for r in PLAIN.parse(cid, clear)[1]]  # a rotated copy
-    for row in rows:
-        try:
-            codec.row_text(row["data"], cid, row["seq"])
-            continue  # sealed for its place already: kept byte for byte (the log
-            # recognises a row it holds only by identical data)
-        except CorruptRecordError:
-            if clear is text:
-                raise
-        event_text = row["data"]  # a rotated copy holds the rows' clear JSON
-        row["data"] = codec.protect_event(JsonSerializer().loads(event_text), event_text,
-                                          cid, row["seq"])
-    return rows
-
-
-def _check(backends: Backends, cid: str, kind: str, payload: str) -> Optional[str]:
-    """None if ``payload`` reads with the configured keys, else why not."""
-    try:
-        if kind == HOT_RECORD:
-            record_of(backends.codec, cid, payload)
-        elif kind == OUTBOX_ENTRY:
-            rows_of(backends.codec, cid, payload)
-        else:
-            return "not a record or an outbox entry: cannot be restored"
-    except EncryptionKeyMissing as exc:
-        return f"needs a key this process lacks ({exc})"
-    except (CorruptRecordError, ValueError, TypeError, KeyError) as exc:
-        return f"does not read ({exc})"
-    return None
-
-
-def _kind_of(codec: Codec, cid: str, text: str, stored_as_hash: bool) -> str:
-    """What a copy was: Redis keeps moved records as hashes; otherwise an
-    outbox entry has the header ``<seq>|<time>|``."""
-    if stored_as_hash:
-        return HOT_RECORD
-    clear = _unsealed(codec, cid, text)
-    return OUTBOX_ENTRY if _ENTRY.match(clear) else HOT_RECORD
 
 
 class QuarantineAdmin:
@@ -203,11 +130,11 @@ class QuarantineAdmin:
         else:
             value = None
         text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
-        kind = _kind_of(self._backends.codec, cid, text, kind_name == "hash") if text \
+        kind = kind_of(self._backends.codec, cid, text, kind_name == "hash") if text \
             else UNKNOWN
         return Copy(key, cid, kind, _stamp_time(stamp), len(text or ""),
                     key_id_of(text) if text else None,
-                    _check(self._backends, cid, kind, text) if text else "empty")
+                    check(self._backends, cid, kind, text) if text else "empty")
 
     def _embedded_copies(self, conversation_id: Optional[str]) -> List[Copy]:
         sql = "SELECT id, conversation_id, payload, created_at FROM rpt_quarantine WHERE " \
@@ -219,10 +146,10 @@ class QuarantineAdmin:
                                                           .fetchall()):
             text = payload.decode("utf-8", "surrogateescape") if isinstance(payload, bytes) \
                 else str(payload)
-            kind = _kind_of(self._backends.codec, cid, text, False)
+            kind = kind_of(self._backends.codec, cid, text, False)
             copies.append(Copy(f"{self._config.embedded_path}{_EMBEDDED_MARK}{row_id}", cid,
                                kind, created, len(text), key_id_of(text),
-                               _check(self._backends, cid, kind, text)))
+                               check(self._backends, cid, kind, text)))
         return copies
 
     def _sqlite(self, work: Any) -> Any:
