@@ -1,6 +1,6 @@
 """Key rotation (``rasa-persistent-tracker rotate-keys``) and ``inspect``, on both backends.
 
-``cli.rotate`` runs in-process; one test runs the installed console script.
+``rotation.rotate`` runs in-process; one test runs the installed console script.
 """
 import asyncio
 import collections
@@ -16,7 +16,9 @@ import pytest
 import sqlalchemy as sa
 
 from rasa_persistent_tracker import ConfigError, PersistentTrackerStore, cli
+from rasa_persistent_tracker import inspection, rotation
 from rasa_persistent_tracker.crypto import QUARANTINE, key_id_of
+from rasa_persistent_tracker.raw_access import RawHotAccess
 from rasa_persistent_tracker.rotation import RotationReport
 from rasa_persistent_tracker.tables import EVENTS, LogRow
 
@@ -54,16 +56,16 @@ async def full_dicts(store: PersistentTrackerStore, cids: List[str]) -> Dict[str
     return {c: [e.as_dict() for e in (await store.retrieve_full_tracker(c)).events] for c in cids}
 
 
-def raw_access(store: PersistentTrackerStore, backend: Any) -> cli.RawHotAccess:
-    return cli.RawHotAccess(store.config, async_redis(backend))
+def raw_access(store: PersistentTrackerStore, backend: Any) -> RawHotAccess:
+    return RawHotAccess(store.config, async_redis(backend))
 
 
 async def rotate_all(store: PersistentTrackerStore, backend: Any, **kwargs: Any
                      ) -> RotationReport:
-    """``cli.rotate`` with access to the quarantine copies, as the CLI runs it."""
+    """``rotation.rotate`` with access to the quarantine copies, as the CLI runs it."""
     raw = raw_access(store, backend)
     try:
-        return await cli.rotate(store._backends, raw=raw, **kwargs)
+        return await rotation.rotate(store._backends, raw=raw, **kwargs)
     finally:
         await raw.close()
 
@@ -82,8 +84,8 @@ async def test_rotation_end_to_end(backend, domain, caplog, monkeypatch):
 
     rotator = keyed_store(backend, domain, f"{K2},{K1}")
     raw = raw_access(rotator, backend)
-    progress: List[cli.Progress] = []
-    report = await cli.rotate(rotator._backends, batch_size=5, progress=progress.append,
+    progress: List[rotation.Progress] = []
+    report = await rotation.rotate(rotator._backends, batch_size=5, progress=progress.append,
                               ttl_of=raw.ttl, raw=raw)
     await raw.close()
 
@@ -150,7 +152,7 @@ async def test_rotation_interrupted_and_resumed_loses_nothing(backend, domain):
 
     rotator = keyed_store(backend, domain, f"{K2},{K1}")
     # 1 batch of hot records, then 2 batches of 2 log rows; then it stops.
-    first = await cli.rotate(rotator._backends, batch_size=2, max_batches=3)
+    first = await rotation.rotate(rotator._backends, batch_size=2, max_batches=3)
     assert not first.complete and not first.finished
     assert "run rotate-keys again" in first.summary()
     kids = key_ids(backend)
@@ -162,13 +164,13 @@ async def test_rotation_interrupted_and_resumed_loses_nothing(backend, domain):
     # A crash in the middle (here: from the progress callback) keeps finished batches.
     calls = []
 
-    def crash(progress: cli.Progress) -> None:
+    def crash(progress: rotation.Progress) -> None:
         calls.append(progress)
         if len(calls) == 4:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        await cli.rotate(rotator._backends, batch_size=2, progress=crash)
+        await rotation.rotate(rotator._backends, batch_size=2, progress=crash)
     assert key_ids(backend)["events"]["k1"] < kids["events"]["k1"]
 
     final = await rotate_all(rotator, backend, batch_size=2)
@@ -209,7 +211,7 @@ async def test_rotation_retries_a_record_a_turn_saved_meanwhile(backend, domain)
     racing = dataclasses.replace(rotator._backends,
                                  hot=RacingHot(rotator._backends.hot, turn_meanwhile))
     raw = raw_access(rotator, backend)
-    report = await cli.rotate(racing, raw=raw)
+    report = await rotation.rotate(racing, raw=raw)
     await raw.close()
     assert racing.hot.raced and report.finished, report.summary()
     assert report.rewritten["hot records"] == 0  # the turn already wrote it under k2
@@ -263,7 +265,7 @@ async def test_rotation_without_the_old_key_changes_nothing_and_says_so(backend,
 async def test_rotation_needs_a_key(backend, domain):
     store = keyed_store(backend, domain, None)
     with pytest.raises(ConfigError, match="rotate-keys needs encryption keys"):
-        await cli.rotate(store._backends)
+        await rotation.rotate(store._backends)
 
 
 async def test_inspect_hides_values_unless_asked(backend, domain):
@@ -274,7 +276,7 @@ async def test_inspect_hides_values_unless_asked(backend, domain):
     client.set(f"{backend.prefix}:q:{{n1}}:123-abc", "kept")
     raw = raw_access(store, backend)
     lines: List[str] = []
-    assert await cli.inspect_conversation(store._backends, raw, "n1", out=lines.append)
+    assert await inspection.inspect_conversation(store._backends, raw, "n1", out=lines.append)
     hidden = "\n".join(lines)
     assert "version 3" in hidden and "encrypted with key 'k1'" in hidden
     assert "next_seq 12" in hidden and "slots set: name" in hidden
@@ -282,10 +284,10 @@ async def test_inspect_hides_values_unless_asked(backend, domain):
     assert f"{backend.prefix}:q:{{n1}}:123-abc" in hidden
     assert "Secret" not in hidden
     lines.clear()
-    await cli.inspect_conversation(store._backends, raw, "n1", show_values=True, out=lines.append)
+    await inspection.inspect_conversation(store._backends, raw, "n1", show_values=True, out=lines.append)
     assert "name = 'Zed Secret1'" in "\n".join(lines)
     lines.clear()
-    assert not await cli.inspect_conversation(store._backends, raw, "nobody", out=lines.append)
+    assert not await inspection.inspect_conversation(store._backends, raw, "nobody", out=lines.append)
     await raw.close()
 
 
@@ -482,9 +484,9 @@ async def test_rotation_leaves_nothing_under_an_old_key_quarantine_included(
     await hot.commit("qr2", None, '{"schema": "forged Zed Plain"}\n#0', 3600, None)
     await hot.quarantine("qr2", 3600)
     rotator = endpoint_store(backend, domain, tmp_path, f"{K2},{K1}")
-    raw = cli.RawHotAccess(rotator.config, None if backend.kind == "fake" else
+    raw = RawHotAccess(rotator.config, None if backend.kind == "fake" else
                            async_redis(backend))
-    report = await cli.rotate(rotator._backends, raw=raw)
+    report = await rotation.rotate(rotator._backends, raw=raw)
     assert report.finished, report.summary()
     assert report.rewritten["quarantine"] == 3 and report.by_key["quarantine"] == {"k2": 3}
     copies = [(cid, value) async for _, cid, value in raw.copies()]
