@@ -19,7 +19,7 @@ from rasa_persistent_tracker import ConfigError, PersistentTrackerStore, cli
 from rasa_persistent_tracker import inspection, rotation
 from rasa_persistent_tracker.crypto import QUARANTINE, key_id_of
 from rasa_persistent_tracker.raw_access import RawHotAccess
-from rasa_persistent_tracker.rotation import RotationReport
+from rasa_persistent_tracker.rotation_report import Progress, RotationReport
 from rasa_persistent_tracker.tables import EVENTS, LogRow
 
 from test_encryption import (
@@ -84,7 +84,7 @@ async def test_rotation_end_to_end(backend, domain, caplog, monkeypatch):
 
     rotator = keyed_store(backend, domain, f"{K2},{K1}")
     raw = raw_access(rotator, backend)
-    progress: List[rotation.Progress] = []
+    progress: List[Progress] = []
     report = await rotation.rotate(rotator._backends, batch_size=5, progress=progress.append,
                               ttl_of=raw.ttl, raw=raw)
     await raw.close()
@@ -164,7 +164,7 @@ async def test_rotation_interrupted_and_resumed_loses_nothing(backend, domain):
     # A crash in the middle (here: from the progress callback) keeps finished batches.
     calls = []
 
-    def crash(progress: rotation.Progress) -> None:
+    def crash(progress: Progress) -> None:
         calls.append(progress)
         if len(calls) == 4:
             raise KeyboardInterrupt
