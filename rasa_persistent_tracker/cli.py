@@ -16,6 +16,9 @@
   another tracker store into this one (see ``importer.py``).
 * ``quarantine list [ID]`` / ``quarantine restore REF [--force]``: see
   ``quarantine.py``.
+* ``export [--since T] [--until T] [--conversation ID] [--output FILE|-]
+  [--to-broker] [--cursor FILE]`` streams the log as JSON lines or to the
+  endpoints file's event broker (see ``exporting.py``).
 
 Relative embedded paths in the endpoints file are read from that file's
 folder, as ``rasa run`` started there reads them.
@@ -25,6 +28,7 @@ Key material is never printed.
 """
 import argparse
 import asyncio
+import datetime
 import logging
 import os
 import sys
@@ -38,7 +42,7 @@ from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.config import mask_url, parse_config
 from rasa_persistent_tracker.crypto import load_keyring, new_key_entry
 from rasa_persistent_tracker.errors import ConfigError, PersistentTrackerError
-from rasa_persistent_tracker import importer, logids
+from rasa_persistent_tracker import exporting, importer, logids
 from rasa_persistent_tracker.inspection import inspect_conversation
 from rasa_persistent_tracker.quarantine import QuarantineAdmin
 from rasa_persistent_tracker.raw_access import RawHotAccess
@@ -217,6 +221,81 @@ async def _run_import(backends: Backends, args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+async def _run_export(backends: Backends, args: argparse.Namespace) -> int:
+    window = exporting.Window(args.since, args.until, args.conversation)
+    if window.since is not None and window.until is not None and window.until <= window.since:
+        raise ConfigError(f"--until ({args.until}) must be after --since ({args.since}).")
+    cursor = exporting.Cursor(args.cursor, window)
+    engine = backends.log.sync.engine
+    broker = await _event_broker(args.endpoints) if args.to_broker else None
+    tty = sys.stderr.isatty()
+    total = exporting.count(engine, window, cursor) if tty else 0
+
+    def progress(done: int) -> None:
+        print(f"\r{done}/{total} events", end="", file=sys.stderr, flush=True)
+    out = None
+    try:
+        if broker is not None:
+            sink: Any = exporting.BrokerSink(broker)
+        elif args.output == "-":
+            sink = exporting.JsonLinesSink(sys.stdout)
+        else:  # appended to when continuing from a cursor
+            out = open(args.output, "a" if cursor.after is not None else "w", encoding="utf-8")
+            sink = exporting.JsonLinesSink(out)
+        report = await exporting.export(engine, backends.codec, window, cursor, sink,
+                                        progress if tty else None, limit=exporting.PAGE)
+    finally:
+        if out is not None:
+            out.close()
+        if broker is not None:
+            await broker.close()
+        await backends.outbox.stop()
+        await backends.hot.close()
+        backends.log.close()
+    if tty:
+        print(file=sys.stderr)
+    print(report.summary(), file=sys.stderr if args.output == "-" and not broker else sys.stdout)
+    return EXIT_OK if not report.unreadable else EXIT_FAILED
+
+
+async def _event_broker(endpoints_path: str) -> Any:
+    """The endpoints file's event broker, ready to publish (as ``rasa export``)."""
+    from rasa.core.brokers.broker import EventBroker
+    from rasa.core.brokers.pika import PikaEventBroker
+    from rasa.core.utils import AvailableEndpoints
+
+    config = AvailableEndpoints.read_endpoints(endpoints_path).event_broker
+    if config is None:
+        raise ConfigError(f"'{endpoints_path}' has no 'event_broker' block for --to-broker.")
+    broker = await EventBroker.create(config)
+    if broker is None:
+        raise ConfigError(f"The 'event_broker' of '{endpoints_path}' could not be created.")
+    if isinstance(broker, PikaEventBroker):  # fail loudly rather than keep messages in memory
+        broker.should_keep_unpublished_messages = False
+        broker.raise_on_failure = True
+    if not broker.is_ready():
+        await broker.close()
+        raise ConfigError(f"The event broker of '{endpoints_path}' is not ready.")
+    return broker
+
+
+def _moment(text: str) -> float:
+    """A point in time: unix seconds, or an ISO 8601 date/time (UTC if no zone)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected unix seconds or an ISO 8601 date/time like 2026-11-01 or "
+            f"2026-11-01T08:00:00+01:00, got {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
 async def _conversation_ids(backends: Backends) -> AsyncIterator[str]:
     async for cid in backends.hot.conversations():
         yield cid
@@ -288,7 +367,26 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the bot's domain (default: domain.yml beside --endpoints)")
     import_cmd.add_argument("--dry-run", action="store_true",
                             help="count what would be imported; write nothing")
-    for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd, import_cmd):
+    export_cmd = commands.add_parser(
+        "export", help="stream the SQL log as JSON lines or to the event broker",
+        description="Every event of the log, decrypted, one JSON object per line in the shape "
+                    "Rasa's event brokers receive (sender_id, the event, its seq), in log "
+                    "order, or in time order with --since/--until. Constant memory; with "
+                    "--cursor an interrupted export continues where it stopped.")
+    export_cmd.add_argument("--since", type=_moment, default=None, metavar="T",
+                            help="events at or after T (unix seconds or ISO 8601; UTC)")
+    export_cmd.add_argument("--until", type=_moment, default=None, metavar="T",
+                            help="events before T")
+    export_cmd.add_argument("--conversation", default=None, metavar="ID",
+                            help="only this conversation")
+    target = export_cmd.add_mutually_exclusive_group()
+    target.add_argument("--output", default="-", metavar="FILE",
+                        help="JSON lines file, '-' for standard output (default)")
+    target.add_argument("--to-broker", action="store_true",
+                        help="publish to the event_broker of --endpoints, as 'rasa export'")
+    export_cmd.add_argument("--cursor", default=None, metavar="FILE",
+                            help="remember progress here; run again to continue")
+    for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd, import_cmd, export_cmd):
         sub.add_argument("--endpoints", default="endpoints.yml",
                          help="Rasa endpoints file with the tracker_store block "
                               "(default: endpoints.yml)")
@@ -311,7 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_OK
         backends = load_endpoint_backends(args.endpoints, must_exist=args.command != "import")
         runner = {"rotate-keys": _run_rotate, "inspect": _run_inspect,
-                  "quarantine": _run_quarantine, "import": _run_import}[args.command]
+                  "quarantine": _run_quarantine, "import": _run_import,
+                  "export": _run_export}[args.command]
         return asyncio.run(runner(backends, args))
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
