@@ -16,6 +16,9 @@
   another tracker store into this one (see ``importer.py``).
 * ``quarantine list [ID]`` / ``quarantine restore REF [--force]``: see
   ``quarantine.py``.
+* ``export [--since T] [--until T] [--conversation ID] [--output FILE|-]
+  [--to-broker] [--cursor FILE]`` streams the log as JSON lines or to the
+  endpoints file's event broker (see ``exporting.py``).
 
 Relative embedded paths in the endpoints file are read from that file's
 folder, as ``rasa run`` started there reads them.
@@ -25,141 +28,41 @@ Key material is never printed.
 """
 import argparse
 import asyncio
+import datetime
 import logging
-import os
 import sys
 import time
-from typing import AsyncIterator, Optional, Sequence
+from typing import Optional, Sequence
 
-from rasa_persistent_tracker import importer, logids
-from rasa_persistent_tracker.backends import Backends
-from rasa_persistent_tracker.config import mask_url
+from rasa_persistent_tracker import commands
 from rasa_persistent_tracker.crypto import new_key_entry
-from rasa_persistent_tracker.endpoints_file import load_endpoint_backends, tracker_store_block
+from rasa_persistent_tracker.endpoints_file import load_endpoint_backends
 from rasa_persistent_tracker.errors import ConfigError, PersistentTrackerError
-from rasa_persistent_tracker.inspection import inspect_conversation
-from rasa_persistent_tracker.quarantine import QuarantineAdmin
-from rasa_persistent_tracker.raw_access import RawHotAccess
-from rasa_persistent_tracker.rotation import primary_key_id, rotate
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 # ------------------------------------------------------------------ command line
 
 
-def _raw_access(backends: Backends) -> RawHotAccess:
-    if backends.config.embedded:
-        return RawHotAccess(backends.config)
-    from rasa_persistent_tracker.connect import redis_client_factory
-
-    return RawHotAccess(backends.config, redis_client_factory(backends.config)())
-
-
-async def _close(backends: Backends, raw: RawHotAccess) -> None:
-    await backends.outbox.stop()
-    await raw.close()
-    await backends.hot.close()
-    backends.log.close()
-
-
-async def _run_rotate(backends: Backends, args: argparse.Namespace) -> int:
-    raw = _raw_access(backends)
+def _moment(text: str) -> float:
+    """A point in time: unix seconds, or an ISO 8601 date/time (UTC if no zone)."""
     try:
-        print(f"Rotating to key '{primary_key_id(backends)}' (hot state "
-              f"{mask_url(backends.config.redis_url)}, log {mask_url(backends.config.sql_url)}).")
-        report = await rotate(
-            backends, args.batch_size, max_batches=args.max_batches, ttl_of=raw.ttl, raw=raw,
-            progress=lambda p: print(f"{p.phase}: {p.checked}/{p.total} checked, "
-                                     f"{p.rewritten} re-encrypted", flush=True))
-    finally:
-        await _close(backends, raw)
-    print(report.summary())
-    return EXIT_OK if report.finished else EXIT_FAILED
-
-
-async def _run_inspect(backends: Backends, args: argparse.Namespace) -> int:
-    raw = _raw_access(backends)
+        return float(text)
+    except ValueError:
+        pass
     try:
-        cid = args.conversation_id
-        if cid.startswith(logids.PREFIX):  # as a hashed log line names it
-            cid = await logids.resolve(backends.ids, cid, _conversation_ids(backends)) or cid
-        found = await inspect_conversation(backends, raw, cid, args.show_values)
-    finally:
-        await _close(backends, raw)
-    if not found:
-        print(f"Conversation '{args.conversation_id}' not found: no hot record, log rows, "
-              f"outbox entries or quarantined copies.", file=sys.stderr)
-    return EXIT_OK if found else EXIT_FAILED
-
-
-async def _run_quarantine(backends: Backends, args: argparse.Namespace) -> int:
-    client = None
-    if not backends.config.embedded:
-        from rasa_persistent_tracker.connect import redis_client_factory
-
-        client = redis_client_factory(backends.config)()
-    admin = QuarantineAdmin(backends, client)
-    try:
-        if args.action == "list":
-            copies = await admin.list_copies(args.conversation_id)
-            for copy in copies:
-                print(copy.line())
-            readable = sum(c.problem is None for c in copies)
-            print(f"{len(copies)} quarantined cop{'y' if len(copies) == 1 else 'ies'}, "
-                  f"{readable} readable with the configured keys.")
-            return EXIT_OK
-        print(await admin.restore(args.ref, force=args.force))
-        return EXIT_OK
-    finally:
-        if client is not None:
-            await client.close()
-        await backends.outbox.stop()
-        await backends.hot.close()
-        backends.log.close()
-
-
-async def _run_import(backends: Backends, args: argparse.Namespace) -> int:
-    from rasa.core.tracker_store import TrackerStore
-    from rasa.shared.core.domain import Domain
-
-    from rasa_persistent_tracker.store import PersistentTrackerStore
-
-    domain_path = args.domain or os.path.join(
-        os.path.dirname(os.path.abspath(args.endpoints)), "domain.yml")
-    if not os.path.exists(domain_path):
-        raise ConfigError(f"Domain '{domain_path}' does not exist: pass --domain (the bot's "
-                          f"domain.yml or domain folder; trackers are rebuilt with its slots).")
-    domain = Domain.load(domain_path)
-    source_endpoint = tracker_store_block(args.source)
-    if str(source_endpoint.type or "").startswith("rasa_persistent_tracker"):
-        raise ConfigError(f"'{args.source}' already uses rasa_persistent_tracker: --from names "
-                          f"the endpoints file of the store to copy from.")
-    source = TrackerStore.create(source_endpoint, domain)
-    target = PersistentTrackerStore(domain, backends=backends)
-    tty = sys.stdout.isatty()
-
-    def progress(done: int, total: int) -> None:
-        if tty or done == total or done % 100 == 0:
-            print(f"\r{done}/{total} conversations", end="" if tty and done < total else "\n",
-                  flush=True)
-    try:
-        report = await importer.import_all(source, target, args.dry_run, progress)
-    finally:
-        await target.close()
-    print(report.summary())
-    return EXIT_OK if report.ok else EXIT_FAILED
-
-
-async def _conversation_ids(backends: Backends) -> AsyncIterator[str]:
-    async for cid in backends.hot.conversations():
-        yield cid
-    for cid in await backends.log.run(backends.log.sync.conversation_ids):
-        yield cid
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected unix seconds or an ISO 8601 date/time like 2026-11-01 or "
+            f"2026-11-01T08:00:00+01:00, got {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
 
 
 def _positive(text: str) -> int:
@@ -226,7 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the bot's domain (default: domain.yml beside --endpoints)")
     import_cmd.add_argument("--dry-run", action="store_true",
                             help="count what would be imported; write nothing")
-    for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd, import_cmd):
+    export_cmd = commands.add_parser(
+        "export", help="stream the SQL log as JSON lines or to the event broker",
+        description="Every event of the log, decrypted, one JSON object per line in the shape "
+                    "Rasa's event brokers receive (sender_id, the event, its seq), in log "
+                    "order, or in time order with --since/--until. Constant memory; with "
+                    "--cursor an interrupted export continues where it stopped.")
+    export_cmd.add_argument("--since", type=_moment, default=None, metavar="T",
+                            help="events at or after T (unix seconds or ISO 8601; UTC)")
+    export_cmd.add_argument("--until", type=_moment, default=None, metavar="T",
+                            help="events before T")
+    export_cmd.add_argument("--conversation", default=None, metavar="ID",
+                            help="only this conversation")
+    target = export_cmd.add_mutually_exclusive_group()
+    target.add_argument("--output", default="-", metavar="FILE",
+                        help="JSON lines file, '-' for standard output (default)")
+    target.add_argument("--to-broker", action="store_true",
+                        help="publish to the event_broker of --endpoints, as 'rasa export'")
+    export_cmd.add_argument("--cursor", default=None, metavar="FILE",
+                            help="remember progress here; run again to continue")
+    for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd, import_cmd, export_cmd):
         sub.add_argument("--endpoints", default="endpoints.yml",
                          help="Rasa endpoints file with the tracker_store block "
                               "(default: endpoints.yml)")
@@ -246,20 +168,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "new-key":
             print(new_key_entry(args.id or f"k{int(time.time())}"))
-            return EXIT_OK
+            return commands.EXIT_OK
         backends = load_endpoint_backends(args.endpoints, must_exist=args.command != "import")
-        runner = {"rotate-keys": _run_rotate, "inspect": _run_inspect,
-                  "quarantine": _run_quarantine, "import": _run_import}[args.command]
+        runner = {"rotate-keys": commands.run_rotate, "inspect": commands.run_inspect,
+                  "quarantine": commands.run_quarantine, "import": commands.run_import,
+                  "export": commands.run_export}[args.command]
         return asyncio.run(runner(backends, args))
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return commands.EXIT_CONFIG
     except PersistentTrackerError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         if args.command == "rotate-keys":
             print("Completed batches are kept; run rotate-keys again to continue.",
                   file=sys.stderr)
-        return EXIT_FAILED
+        return commands.EXIT_FAILED
     except KeyboardInterrupt:
         print("Interrupted; completed batches are kept.", file=sys.stderr)
         return 130
