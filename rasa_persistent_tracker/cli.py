@@ -35,9 +35,9 @@ import time
 from typing import Optional, Sequence
 
 from rasa_persistent_tracker import commands
-from rasa_persistent_tracker.crypto import new_key_entry
 from rasa_persistent_tracker.endpoints_file import load_endpoint_backends
 from rasa_persistent_tracker.errors import ConfigError, PersistentTrackerError
+from rasa_persistent_tracker.keys import new_key_entry
 
 __all__ = ["main"]
 

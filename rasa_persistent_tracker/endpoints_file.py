@@ -12,8 +12,8 @@ import sqlalchemy as sa
 
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.config import parse_config
-from rasa_persistent_tracker.crypto import load_keyring
 from rasa_persistent_tracker.errors import ConfigError
+from rasa_persistent_tracker.keys import load_keyring
 
 
 def load_endpoint_backends(path: str, must_exist: bool = True) -> Backends:

@@ -39,7 +39,7 @@ def check_encryption(log: SQLEventLog, keyring: Any, where: str) -> None:
 
     Args:
         log: the migrated event log.
-        keyring: ``crypto.Keyring`` of this process, or None (no encryption).
+        keyring: ``keys.Keyring`` of this process, or None (no encryption).
         where: the log's URL, masked, for messages.
 
     Raises:
