@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_errors
 
-from rasa_persistent_tracker.codec import Codec, JsonSerializer
+from rasa_persistent_tracker.codec import Codec
 from rasa_persistent_tracker.config import StoreConfig, mask_url, parse_config
 from rasa_persistent_tracker.connect import redis_client_factory, run_blocking
 from rasa_persistent_tracker.crypto import build_protected
@@ -32,6 +32,7 @@ from rasa_persistent_tracker.logids import PURPOSE, ConversationIds
 from rasa_persistent_tracker.outbox import Outbox
 from rasa_persistent_tracker.recent import RecentRecords
 from rasa_persistent_tracker.records import Records
+from rasa_persistent_tracker.serde import JsonSerializer
 from rasa_persistent_tracker.startup import check_encryption, rasa_store_keys, rasa_store_warning
 
 logger = logging.getLogger("rasa_persistent_tracker.store")

@@ -9,11 +9,12 @@ from typing import Any, Dict, List, Optional
 
 from rasa_persistent_tracker import crypto
 from rasa_persistent_tracker.backends import Backends
-from rasa_persistent_tracker.codec import Codec, JsonSerializer
+from rasa_persistent_tracker.codec import Codec
 from rasa_persistent_tracker.entries import PLAIN_ENTRIES, Entries
 from rasa_persistent_tracker.entry_header import has_header
 from rasa_persistent_tracker.errors import CorruptRecordError, EncryptionKeyMissing
 from rasa_persistent_tracker.replay import validate_record
+from rasa_persistent_tracker.serde import JsonSerializer
 from rasa_persistent_tracker.tables import RowDict
 
 HOT_RECORD, OUTBOX_ENTRY, UNKNOWN = "hot record", "outbox entry", "unreadable value"

@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import json
 import os
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -35,9 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from rasa_persistent_tracker.config import StoreConfig
 from rasa_persistent_tracker.errors import ConfigError, CorruptRecordError, EncryptionKeyMissing
 from rasa_persistent_tracker.keys import KEY_ID, Keyring, load_keyring
-
-if TYPE_CHECKING:
-    from rasa_persistent_tracker.codec import Serializer
+from rasa_persistent_tracker.serde import JsonSerializer, Serializer
 
 PREFIX = "rpt-enc:2:"
 MAC_PREFIX = "rpt-mac:2:"
@@ -69,7 +67,7 @@ def _unb64(text: str) -> bytes:
 class EncryptedSerializer:
     """Seals serialised text with AES-256-GCM (or a MAC). See the module docstring."""
 
-    def __init__(self, inner: "Serializer", keyring: Keyring) -> None:
+    def __init__(self, inner: Serializer, keyring: Keyring) -> None:
         self._inner = inner
         self.keyring = keyring
 
@@ -190,8 +188,6 @@ def sensitivity(config: StoreConfig) -> Callable[[Dict[str, Any]], bool]:
 def build_protected(config: StoreConfig, environ: Optional[Mapping[str, str]] = None
                     ) -> Tuple[Optional[EncryptedSerializer], Callable[[Dict[str, Any]], bool]]:
     """(encrypting serialiser or None, sensitivity predicate) for ``Codec``."""
-    from rasa_persistent_tracker.codec import JsonSerializer
-
     keyring = load_keyring(config, environ)
     if keyring is None:
         if config.sensitive_slots or config.encrypt_user_text:

@@ -9,9 +9,10 @@ the hot state's scripts read to acknowledge delivered entries.
 import json
 from typing import Callable, List, Tuple
 
-from rasa_persistent_tracker.codec import Codec, JsonSerializer
+from rasa_persistent_tracker.codec import Codec
 from rasa_persistent_tracker.entry_header import make_header, split
 from rasa_persistent_tracker.errors import CorruptRecordError
+from rasa_persistent_tracker.serde import JsonSerializer
 from rasa_persistent_tracker.tables import COLUMN_LIMITS, ROW_FIELDS, LogRow, RowDict
 
 

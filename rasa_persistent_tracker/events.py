@@ -7,7 +7,7 @@ from rasa.shared.core.events import Event
 from rasa.shared.exceptions import RasaException
 from rasa.shared.utils.common import all_subclasses
 
-from rasa_persistent_tracker.codec import encode_extra
+from rasa_persistent_tracker.serde import encode_extra
 
 # What parsing a malformed event dict can raise inside Rasa.
 EVENT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RasaException)

@@ -12,13 +12,14 @@ from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import ActionExecuted, SlotSet, UserUttered
 
 from rasa_persistent_tracker import CorruptRecordError, EventLogUnavailable
-from rasa_persistent_tracker.codec import Codec, JsonSerializer
+from rasa_persistent_tracker.codec import Codec
 from rasa_persistent_tracker.config import parse_config
 from rasa_persistent_tracker.crypto import build_protected
 from rasa_persistent_tracker.entries import make_entry
 from rasa_persistent_tracker.event_log import SQLEventLog
 from rasa_persistent_tracker.events import fingerprint
 from rasa_persistent_tracker.freshness import Freshness
+from rasa_persistent_tracker.serde import JsonSerializer
 from rasa_persistent_tracker.tables import EVENTS, SNAPSHOTS, LogRow
 from test_encryption import (
     ENV,
