@@ -7,6 +7,8 @@
   a fresh tracker.
 * ``restore_lost_record`` restores a record lost with Redis (restart,
   FLUSHALL, failover) from the snapshot, unless the conversation expired.
+* ``read_while_down`` serves a read from SQL while the hot state is down;
+  ``commit_turn`` saves a turn to SQL then.
 * ``from_snapshot`` rebuilds a conversation from its SQL snapshot and the
   events after it, optionally writing the record back to the hot state.
 
@@ -15,11 +17,12 @@ Merging foreign trackers is ``merging.py``; reading the log is ``history.py``.
 import asyncio
 import logging
 import time
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import window
+from rasa_persistent_tracker import direct, window
+from rasa_persistent_tracker.codec import Codec
 from rasa_persistent_tracker.config import StoreConfig
 from rasa_persistent_tracker.crypto import SNAPSHOT
 from rasa_persistent_tracker.errors import (
@@ -28,9 +31,10 @@ from rasa_persistent_tracker.errors import (
     HotStateBusy,
     HotStateUnavailable,
 )
+from rasa_persistent_tracker.event_log import AsyncEventLog
 from rasa_persistent_tracker.freshness import Suspicion
 from rasa_persistent_tracker.history import History
-from rasa_persistent_tracker.hot_state import HotEntry, HotState
+from rasa_persistent_tracker.hot_state import HotEntry, HotState, UnusableValue
 from rasa_persistent_tracker.logids import ConversationIds
 from rasa_persistent_tracker.records import Records
 from rasa_persistent_tracker.tables import LogRow, Snapshot
@@ -52,9 +56,12 @@ class Resumed(NamedTuple):
 class Recovery:
     """Recovery paths of one store (see the module docstring)."""
 
-    def __init__(self, hot: HotState, history: History, records: Records, turns: TurnEncoder,
-                 config: StoreConfig, suspicion: Suspicion, ids: ConversationIds) -> None:
+    def __init__(self, hot: HotState, log: AsyncEventLog, codec: Codec, history: History,
+                 records: Records, turns: TurnEncoder, config: StoreConfig,
+                 suspicion: Suspicion, ids: ConversationIds) -> None:
         self._hot = hot
+        self._log = log
+        self._codec = codec
         self._history = history
         self._records = records
         self._turns = turns
@@ -222,6 +229,48 @@ class Recovery:
             logger.warning("Conversation '%s': could not write the restored record back "
                            "to the hot state (%s).", sender_id, exc)
         return version, resumed._replace(known=built.kept, previous=built.previous)
+
+    async def read_while_down(self, sender_id: str) -> Optional[DialogueStateTracker]:
+        """``retrieve`` while the hot state is unreachable: from the SQL snapshot."""
+        tracker = await self.from_snapshot(sender_id, refill=False)
+        if tracker is None:
+            if self._config.sync_log:
+                return None  # every saved turn reaches SQL before save returns: new
+            # Its latest turns may be in the unreachable outbox: it cannot be
+            # told apart from a new conversation, so do not pretend it is one.
+            raise HotStateUnavailable(
+                f"Conversation '{self._id(sender_id)}': the hot state is unreachable and "
+                f"the SQL log has nothing of it (yet).")
+        return tracker
+
+    async def commit_turn(self, sender_id: str, expected: int, payload: str, outbox_entry: str,
+                      rows: List[LogRow]) -> Tuple[int, bool]:
+        """Commit a turn's record and outbox entry; (new version, whether the
+        entry is queued in the outbox rather than written to SQL already).
+
+        The hot state down: the turn goes straight to SQL (``direct.save``).
+        An unusable stored value: quarantined, then the commit is retried once.
+        Raises ConcurrentSaveError, HotStateBusy, HotStateUnavailable."""
+        try:
+            return await self._hot.commit(sender_id, expected, payload,
+                                          self._config.record_exp, outbox_entry), True
+        except HotStateBusy:
+            raise  # overloaded: nothing was written, nothing to re-check
+        except HotStateUnavailable as exc:
+            # Redis is the fast path, SQL the record: the turn goes to SQL.
+            self.suspect()
+            version = await direct.save(self._log, sender_id, rows,
+                                        self._codec.reseal_record(payload, sender_id, SNAPSHOT),
+                                        expected or 0, exc)
+            return version, False
+        except UnusableValue as exc:
+            await self.quarantine(sender_id, str(exc))
+            try:
+                return await self._hot.commit(sender_id, expected, payload,
+                                              self._config.record_exp, outbox_entry), True
+            except UnusableValue as again:  # replaced again in between: give up this turn
+                raise HotStateUnavailable(f"Conversation '{sender_id}': its hot record stays "
+                                          f"unusable ({again}).") from again
 
     def _restore(self, sender_id: str, snapshot: Optional[Snapshot]) -> Optional[Resumed]:
         """The conversation as its snapshot holds it; None if unusable."""

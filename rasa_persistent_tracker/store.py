@@ -19,12 +19,9 @@ from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.crypto import SNAPSHOT
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
-    HotStateBusy,
-    HotStateUnavailable,
     PersistentTrackerError,
 )
 from rasa_persistent_tracker.history import History
-from rasa_persistent_tracker.hot_state import UnusableValue
 from rasa_persistent_tracker.merging import MergeBase, Merger
 from rasa_persistent_tracker.recent import Remembered
 from rasa_persistent_tracker.recovery import Recovery
@@ -84,8 +81,9 @@ class PersistentTrackerStore(TrackerStore):
         self._turns = TurnEncoder(self._codec, self._recent, self.config.max_history)
         self._history = History(self._hot, self._log, self._codec, self._outbox.entries,
                                 self._records, self._ids)
-        self._recovery = Recovery(self._hot, self._history, self._records, self._turns,
-                                  self.config, self._backends.suspicion, self._ids)
+        self._recovery = Recovery(self._hot, self._log, self._codec, self._history,
+                                  self._records, self._turns, self.config,
+                                  self._backends.suspicion, self._ids)
         self._merger = Merger(self._hot, self._history, self._records,
                               self._recovery.quarantine)
         if self._backends.announce:
@@ -152,7 +150,7 @@ class PersistentTrackerStore(TrackerStore):
         remembered = self._recent.get(sender_id)
         hot = await self._recovery.load(sender_id, remembered.digest if remembered else None)
         if hot is None:  # hot state down: degraded read from the snapshot
-            return await self._read_degraded(sender_id)
+            return await self._recovery.read_while_down(sender_id)
         if hot.problem:
             return await self._recovery.resume_after_quarantine(sender_id, hot.problem)
         if hot.unchanged and remembered is not None:
@@ -178,19 +176,6 @@ class PersistentTrackerStore(TrackerStore):
             if newer is not None:
                 return newer
         self._records.mark(tracker, hot.version, record["next_seq"], known, previous)
-        return tracker
-
-    async def _read_degraded(self, sender_id: str) -> Optional[DialogueStateTracker]:
-        """``retrieve`` while the hot state is unreachable: from the SQL snapshot."""
-        tracker = await self._recovery.from_snapshot(sender_id, refill=False)
-        if tracker is None:
-            if self.config.sync_log:
-                return None  # every saved turn reaches SQL before save returns: new
-            # Its latest turns may be in the unreachable outbox: it cannot be
-            # told apart from a new conversation, so do not pretend it is one.
-            raise HotStateUnavailable(
-                f"Conversation '{self._ids(sender_id)}': the hot state is unreachable and "
-                f"the SQL log has nothing of it (yet).")
         return tracker
 
     async def retrieve_full_tracker(self, conversation_id: str) -> Optional[DialogueStateTracker]:
@@ -251,8 +236,8 @@ class PersistentTrackerStore(TrackerStore):
             return
         rows, state, built, payload, remembered = await self._encode_turn(sender_id, base)
         outbox_entry = self._outbox.entries.make(sender_id, rows, time.time())
-        version, queued = await self._commit(sender_id, base.expected_version, payload,
-                                             outbox_entry, rows)
+        version, queued = await self._recovery.commit_turn(
+            sender_id, base.expected_version, payload, outbox_entry, rows)
         self._recent.put(sender_id, remembered)
         self._records.mark(tracker, version, base.next_seq + len(base.new), built.kept,
                            built.previous if state is tracker else None)
@@ -297,31 +282,6 @@ class PersistentTrackerStore(TrackerStore):
         except ENCODING_ERRORS as exc:
             raise unstorable(new, exc) from None
         return rows, state, built, payload, remembered
-
-    async def _commit(self, sender_id: str, expected: int, payload: str, outbox_entry: str,
-                      rows: List[LogRow]) -> Tuple[int, bool]:
-        """Commit record and outbox entry; (new version, whether the entry is
-        queued in the outbox rather than written to SQL already)."""
-        try:
-            return await self._hot.commit(sender_id, expected, payload,
-                                          self.config.record_exp, outbox_entry), True
-        except HotStateBusy:
-            raise  # overloaded: nothing was written, nothing to re-check
-        except HotStateUnavailable as exc:
-            # Redis is the fast path, SQL the record: the turn goes to SQL.
-            self._recovery.suspect()
-            version = await direct.save(self._log, sender_id, rows,
-                                        self._codec.reseal_record(payload, sender_id, SNAPSHOT),
-                                        expected or 0, exc)
-            return version, False
-        except UnusableValue as exc:
-            await self._recovery.quarantine(sender_id, str(exc))
-            try:
-                return await self._hot.commit(sender_id, expected, payload,
-                                              self.config.record_exp, outbox_entry), True
-            except UnusableValue as again:  # replaced again in between: give up this turn
-                raise HotStateUnavailable(f"Conversation '{sender_id}': its hot record stays "
-                                          f"unusable ({again}).") from again
 
     def _runs_sync_action(self, new: List[Event]) -> bool:
         """Whether the turn ran an action listed in ``sync_actions`` (written through)."""
