@@ -30,8 +30,8 @@ class MergeBase(NamedTuple):
     new: List[Event]
     expected_version: int
     next_seq: int
-    known: window.Known
-    previous: Optional[window.Previous]
+    known: window.StoredForms
+    previous: Optional[window.RebuiltBase]
 
 
 class Merger:

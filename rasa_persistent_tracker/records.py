@@ -32,7 +32,7 @@ logger = logging.getLogger("rasa_persistent_tracker.store")
 
 # A decoded record and the tracker rebuilt from it, with the stored forms of
 # its window's events and the base it was rebuilt from.
-Decoded = Tuple[Dict[str, Any], DialogueStateTracker, window.Known, window.Previous]
+Decoded = Tuple[Dict[str, Any], DialogueStateTracker, window.StoredForms, window.RebuiltBase]
 
 
 class LoadedTrackers:
@@ -166,7 +166,7 @@ class Records:
             return None
 
     def mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
-             known: window.Known, previous: Optional[window.Previous] = None) -> None:
+             known: window.StoredForms, previous: Optional[window.RebuiltBase] = None) -> None:
         """Remember that ``tracker`` stands at record ``version`` / ``next_seq``."""
         last = tracker.events[-1] if tracker.events else None
         self.fresh.saw(tracker.sender_id, next_seq)

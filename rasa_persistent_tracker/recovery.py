@@ -48,9 +48,9 @@ class Resumed(NamedTuple):
     """A conversation rebuilt from SQL, before it is marked and handed out."""
 
     tracker: DialogueStateTracker
-    known: window.Known
+    known: window.StoredForms
     next_seq: int
-    previous: Optional[window.Previous]
+    previous: Optional[window.RebuiltBase]
 
 
 class Recovery:
@@ -228,7 +228,7 @@ class Recovery:
             self.suspect()
             logger.warning("Conversation '%s': could not write the restored record back "
                            "to the hot state (%s).", sender_id, exc)
-        return version, resumed._replace(known=built.kept, previous=built.previous)
+        return version, resumed._replace(known=built.forms, previous=built.previous)
 
     async def read_while_down(self, sender_id: str) -> Optional[DialogueStateTracker]:
         """``retrieve`` while the hot state is unreachable: from the SQL snapshot."""

@@ -26,7 +26,7 @@ from rasa_persistent_tracker import applied
 
 from rasa_persistent_tracker.errors import CorruptRecordError
 from rasa_persistent_tracker.events import EVENT_ERRORS, fingerprint, parse_event
-from rasa_persistent_tracker.window import SCHEMA_VERSION, Known, Previous
+from rasa_persistent_tracker.window import SCHEMA_VERSION, StoredForms, RebuiltBase
 
 
 def _require(record: Dict[str, Any], key: str, kinds: Any) -> Any:
@@ -92,13 +92,13 @@ def rebuild_tracker(
     base_text: Optional[str] = None,
     base_events: Optional[List[Event]] = None,
     window_events: Optional[List[Optional[Event]]] = None,
-) -> Tuple[DialogueStateTracker, Known, Previous]:
+) -> Tuple[DialogueStateTracker, StoredForms, RebuiltBase]:
     """Rebuild a tracker from a validated record.
 
-    Returns the tracker, the cache of its window events and the ``Previous``
+    Returns the tracker, the stored forms of its window events and the ``RebuiltBase``
     base, both for ``build_record``, with the events' and the base's JSON
     texts if known (``texts``, ``base_text``). ``base_events`` are the base's
-    slot events parsed before (``Previous.slot_events``) and ``window_events``
+    slot events parsed before (``RebuiltBase.slot_events``) and ``window_events``
     (aligned with ``record["events"]``, None: parse it) events parsed before:
     both are reused as they are. Rasa never edits an event once it is in a
     tracker, except the latest user message's featurisation flag, so user
@@ -126,10 +126,10 @@ def rebuild_tracker(
         if base and record["schema"] != 1:
             bot = base.get("latest_bot")
             tracker.latest_bot_utterance = parse_event(bot) if bot else BotUttered.empty()
-        previous = Previous(base if record["schema"] != 1 else {}, len(tracker.events),
+        previous = RebuiltBase(base if record["schema"] != 1 else {}, len(tracker.events),
                             tracker.events[0] if tracker.events else None, base_text,
                             base_events)
-        cache: Known = {}
+        forms: StoredForms = {}
         for i, event_dict in enumerate(record["events"]):
             event = window_events[i] if window_events else None
             if event is None:
@@ -137,7 +137,7 @@ def rebuild_tracker(
             if event is None:
                 raise CorruptRecordError(f"unknown event type {event_dict.get('event')!r}")
             tracker.update(event)
-            cache[id(event)] = (event, event_dict, texts[i] if texts else None)
+            forms[id(event)] = (event, event_dict, texts[i] if texts else None)
     except EVENT_ERRORS as exc:
         raise CorruptRecordError(f"event cannot be parsed ({type(exc).__name__})") from None
     known = {s.name for s in slot_list}
@@ -145,7 +145,7 @@ def rebuild_tracker(
     actual = {n: s.value for n, s in tracker.slots.items() if s.value != s.initial_value}
     if expected != actual:
         raise CorruptRecordError("replayed slots do not match the recorded state")
-    return tracker, cache, previous
+    return tracker, forms, previous
 
 
 def _base_events(record: Dict[str, Any]) -> List[Event]:

@@ -239,7 +239,7 @@ class PersistentTrackerStore(TrackerStore):
         version, queued = await self._recovery.commit_turn(
             sender_id, base.expected_version, payload, outbox_entry, rows)
         self._recent.put(sender_id, remembered)
-        self._records.mark(tracker, version, base.next_seq + len(base.new), built.kept,
+        self._records.mark(tracker, version, base.next_seq + len(base.new), built.forms,
                            built.previous if state is tracker else None)
         if queued:  # else it is in SQL already
             self._outbox.notify(sender_id)
@@ -257,7 +257,7 @@ class PersistentTrackerStore(TrackerStore):
         if loaded is not None and loaded.sender_id == tracker.sender_id:
             new = window.new_events_after(list(tracker.events), loaded)
             if new is not None:
-                return MergeBase(tracker, new, loaded.version, loaded.next_seq, loaded.cache,
+                return MergeBase(tracker, new, loaded.version, loaded.next_seq, loaded.forms,
                                  loaded.previous)
         return await self._merger.merge_base(tracker)
 

@@ -33,8 +33,8 @@ class TurnEncoder:
         self._max_history = max_history
 
     def rows(self, sender_id: str, events: List[Event], first_seq: int,
-             cache: window.Known) -> List[LogRow]:
-        """The log rows of new ``events``; their stored forms go into ``cache``.
+             forms: window.StoredForms) -> List[LogRow]:
+        """The log rows of new ``events``; their stored forms go into ``forms``.
 
         Raises:
             SlotValueError / PersistentTrackerError: a value cannot be stored.
@@ -47,7 +47,7 @@ class TurnEncoder:
         rows: List[LogRow] = []
         for offset, event in enumerate(events):
             text, as_dict = self._event(sender_id, event)
-            cache[id(event)] = (event, as_dict, text)
+            forms[id(event)] = (event, as_dict, text)
             intent = event.intent_name if isinstance(event, UserUttered) else None
             action = event.action_name if isinstance(event, ActionExecuted) else None
             rows.append(LogRow(first_seq + offset, _column("type_name", event.type_name),
@@ -68,12 +68,12 @@ class TurnEncoder:
                 f"of type {exc} that cannot be stored. Nothing was saved.") from None
 
     def build(self, tracker: DialogueStateTracker, slots: Iterable[Slot], next_seq: int,
-              cache: Optional[window.Known] = None,
-              previous: Optional[window.Previous] = None) -> window.Built:
+              forms: Optional[window.StoredForms] = None,
+              previous: Optional[window.RebuiltBase] = None) -> window.Built:
         """``window.build_record`` with this encoder's serialiser and ``max_history``."""
         return window.build_record(
             tracker, slots, self._max_history, next_seq,
-            lambda event: self._event(tracker.sender_id, event), cache, previous)
+            lambda event: self._event(tracker.sender_id, event), forms, previous)
 
     def encode(self, built: window.Built) -> Tuple[str, Remembered]:
         """The payload of a built record, and the record as it reads back.
@@ -84,9 +84,9 @@ class TurnEncoder:
         """
         encoded = self._encoded(built)
         texts = encoded.texts
-        if None in built.texts and len(built.kept) == len(texts):  # keep those made just now
-            for (key, (event, as_dict, _)), text in zip(list(built.kept.items()), texts):
-                built.kept[key] = (event, as_dict, text)
+        if None in built.texts and len(built.forms) == len(texts):  # keep those made just now
+            for (key, (event, as_dict, _)), text in zip(list(built.forms.items()), texts):
+                built.forms[key] = (event, as_dict, text)
         if built.previous is not None:
             built.previous.text = encoded.base_text
         return encoded.payload, self._remembered(built, encoded)
@@ -116,8 +116,8 @@ class TurnEncoder:
         return Remembered.of(
             payload_digest(encoded.payload), encoded.record, encoded.texts, encoded.base_text,
             built.previous.slot_events if built.previous is not None else None,
-            [e if id(e) in parsed else None for e, _, _ in built.kept.values()]
-            if parsed and len(built.kept) == len(encoded.texts) else None)
+            [e if id(e) in parsed else None for e, _, _ in built.forms.values()]
+            if parsed and len(built.forms) == len(encoded.texts) else None)
 
 
 def _column(name: str, value: Optional[str]) -> Optional[str]:

@@ -62,21 +62,21 @@ class Loaded:
     version: int
     next_seq: int
     last_event: Optional[Event]
-    cache: "Known" = dataclasses.field(default_factory=dict)
-    previous: Optional["Previous"] = None
+    forms: "StoredForms" = dataclasses.field(default_factory=dict)
+    previous: Optional["RebuiltBase"] = None
 
 
 # ``id(event) -> (event, stored dict, its JSON text or None)`` for events whose
 # stored form is known, so unchanged events are not serialised again. Stored
 # events are treated as immutable, as Rasa does (it deep-copies an event
 # before editing it).
-Known = Dict[int, Tuple[Event, Dict[str, Any], Optional[str]]]
+StoredForms = Dict[int, Tuple[Event, Dict[str, Any], Optional[str]]]
 # Serialises an event the cache does not know: (JSON text, dict as read back).
 Encoder = Callable[[Event], Tuple[str, Dict[str, Any]]]
 
 
 @dataclasses.dataclass
-class Previous:
+class RebuiltBase:
     """The base a tracker was rebuilt from, how many events it occupies and,
     if known, its JSON text and parsed events (head, summary, applied)."""
 
@@ -112,8 +112,8 @@ def session_start(events: Sequence[Event]) -> int:
     return 0
 
 
-def _reusable_base(events: List[Event], previous: Optional[Previous],
-                   max_history: int) -> Optional[Previous]:
+def _reusable_base(events: List[Event], previous: Optional[RebuiltBase],
+                   max_history: int) -> Optional[RebuiltBase]:
     if previous is None or not previous.base:
         return None
     window = events[previous.length:]
@@ -127,7 +127,7 @@ def _reusable_base(events: List[Event], previous: Optional[Previous],
 
 
 def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List[Slot],
-             max_history: int, previous: Optional[Previous],
+             max_history: int, previous: Optional[RebuiltBase],
              as_dict: Callable[[Event], Dict[str, Any]]) -> Tuple[Dict[str, Any], int, bool]:
     """A new base, the index where the raw window begins, and whether the
     tracker lacks history the base should hold (see ``Built.short``)."""
@@ -181,7 +181,7 @@ class Built:
 
     ``texts[i]`` is the JSON text of ``record["events"][i]`` if known (None:
     not serialised yet), ``base_text`` that of ``record["base"]`` if known
-    (reused unchanged), ``kept`` the cache for the events the record holds,
+    (reused unchanged), ``forms`` the stored forms of the events the record holds,
     ``previous`` the base to reuse for this same tracker next time (None after
     a compaction). ``short``: reverts undid more turns than the tracker holds
     beyond its base (thousands of ``/back``); the record then keeps the old
@@ -190,8 +190,8 @@ class Built:
 
     record: Dict[str, Any]
     texts: List[Optional[str]]
-    kept: Known
-    previous: Optional[Previous]
+    forms: StoredForms
+    previous: Optional[RebuiltBase]
     base_text: Optional[str] = None
     short: bool = False
 
@@ -202,8 +202,8 @@ def build_record(
     max_history: int,
     next_seq: int,
     encode: Encoder,
-    cache: Optional[Known] = None,
-    previous: Optional[Previous] = None,
+    forms: Optional[StoredForms] = None,
+    previous: Optional[RebuiltBase] = None,
 ) -> Built:
     """Compact ``tracker`` into a hot record (a JSON-ready dict).
 
@@ -217,15 +217,15 @@ def build_record(
         slots: the domain's slots (to replay the state at the window's start).
         max_history: dialogue states the policies look back on.
         next_seq: sequence number the next logged event will get.
-        encode: serialises an event missing from ``cache``; its errors propagate.
-        cache: the stored forms of events known already.
+        encode: serialises an event missing from ``forms``; its errors propagate.
+        forms: the stored forms of events known already.
         previous: the base the tracker was rebuilt from, if any.
 
     Returns:
         The record with what the store keeps about it (``Built``).
     """
     events = list(tracker.events)
-    known = cache or {}
+    known = forms or {}
 
     def as_dict(event: Event) -> Dict[str, Any]:
         hit = known.get(id(event))
@@ -242,7 +242,7 @@ def build_record(
                                     as_dict)
         if previous is not None and base is previous.base:
             reused = previous
-    kept: Known = {}
+    kept_forms: StoredForms = {}
     window = []
     texts: List[Optional[str]] = []
     for event in events[cut:]:
@@ -250,7 +250,7 @@ def build_record(
         if hit is None or hit[0] is not event:
             text, as_dict = encode(event)
             hit = (event, as_dict, text)
-        kept[id(event)] = hit
+        kept_forms[id(event)] = hit
         window.append(hit[1])
         texts.append(hit[2])
     last_user = next((e for e in reversed(events) if isinstance(e, UserUttered)), None)
@@ -270,7 +270,7 @@ def build_record(
         },
         "last_event": fingerprint(window[-1]) if window else None,
     }
-    return Built(record, texts, kept, reused, reused.text if reused is not None else None,
+    return Built(record, texts, kept_forms, reused, reused.text if reused is not None else None,
                  short)
 
 
