@@ -359,7 +359,9 @@ class PersistentTrackerStore(TrackerStore):
             if self.config.sync_log or self._runs_sync_action(new):
                 await direct.write_through(
                     self._outbox, self._log, sender_id, rows,
-                    self._codec.reseal_record(payload, sender_id, SNAPSHOT), version)
+                    self._codec.reseal_record(payload, sender_id, SNAPSHOT), version,
+                    lambda: self._unlogged_rows(sender_id, base, len(new), rows[0].seq,
+                                                cache))
         if self.event_broker is not None:
             await self._stream_new_events(self.event_broker, new, sender_id)
 

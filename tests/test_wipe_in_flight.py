@@ -5,11 +5,13 @@ the outbox, so the wipe took them from the hot state and they are not in SQL.
 Its save must not number its rows after them, leaving a hole in the log that
 nothing fills: the store logs those turns again from the tracker in hand
 (which holds them), whether the save then finds Redis back and empty or still
-unreachable. Found by the write-behind chaos run (tests/test_chaos.py).
+unreachable, or after its commit, when a written-through turn's delivery
+meets the wipe. Found by the write-behind chaos run (tests/test_chaos.py).
 """
 import logging
 
 import sqlalchemy as sa
+from rasa.shared.core.events import ActionExecuted
 
 from rasa_persistent_tracker import HotStateUnavailable
 from tests.dialogue import run_turns, turn
@@ -27,9 +29,9 @@ def wipe(backend):
         client.delete(key)
 
 
-async def in_flight(make_store, sender):
+async def in_flight(make_store, sender, **config):
     """Three turns in SQL, two more only in the outbox, and a tracker read now."""
-    store = make_store(outbox_linger=600)  # delivery waits for flush()
+    store = make_store(outbox_linger=600, **config)  # delivery waits for flush()
     await run_turns(store, sender, 3)
     await store.flush()
     in_sql = len(logged(store, sender))
@@ -91,3 +93,19 @@ async def test_turns_logged_again_are_not_logged_twice_when_the_outbox_survives(
         await store.save(tracker)
     await store.flush()  # Redis is back: its outbox delivers the same two turns
     assert_whole(logged(store, "w3"), (0, 1, 2, 3, 4, 9))
+
+
+async def test_a_written_through_turn_whose_delivery_meets_a_wipe_logs_the_lost_turns(
+        make_store, backend, monkeypatch):
+    store, tracker = await in_flight(make_store, "w4", sync_actions=["action_pay"])
+
+    async def wiped_then_down(_ids):
+        wipe(backend)  # Redis lost everything right after this turn's commit
+        raise HotStateUnavailable("Redis is unreachable (test)")
+
+    monkeypatch.setattr(store._outbox, "deliver", wiped_then_down)
+    turn(tracker, 9)
+    tracker.update(ActionExecuted("action_pay"))  # written through: a payment
+    tracker.update(ActionExecuted("action_listen"))
+    await store.save(tracker)  # returns once the turn is in SQL
+    assert_whole(logged(store, "w4"), (0, 1, 2, 3, 4, 9))
