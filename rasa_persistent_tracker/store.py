@@ -19,12 +19,14 @@ from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.crypto import HOT, SNAPSHOT
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
+    EventLogUnavailable,
     HotStateBusy,
     HotStateUnavailable,
     PersistentTrackerError,
 )
+from rasa_persistent_tracker.event_log import LogRow
 from rasa_persistent_tracker.freshness import Freshness
-from rasa_persistent_tracker.hot_state import UnusableValue, payload_digest
+from rasa_persistent_tracker.hot_state import RecordMissing, UnusableValue, payload_digest
 from rasa_persistent_tracker.recent import RecentRecords, Remembered, shareable
 from rasa_persistent_tracker.recovery import Recovery
 from rasa_persistent_tracker.turns import TurnEncoder
@@ -299,6 +301,7 @@ class PersistentTrackerStore(TrackerStore):
             if expected:
                 await self._hot.touch(sender_id, self.config.record_exp)
             return
+        base = state  # holds the events before this turn's (for _unlogged_rows)
         try:
             rows = self._turns.rows(sender_id, new, next_seq, cache)
             built = self._turns.build(state, self.domain.slots, next_seq + len(new), cache,
@@ -316,13 +319,26 @@ class PersistentTrackerStore(TrackerStore):
             raise unstorable(new, exc) from None
         entry = self._outbox.entries.make(sender_id, rows, time.time())
         try:
-            version = await self._hot.commit(sender_id, expected, payload,
-                                             self.config.record_exp, entry)
+            try:
+                version = await self._hot.commit(sender_id, expected, payload,
+                                                 self.config.record_exp, entry,
+                                                 expect_record=bool(expected))
+            except RecordMissing:
+                # Wiped while this turn ran: with the record went the outbox
+                # entries not delivered yet. Log them again from this tracker.
+                rows = await self._unlogged_rows(sender_id, base, len(new), next_seq,
+                                                 cache) + rows
+                entry = self._outbox.entries.make(sender_id, rows, time.time())
+                version = await self._hot.commit(sender_id, expected, payload,
+                                                 self.config.record_exp, entry)
         except HotStateBusy:
             raise  # overloaded: nothing was written, nothing to re-check
         except HotStateUnavailable as exc:
-            # Redis is the fast path, SQL the record: the turn goes to SQL.
+            # Redis is the fast path, SQL the record: the turn goes to SQL,
+            # after the turns the unreachable (maybe emptied) outbox still holds.
             self._recovery.suspect()
+            rows = await self._unlogged_rows(sender_id, base, len(new), rows[0].seq,
+                                             cache) + rows
             version = await direct.save(self._log, sender_id, rows,
                                         self._codec.reseal_record(payload, sender_id, SNAPSHOT),
                                         expected or 0, exc)
@@ -343,9 +359,39 @@ class PersistentTrackerStore(TrackerStore):
             if self.config.sync_log or self._runs_sync_action(new):
                 await direct.write_through(
                     self._outbox, self._log, sender_id, rows,
-                    self._codec.reseal_record(payload, sender_id, SNAPSHOT), version)
+                    self._codec.reseal_record(payload, sender_id, SNAPSHOT), version,
+                    lambda: self._unlogged_rows(sender_id, base, len(new), rows[0].seq,
+                                                cache))
         if self.event_broker is not None:
             await self._stream_new_events(self.event_broker, new, sender_id)
+
+    async def _unlogged_rows(self, sender_id: str, tracker: DialogueStateTracker,
+                             new_count: int, next_seq: int,
+                             cache: window.Known) -> List[LogRow]:
+        """Rows for the events of ``tracker`` before its last ``new_count`` (this
+        turn's) that the SQL log does not hold: between its end and
+        ``next_seq``, turns whose outbox entries a wiped or unreachable hot
+        state has not delivered. With them this turn's rows follow the log
+        without a hole; a copy delivered later from a surviving outbox is
+        skipped as already logged."""
+        events = list(tracker.events)
+        known = events[:len(events) - new_count]
+        try:
+            logged_next = await self._log.run(self._log.sync.next_seq, sender_id)
+        except EventLogUnavailable:
+            return []  # nothing can be written now anyway
+        missing = next_seq - logged_next
+        if missing <= 0:
+            return []
+        if missing > len(known):
+            logger.warning("Conversation '%s': %d event(s) before this turn are neither in the "
+                           "hot state nor in the SQL log, and the tracker no longer holds "
+                           "them.", self._ids(sender_id), missing)
+            return []
+        logger.warning("Conversation '%s': %d event(s) before this turn were still in the "
+                       "outbox of the failed hot state; logged again from the tracker.",
+                       self._ids(sender_id), missing)
+        return self._turns.rows(sender_id, known[-missing:], logged_next, cache)
 
     def _runs_sync_action(self, new: List[Event]) -> bool:
         """Whether the turn ran an action listed in ``sync_actions`` (written through)."""
