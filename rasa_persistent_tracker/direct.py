@@ -16,7 +16,7 @@ from SQL (newer wins, never the other way round).
 """
 import logging
 import time
-from typing import List
+from typing import Awaitable, Callable, List, Optional
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_errors
@@ -86,7 +86,9 @@ async def save(log: AsyncEventLog, conversation_id: str, rows: List[LogRow], pay
 
 
 async def write_through(outbox: Outbox, log: AsyncEventLog, conversation_id: str,
-                        rows: List[LogRow], payload: str, version: int) -> None:
+                        rows: List[LogRow], payload: str, version: int,
+                        unlogged: Optional[Callable[[], Awaitable[List[LogRow]]]] = None
+                        ) -> None:
     """Put a turn just committed to the hot state (and the turns queued before
     it) into SQL before save returns (``sync_log``, ``sync_actions``).
 
@@ -94,8 +96,9 @@ async def write_through(outbox: Outbox, log: AsyncEventLog, conversation_id: str
     the hot state failed right after the commit, or a restarted Redis handed
     back an empty outbox (so the turn reaches SQL only if the old Redis had
     not lost it) - the turn's own rows and record are appended from memory
-    (idempotent: a later delivery of the same entry skips them). If SQL is
-    down, the rows wait in the outbox.
+    (idempotent: a later delivery of the same entry skips them), after
+    ``unlogged()``: the rows of earlier turns the log lacks, whose entries
+    the failed outbox held. If SQL is down, the rows wait in the outbox.
     """
     try:
         if await outbox.deliver([conversation_id]) >= len(rows):
@@ -106,6 +109,8 @@ async def write_through(outbox: Outbox, log: AsyncEventLog, conversation_id: str
         return
     except HotStateUnavailable:
         pass  # the turn's rows are in memory: append them below
+    if unlogged is not None:
+        rows = await unlogged() + rows
     snapshot = Snapshot(next_seq=rows[-1].seq + 1, version=version, saved_at=time.time(),
                         payload=payload)
     try:

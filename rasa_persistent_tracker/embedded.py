@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Callable, List, Optional, TypeVar
 from rasa_persistent_tracker.entry_header import entry_seq
 from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateUnavailable
 from rasa_persistent_tracker.files import private_file
-from rasa_persistent_tracker.hot_state import HotEntry, Pending, payload_digest
+from rasa_persistent_tracker.hot_state import HotEntry, Pending, RecordMissing, payload_digest
 
 T = TypeVar("T")
 
@@ -102,7 +102,8 @@ class SQLiteHotState:
         return await self._run(load)
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
-                     payload: str, ttl: float, outbox_entry: Optional[str]) -> int:
+                     payload: str, ttl: float, outbox_entry: Optional[str],
+                     expect_record: bool = False) -> int:
         def commit() -> int:
             now = self._clock()
             self._conn.execute("BEGIN IMMEDIATE")
@@ -112,6 +113,8 @@ class SQLiteHotState:
                 if expected_version is not None and row and current != expected_version:
                     raise ConcurrentSaveError(conversation_id, expected_version, current)
                 if expected_version is not None and not row:
+                    if expect_record:
+                        raise RecordMissing(conversation_id)
                     current = expected_version
                 new = int(current) + 1
                 self._conn.execute(

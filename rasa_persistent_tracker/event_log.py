@@ -167,8 +167,12 @@ class SQLEventLog:
     def _place(self, conn: Any, cid: str, conv_rows: Sequence[RowDict],
                existing: Dict[Any, str]) -> "tuple[List[tuple], int]":
         """(rows to insert, as ``ROW_COLUMNS`` tuples; how many were re-sequenced)."""
+        # Same content under another seal is the same row (logged again from a
+        # tracker after the hot state failed, then delivered from its outbox).
         clashing = [r for r in conv_rows
-                    if (cid, r["seq"]) in existing and existing[cid, r["seq"]] != r["data"]]
+                    if (cid, r["seq"]) in existing and existing[cid, r["seq"]] != r["data"]
+                    and self._text(existing[cid, r["seq"]], cid, r["seq"])
+                    != self._text(r["data"], cid, r["seq"])]
         fresh = [r for r in conv_rows if (cid, r["seq"]) not in existing]
         if clashing:
             # Rows moved by an earlier delivery of this same batch (a crash before

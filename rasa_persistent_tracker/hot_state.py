@@ -36,6 +36,15 @@ class UnusableValue(Exception):
     """
 
 
+class RecordMissing(Exception):
+    """A commit that expected a record (``expect_record``) found none: the hot
+    state lost it (a Redis wipe) while the turn was being handled, and with it
+    maybe undelivered outbox entries. Nothing was written.
+
+    Internal to the package: the store re-logs what it can and commits again.
+    """
+
+
 @dataclasses.dataclass
 class HotEntry:
     """What ``load`` found for a conversation.
@@ -81,10 +90,12 @@ class HotState(Protocol):
         Raises HotStateUnavailable."""
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
-                     payload: str, ttl: float, outbox_entry: Optional[str]) -> int:
+                     payload: str, ttl: float, outbox_entry: Optional[str],
+                     expect_record: bool = False) -> int:
         """Write ``payload`` if the stored version is ``expected_version`` (None:
         any) and append ``outbox_entry``, atomically. Returns the new version.
-        Raises ConcurrentSaveError, HotStateUnavailable."""
+        A missing record counts as ``expected_version`` unless ``expect_record``.
+        Raises ConcurrentSaveError, RecordMissing, HotStateUnavailable."""
 
     async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:
         """Move the current value aside under a quarantine key; return its name."""
@@ -191,7 +202,8 @@ class RedisHotState:
         return HotEntry(version=int(text), payload=body, outbox_seq=outbox_seq)
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
-                     payload: str, ttl: float, outbox_entry: Optional[str]) -> int:
+                     payload: str, ttl: float, outbox_entry: Optional[str],
+                     expect_record: bool = False) -> int:
         # A commit whose connection broke (pooled connections of a restarted
         # Redis fail on first use) is retried on a fresh one. The token makes
         # that safe: if the first attempt ran and only its reply was lost, the
@@ -199,7 +211,8 @@ class RedisHotState:
         token = uuid.uuid4().hex
         keys = self._keys(conversation_id) + [self._quarantine_key(conversation_id)]
         args = ("" if expected_version is None else expected_version, payload,
-                max(1, int(ttl * 1000)), outbox_entry or "", self._outbox_ttl_ms, token)
+                max(1, int(ttl * 1000)), outbox_entry or "", self._outbox_ttl_ms, token,
+                "1" if expect_record else "")
         for delay in COMMIT_RETRY_DELAYS + (None,):
             try:
                 result = await self._call(scripts.COMMIT, keys, *args)
@@ -216,6 +229,8 @@ class RedisHotState:
             return code
         if code == -1:
             raise ConcurrentSaveError(conversation_id, expected_version or 0, int(result[1]))
+        if code == -4:
+            raise RecordMissing(conversation_id)
         raise UnusableValue(_decode(result[1]) or "unknown")
 
     async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:

@@ -23,9 +23,11 @@ return {t, r[1], r[2], seq, 0}
 """
 
 # KEYS: record, outbox, a fresh quarantine key. ARGV: expected version ('' any),
-# payload, record TTL ms, outbox entry ('' none), outbox TTL ms, save token.
+# payload, record TTL ms, outbox entry ('' none), outbox TTL ms, save token,
+# '1' if a missing record must not count as the expected version.
 # Returns {new version, 'ok'|'applied', outbox moved aside 0|1}, {-1, stored
-# version} on a version conflict, {-2|-3, reason} for an unusable record.
+# version} on a version conflict, {-2|-3, reason} for an unusable record,
+# {-4, 'missing'} for a missing record that was expected.
 # 'applied': this token's save is already in (a retry whose first reply was lost).
 COMMIT = """
 local t = redis.call('TYPE', KEYS[1])['ok']
@@ -41,6 +43,7 @@ end
 if ARGV[1] ~= '' then
   local expected = tonumber(ARGV[1])
   if t == 'hash' and cur ~= expected then return {-1, cur} end
+  if t == 'none' and ARGV[7] == '1' then return {-4, 'missing'} end
   if t == 'none' then cur = expected end
 end
 -- An outbox of the wrong type is moved aside (kept, like any unreadable

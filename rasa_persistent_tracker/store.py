@@ -5,7 +5,6 @@ in ``hot_state`` / ``embedded`` / ``event_log``, delivery to SQL in ``outbox``,
 encoding in ``codec`` / ``crypto`` / ``turns``, recovery in ``recovery``.
 """
 import logging
-import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from rasa.core.brokers.broker import EventBroker
@@ -81,8 +80,8 @@ class PersistentTrackerStore(TrackerStore):
         self._turns = TurnEncoder(self._codec, self._recent, self.config.max_history)
         self._history = History(self._hot, self._log, self._codec, self._outbox.entries,
                                 self._records, self._ids)
-        self._recovery = Recovery(self._hot, self._log, self._codec, self._history,
-                                  self._records, self._turns, self.config,
+        self._recovery = Recovery(self._hot, self._log, self._codec, self._outbox.entries,
+                                  self._history, self._records, self._turns, self.config,
                                   self._backends.suspicion, self._ids)
         self._merger = Merger(self._hot, self._history, self._records,
                               self._recovery.quarantine)
@@ -235,9 +234,7 @@ class PersistentTrackerStore(TrackerStore):
                 await self._hot.touch(sender_id, self.config.record_exp)
             return
         rows, state, built, payload, remembered = await self._encode_turn(sender_id, base)
-        outbox_entry = self._outbox.entries.make(sender_id, rows, time.time())
-        version, queued = await self._recovery.commit_turn(
-            sender_id, base.expected_version, payload, outbox_entry, rows)
+        version, queued, rows = await self._recovery.commit_turn(sender_id, base, payload, rows)
         self._recent.put(sender_id, remembered)
         self._records.mark(tracker, version, base.next_seq + len(base.new), built.forms,
                            built.previous if state is tracker else None)
@@ -246,7 +243,8 @@ class PersistentTrackerStore(TrackerStore):
             if self.config.sync_log or self._runs_sync_action(base.new):
                 await direct.write_through(
                     self._outbox, self._log, sender_id, rows,
-                    self._codec.reseal_record(payload, sender_id, SNAPSHOT), version)
+                    self._codec.reseal_record(payload, sender_id, SNAPSHOT), version,
+                    lambda: self._recovery.unlogged_rows(sender_id, base, rows[0].seq))
         if self.event_broker is not None:
             await self._stream_new_events(self.event_broker, base.new, sender_id)
 

@@ -7,16 +7,28 @@ banking flows without pause while a schedule of faults runs, one after the
 other, each at a random moment: kill -9 of Rasa (restarted); Redis kill -9
 and an empty restart; Redis stopped ~10 s; PostgreSQL stopped ~20 s; two
 messages to one conversation at once. Every message carries a unique id in
-its metadata, so each can be found in the log.
+its metadata, so each can be found in the log; the client notes when it sent
+it, when the answer came and what it said.
 
-Then, with ``sync_log: true``, per fault: every answered turn is in the SQL
-log exactly once (0 lost, 0 duplicates), no conversation's sequence has a gap,
+Two runs, same clients, flows and faults:
+
+- ``sync_log: true``: every answered turn is in the SQL log (0 lost).
+- write-behind, configured as the demo's ``example_bot/endpoints.yml`` is
+  (``sync_actions: [action_execute_transfer]``, nothing else): no transfer
+  turn lost, and no turn lost but those answered less than the write-behind
+  window (``WINDOW_S``) before a Redis wipe. The throwaway Redis keeps nothing
+  on disk, so "Redis stopped 10 s" comes back empty too: both Redis faults are
+  wipes, their instants taken right before the signal.
+
+Both: no answered turn logged twice, no gap in any conversation's sequence,
 no turn failed while Redis was down, and every conversation resumes (a fresh
 store's ``retrieve``) at the last message its log holds. Counts per fault are
 printed. Seeded: ``RPT_CHAOS_SEED`` replays a schedule (printed on failure).
 
-Slow (a few minutes on 2 cores): runs when ``RPT_PROCESS_TESTS=1`` or in CI.
+Slow (a few minutes per run on 2 cores): runs when ``RPT_PROCESS_TESTS=1`` or
+in CI.
 """
+import asyncio
 import json
 import os
 import random
@@ -24,7 +36,8 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import sqlalchemy as sa
@@ -33,6 +46,7 @@ from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import UserUttered
 
 from rasa_persistent_tracker import PersistentTrackerStore
+from rasa_persistent_tracker.config import StoreConfig
 from tests.conftest import IN_CI
 from tests.processes import BOT_DIR, action_server, http_json, rasa_server, trained_model
 from tests.servers import free_port, throwaway_postgres, throwaway_redis  # noqa: F401
@@ -46,59 +60,94 @@ FLOW = ["hi", "what's my balance?", "12345678", "1234", "I want to send money", 
         "$11", "yes", "what's my balance?", "thanks, bye"]
 FAULTS = ["rasa kill -9", "redis kill -9 + empty restart", "redis stopped 10s",
           "postgres stopped 20s", "two messages at once"]
+# Faults after which Redis holds nothing (the throwaway server has no persistence).
+WIPES = ("redis kill -9 + empty restart", "redis stopped 10s")
+TRANSFER_REPLY = "Done! I sent"  # action_execute_transfer's confirmation
+# The documented write-behind window (README, "Limits"): a saved turn waits
+# `outbox_linger` (default 0.2 s) in the Redis outbox, then for its delivery,
+# which runs on Rasa's busy event loop: up to 1 s measured on 2 shared cores.
+DELIVERY_S = 1.0
+WINDOW_S = StoreConfig().outbox_linger + DELIVERY_S
+COLUMNS = ("sent", "answered", "failed", "logged", "lost", "lost<window", "duplicated", "gaps")
+
+
+def demo_tracker_store() -> Dict[str, Any]:
+    """The demo's own ``tracker_store`` keys (``example_bot/endpoints.yml``)."""
+    with open(BOT_DIR / "endpoints.yml") as handle:
+        return dict(yaml.safe_load(handle)["tracker_store"])
+
+
+# Both on top of the demo's keys: write-behind is the demo exactly as it ships.
+MODES = {"sync_log": {"sync_log": True}, "write_behind": {}}
+
+
+@dataclass
+class Turn:
+    """One message a client sent, as the client saw it."""
+
+    sender: str
+    mid: str
+    phase: str
+    sent_at: float
+    answered_at: Optional[float] = None  # None: HTTP error or no answer
+    replies: List[str] = field(default_factory=list)
+
+    @property
+    def transfer(self) -> bool:
+        return any(TRANSFER_REPLY in r for r in self.replies)
 
 
 class Journal:
-    """Every message sent: (sender, id, phase, answered)."""
+    """Every message sent, in the order the answers came."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.phase = "warm-up"
-        self.entries: List[Tuple[str, str, str, bool]] = []
+        self.turns: List[Turn] = []
 
-    def send(self, port: int, sender: str, text: str) -> None:
-        mid, phase = uuid.uuid4().hex[:12], self.phase
+    def send(self, port: int, sender: str, text: str) -> bool:
+        turn = Turn(sender, uuid.uuid4().hex[:12], self.phase, time.time())
         try:
-            http_json("POST", f"http://127.0.0.1:{port}/webhooks/rest/webhook",
-                      {"sender": sender, "message": text, "metadata": {"chaos": mid}},
-                      timeout=60)
-            answered = True
+            replies = http_json(
+                "POST", f"http://127.0.0.1:{port}/webhooks/rest/webhook",
+                {"sender": sender, "message": text, "metadata": {"chaos": turn.mid}},
+                timeout=60)
+            turn.answered_at = time.time()
+            turn.replies = [r.get("text") or "" for r in replies]
         except (AssertionError, OSError):
-            answered = False
+            pass
         with self.lock:
-            self.entries.append((sender, mid, phase, answered))
+            self.turns.append(turn)
+        return turn.answered_at is not None
 
 
 def _client(journal: Journal, port: List[int], sender: str, stop: threading.Event) -> None:
     step = 0
     while not stop.is_set():
-        journal.send(port[0], sender, FLOW[step % len(FLOW)])
+        answered = journal.send(port[0], sender, FLOW[step % len(FLOW)])
         step += 1
-        if not journal.entries[-1][3]:
+        if not answered:
             time.sleep(0.5)  # server down: try again shortly, as a user would
 
 
-def test_chaos_loses_no_answered_turn(throwaway_redis, throwaway_postgres, tmp_path):  # noqa: F811
-    seed = int(os.environ.get("RPT_CHAOS_SEED") or random.randrange(10 ** 6))
+def _play(seed: int, store_keys: Dict[str, Any], redis_server: Any, postgres: Any,
+          tmp_path: Any) -> Tuple[Journal, List[str], Dict[str, float]]:
+    """Run the clients through the fault schedule; the journal, senders and the
+    instant (client clock) of each Redis wipe."""
     rng = random.Random(seed)
-    print(f"\nchaos seed {seed}")
     model = trained_model(tmp_path / "train.log")
-    prefix = f"chaos{uuid.uuid4().hex[:6]}"
     endpoints = tmp_path / "endpoints.yml"
     action_port = free_port()
     endpoints.write_text(yaml.safe_dump({
         "action_endpoint": {"url": f"http://127.0.0.1:{action_port}/webhook"},
-        "tracker_store": {"type": "rasa_persistent_tracker.PersistentTrackerStore",
-                          "url": throwaway_redis.url, "sql_url": throwaway_postgres.url,
-                          "key_prefix": prefix, "record_exp": 3600, "sync_log": True,
-                          "redis_socket_timeout": 2,
-                          "sync_actions": ["action_execute_transfer"]}}))
+        "tracker_store": store_keys}))
     credentials = tmp_path / "credentials.yml"
     credentials.write_text("rest:\n")
     actions = action_server(action_port, tmp_path, tmp_path / "ledger.json").start()
     bot = rasa_server("rasa", free_port(), model, endpoints, credentials, tmp_path).start()
     journal, stop, port = Journal(), threading.Event(), [bot.port]
     senders = [f"chaos-{seed}-{i}" for i in range(CLIENTS)]
+    wipes: Dict[str, float] = {}
     threads = [threading.Thread(target=_client, args=(journal, port, s, stop), daemon=True)
                for s in senders]
     try:
@@ -111,16 +160,18 @@ def test_chaos_loses_no_answered_turn(throwaway_redis, throwaway_postgres, tmp_p
                 bot.kill9()
                 bot.start()
             elif fault == "redis kill -9 + empty restart":
-                throwaway_redis.kill()
-                throwaway_redis.start()
+                wipes[fault] = time.time()
+                redis_server.kill()
+                redis_server.start()
             elif fault == "redis stopped 10s":
-                throwaway_redis.stop()
+                wipes[fault] = time.time()
+                redis_server.stop()
                 time.sleep(10)
-                throwaway_redis.start()
+                redis_server.start()
             elif fault == "postgres stopped 20s":
-                throwaway_postgres.stop()
+                postgres.stop()
                 time.sleep(20)
-                throwaway_postgres.start()
+                postgres.start()
             else:
                 pair = [threading.Thread(target=journal.send, args=(bot.port, senders[0], t))
                         for t in ("what's my balance?", "help")]
@@ -137,81 +188,138 @@ def test_chaos_loses_no_answered_turn(throwaway_redis, throwaway_postgres, tmp_p
             thread.join(timeout=90)
         bot.stop()  # graceful: delivers what is still queued
         actions.stop()
+    return journal, senders, wipes
 
+
+def _storage(senders: List[str], redis_url: str, sql_url: str, prefix: str
+             ) -> Tuple[List[Tuple], Dict[str, Optional[str]], Dict[str, Any], Dict[str, str]]:
+    """Raw log rows; per sender, the chaos id its resumed tracker ends at, the
+    record's next_seq, and a probe line for failure messages."""
     domain = Domain.load(str(BOT_DIR / "domain.yml"))
-    store = PersistentTrackerStore(domain, host=throwaway_redis.url,
-                                   sql_url=throwaway_postgres.url, key_prefix=prefix,
+    store = PersistentTrackerStore(domain, host=redis_url, sql_url=sql_url, key_prefix=prefix,
                                    environ={})
-    engine = sa.create_engine(throwaway_postgres.url)
-    try:
-        import asyncio
+    resumes: Dict[str, Optional[str]] = {}
+    next_seqs: Dict[str, Any] = {}
+    probes: Dict[str, str] = {}
 
-        async def resumed() -> Dict[str, str]:
-            await store.flush()
-            found = {}
-            for sender in senders:
-                entry = await store._hot.load(sender)
-                snapshot = await store._log.run(store._log.sync.snapshot, sender)
-                record = store._records.decode(sender, entry.payload)[0] if entry.payload else {}
-                tracker = await store.retrieve(sender)
-                # The last user event, not latest_message: Rasa's own rewinds
-                # (UserUtteranceReverted) move latest_message back a turn.
-                users = [e for e in tracker.events if isinstance(e, UserUttered)]
-                found[sender] = (users[-1].metadata or {}).get("chaos") if users else None
-                next_seqs[sender] = record.get("next_seq")
-                probes[sender] = (f"hot v{entry.version} next_seq {record.get('next_seq')}, "
-                                  f"snapshot v{snapshot.version} next_seq {snapshot.next_seq}, "
-                                  f"tail {[e.type_name for e in tracker.events][-6:]}")
-            await store.close()
-            return found
-        probes: Dict[str, str] = {}
-        next_seqs: Dict[str, int] = {}
-        resumes = asyncio.run(resumed())
+    async def resumed() -> None:
+        await store.flush()
+        for sender in senders:
+            entry = await store._hot.load(sender)
+            snapshot = await store._log.run(store._log.sync.snapshot, sender)
+            record = store._records.decode(sender, entry.payload)[0] if entry.payload else {}
+            tracker = await store.retrieve(sender)
+            # The last user event, not latest_message: Rasa's own rewinds
+            # (UserUtteranceReverted) move latest_message back a turn.
+            users = [e for e in tracker.events if isinstance(e, UserUttered)]
+            resumes[sender] = (users[-1].metadata or {}).get("chaos") if users else None
+            next_seqs[sender] = record.get("next_seq")
+            probes[sender] = (f"hot v{entry.version} next_seq {record.get('next_seq')}, "
+                              f"snapshot v{snapshot.version} next_seq {snapshot.next_seq}, "
+                              f"tail {[e.type_name for e in tracker.events][-6:]}")
+        await store.close()
+
+    asyncio.run(resumed())
+    engine = sa.create_engine(sql_url)
+    try:
         with engine.connect() as conn:
             rows = conn.execute(sa.text(
                 "SELECT conversation_id, seq, type_name, data FROM rpt_events "
                 "ORDER BY conversation_id, seq")).fetchall()
     finally:
         engine.dispose()
+    return rows, resumes, next_seqs, probes
 
+
+def _wipe_before(turn: Turn, wipes: Dict[str, float]) -> Optional[str]:
+    """The wipe this answered turn was younger than the window at: sent before
+    the wipe and answered less than WINDOW_S before it (or after it)."""
+    for fault, instant in wipes.items():
+        if turn.sent_at < instant and turn.answered_at > instant - WINDOW_S:
+            return fault
+    return None
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_chaos_loses_no_answered_turn(mode, throwaway_redis, throwaway_postgres,  # noqa: F811
+                                      tmp_path):
+    seed = int(os.environ.get("RPT_CHAOS_SEED") or random.randrange(10 ** 6))
+    print(f"\nchaos seed {seed}, {mode}")
+    prefix = f"chaos{uuid.uuid4().hex[:6]}"
+    store_keys = {**demo_tracker_store(), **MODES[mode], "url": throwaway_redis.url,
+                  "sql_url": throwaway_postgres.url, "key_prefix": prefix, "record_exp": 3600,
+                  "redis_socket_timeout": 2}
+    started = time.monotonic()
+    journal, senders, wipes = _play(seed, store_keys, throwaway_redis, throwaway_postgres,
+                                    tmp_path)
+    rows, resumes, next_seqs, probes = _storage(senders, throwaway_redis.url,
+                                                throwaway_postgres.url, prefix)
+
+    by_mid = {t.mid: t for t in journal.turns}
     logged: Dict[str, int] = defaultdict(int)
     seqs: Dict[str, List[int]] = defaultdict(list)
     last_logged: Dict[str, str] = {}
+    gap_phases: List[str] = []  # per gap, the phase of the next message logged after it
+    unplaced, current = 0, None
     for cid, seq, type_name, data in rows:
+        if cid != current:
+            gap_phases += ["end"] * unplaced
+            unplaced, current = 0, cid
+        unplaced += seq != (seqs[cid][-1] if seqs[cid] else 0) + 1
         seqs[cid].append(seq)
         if type_name == "user":
             mid = (json.loads(data).get("metadata") or {}).get("chaos")
             if mid:
                 logged[mid] += 1
                 last_logged[cid] = mid
+                gap_phases += [by_mid[mid].phase if mid in by_mid else "?"] * unplaced
+                unplaced = 0
+    gap_phases += ["end"] * unplaced
     counts: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for sender, mid, phase, answered in journal.entries:
-        row = counts[phase]
+    allowed: List[Turn] = []
+    lost: List[Turn] = []
+    for turn in journal.turns:
+        row, answered = counts[turn.phase], turn.answered_at is not None
         row["sent"] += 1
         row["answered"] += answered
         row["failed"] += not answered
-        row["lost"] += answered and logged[mid] == 0
-        row["duplicated"] += logged[mid] > 1
-    gaps = {cid: s for cid, s in seqs.items() if s != list(range(1, len(s) + 1))}
-    print(f"{'phase':38} sent answered failed lost duplicated")
-    for phase, row in counts.items():
-        print(f"{phase:38} {row['sent']:4} {row['answered']:8} {row['failed']:6} "
-              f"{row['lost']:4} {row['duplicated']:10}")
-    print(f"conversations with a gap: {len(gaps)}; resumed at their log's last message: "
-          f"{sum(resumes[s] == last_logged.get(s) for s in senders)}/{len(senders)}")
+        row["logged"] += logged[turn.mid] > 0
+        row["duplicated"] += logged[turn.mid] > 1
+        if answered and not logged[turn.mid]:
+            young = mode == "write_behind" and not turn.transfer and _wipe_before(turn, wipes)
+            (allowed if young else lost).append(turn)
+            row["lost<window" if young else "lost"] += 1
+    for phase in gap_phases:
+        counts[phase]["gaps"] += 1
 
-    order = {mid: (i, phase, answered) for i, (_s, mid, phase, answered)
-             in enumerate(journal.entries)}
+    print(f"{'phase':36} " + " ".join(COLUMNS))
+    for phase, row in counts.items():
+        print(f"{phase:36} " + " ".join(f"{row[c]:{len(c)}}" for c in COLUMNS))
+    print(f"{len(rows)} log rows; transfer turns answered "
+          f"{sum(t.transfer for t in journal.turns)}, lost {sum(t.transfer for t in lost)}; gaps "
+          f"{len(gap_phases)}; resumed at their log's last message "
+          f"{sum(resumes[s] == last_logged.get(s) for s in senders)}/{len(senders)}; "
+          f"{time.monotonic() - started:.0f} s")
+    for turn in allowed + lost:
+        wipe = _wipe_before(turn, wipes)
+        ages = {f: round(w - turn.answered_at, 3) for f, w in wipes.items()}
+        print(f"lost: {turn.sender} {turn.mid} ({turn.phase}, transfer={turn.transfer}); "
+              f"answered {ages} s before each wipe; counted at {wipe}")
+    holes = {cid: [(a, b) for a, b in zip(s, s[1:]) if b != a + 1] for cid, s in seqs.items()}
+    if any(holes.values()):
+        print(f"gaps (last seq before, first after): {({c: h for c, h in holes.items() if h})}")
+    order = {t.mid: (i, t.phase) for i, t in enumerate(journal.turns)}
     for sender in senders:
         if resumes[sender] != last_logged.get(sender):
             print(f"{sender} resumed at {order.get(resumes[sender])}, its log ends at "
-                  f"{order.get(last_logged.get(sender))} (journal index, phase, answered); "
+                  f"{order.get(last_logged.get(sender))} (journal index, phase); "
                   f"{probes[sender]}; log max seq {max(seqs[sender])}")
-    total = {k: sum(r[k] for r in counts.values()) for k in ("answered", "lost", "duplicated")}
+
+    total = {c: sum(r[c] for r in counts.values()) for c in COLUMNS}
     assert total["answered"] > 50, f"seed {seed}: too little traffic to judge ({total})"
-    assert total["lost"] == 0 and total["duplicated"] == 0, f"seed {seed}: {total}"
-    assert not gaps, f"seed {seed}: {gaps}"
-    for phase in ("redis kill -9 + empty restart", "redis stopped 10s"):
+    assert not lost and total["duplicated"] == 0, f"seed {seed}: {total}"
+    assert not gap_phases, f"seed {seed}: gaps {({c: h for c, h in holes.items() if h})}"
+    for phase in WIPES:
         assert counts[phase]["failed"] == 0, f"seed {seed}: turns failed during {phase}"
     assert all(resumes[s] == last_logged.get(s) for s in senders), (seed, resumes, last_logged)
     assert all(next_seqs[s] == len(seqs[s]) + 1 for s in senders), (seed, probes)

@@ -21,7 +21,12 @@ from rasa_persistent_tracker.config import parse_config
 from rasa_persistent_tracker.embedded import SQLiteHotState
 from rasa_persistent_tracker.entry_header import make_header
 from rasa_persistent_tracker.errors import ConcurrentSaveError
-from rasa_persistent_tracker.hot_state import HotState, RedisHotState, payload_digest
+from rasa_persistent_tracker.hot_state import (
+    HotState,
+    RecordMissing,
+    RedisHotState,
+    payload_digest,
+)
 from rasa_persistent_tracker.redis_keys import KeyNames
 from tests.conftest import real_urls
 
@@ -172,6 +177,18 @@ async def test_a_lost_record_continues_from_the_expected_version(backend):
     # A record restored after it was lost keeps counting from the version the
     # saver read, so older trackers still conflict.
     assert await backend.hot.commit("gone", 7, "r", DAY, None) == 8
+
+
+async def test_a_commit_expecting_its_record_refuses_a_lost_one(backend):
+    # (expect_record: a wipe during the turn took the outbox too; the store
+    # logs the lost rows again first.) Nothing is written.
+    hot = backend.hot
+    with pytest.raises(RecordMissing):
+        await hot.commit("wiped", 4, "r", DAY, entry(9), expect_record=True)
+    loaded = await hot.load("wiped")
+    assert (loaded.payload, loaded.outbox_seq) == (None, 0)
+    assert await hot.commit("there", None, "r1", DAY, None) == 1
+    assert await hot.commit("there", 1, "r2", DAY, None, expect_record=True) == 2
 
 
 # ------------------------------------------------------------- atomicity
