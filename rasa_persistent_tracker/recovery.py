@@ -7,37 +7,33 @@
   a fresh tracker.
 * ``restore_lost_record`` restores a record lost with Redis (restart,
   FLUSHALL, failover) from the snapshot, unless the conversation expired.
-* ``read_while_down`` serves a read from SQL while the hot state is down;
-  ``commit_turn`` saves a turn to SQL then.
+* ``read_while_down`` serves a read from SQL while the hot state is down.
 * ``from_snapshot`` rebuilds a conversation from its SQL snapshot and the
   events after it, optionally writing the record back to the hot state.
 
-Merging foreign trackers is ``merging.py``; reading the log is ``history.py``.
+Merging foreign trackers is ``merging.py``, reading the log ``history.py``,
+the fallbacks of a save ``committing.py``.
 """
 import asyncio
 import logging
 import time
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional
 
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import direct, window
-from rasa_persistent_tracker.codec import Codec
+from rasa_persistent_tracker import window
 from rasa_persistent_tracker.config import StoreConfig
 from rasa_persistent_tracker.crypto import SNAPSHOT
-from rasa_persistent_tracker.entries import Entries
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     EventLogUnavailable,
     HotStateBusy,
     HotStateUnavailable,
 )
-from rasa_persistent_tracker.event_log import AsyncEventLog
 from rasa_persistent_tracker.freshness import Suspicion
 from rasa_persistent_tracker.history import History
-from rasa_persistent_tracker.hot_state import HotEntry, HotState, RecordMissing, UnusableValue
+from rasa_persistent_tracker.hot_state import HotEntry, HotState
 from rasa_persistent_tracker.logids import ConversationIds
-from rasa_persistent_tracker.merging import MergeBase
 from rasa_persistent_tracker.records import Records
 from rasa_persistent_tracker.tables import LogRow, Snapshot
 from rasa_persistent_tracker.turns import TurnEncoder
@@ -58,13 +54,9 @@ class Resumed(NamedTuple):
 class Recovery:
     """Recovery paths of one store (see the module docstring)."""
 
-    def __init__(self, hot: HotState, log: AsyncEventLog, codec: Codec, entries: Entries,
-                 history: History, records: Records, turns: TurnEncoder, config: StoreConfig,
-                 suspicion: Suspicion, ids: ConversationIds) -> None:
+    def __init__(self, hot: HotState, history: History, records: Records, turns: TurnEncoder,
+                 config: StoreConfig, suspicion: Suspicion, ids: ConversationIds) -> None:
         self._hot = hot
-        self._log = log
-        self._codec = codec
-        self._entries = entries
         self._history = history
         self._records = records
         self._turns = turns
@@ -245,75 +237,6 @@ class Recovery:
                 f"Conversation '{self._id(sender_id)}': the hot state is unreachable and "
                 f"the SQL log has nothing of it (yet).")
         return tracker
-
-    async def commit_turn(self, sender_id: str, base: MergeBase, payload: str,
-                          rows: List[LogRow]) -> Tuple[int, bool, List[LogRow]]:
-        """Commit a turn's record and its rows' outbox entry: (new version,
-        whether the entry is queued in the outbox rather than written to SQL
-        already, the rows written).
-
-        The record wiped while the turn ran: the rows its outbox lost are
-        logged again from the tracker (``unlogged_rows``) with this turn's.
-        The hot state down: the turn goes straight to SQL (``direct.save``).
-        An unusable stored value: quarantined, then the commit is retried once.
-        Raises ConcurrentSaveError, HotStateBusy, HotStateUnavailable."""
-        expected, ttl = base.expected_version, self._config.record_exp
-        entry = self._entries.make(sender_id, rows, time.time())
-        try:
-            try:
-                version = await self._hot.commit(sender_id, expected, payload, ttl, entry,
-                                                 expect_record=bool(expected))
-            except RecordMissing:
-                # Wiped while this turn ran: with the record went the outbox
-                # entries not delivered yet. Log them again from this tracker.
-                rows = await self.unlogged_rows(sender_id, base, base.next_seq) + rows
-                entry = self._entries.make(sender_id, rows, time.time())
-                version = await self._hot.commit(sender_id, expected, payload, ttl, entry)
-        except HotStateBusy:
-            raise  # overloaded: nothing was written, nothing to re-check
-        except HotStateUnavailable as exc:
-            # Redis is the fast path, SQL the record: the turn goes to SQL,
-            # after the turns the unreachable (maybe emptied) outbox still holds.
-            self.suspect()
-            rows = await self.unlogged_rows(sender_id, base, rows[0].seq) + rows
-            version = await direct.save(self._log, sender_id, rows,
-                                        self._codec.reseal_record(payload, sender_id, SNAPSHOT),
-                                        expected or 0, exc)
-            return version, False, rows
-        except UnusableValue as exc:
-            await self.quarantine(sender_id, str(exc))
-            try:
-                version = await self._hot.commit(sender_id, expected, payload, ttl, entry)
-            except UnusableValue as again:  # replaced again in between: give up this turn
-                raise HotStateUnavailable(f"Conversation '{sender_id}': its hot record stays "
-                                          f"unusable ({again}).") from again
-        return version, True, rows
-
-    async def unlogged_rows(self, sender_id: str, base: MergeBase,
-                            next_seq: int) -> List[LogRow]:
-        """Rows for the events of ``base.state`` before this turn's that the
-        SQL log does not hold: between its end and ``next_seq``, turns whose
-        outbox entries a wiped or unreachable hot state has not delivered.
-        With them this turn's rows follow the log without a hole; a copy
-        delivered later from a surviving outbox is skipped as already logged."""
-        events = list(base.state.events)
-        before = events[:len(events) - len(base.new)]
-        try:
-            logged_next = await self._log.run(self._log.sync.next_seq, sender_id)
-        except EventLogUnavailable:
-            return []  # nothing can be written now anyway
-        missing = next_seq - logged_next
-        if missing <= 0:
-            return []
-        if missing > len(before):
-            logger.warning("Conversation '%s': %d event(s) before this turn are neither in the "
-                           "hot state nor in the SQL log, and the tracker no longer holds "
-                           "them.", self._id(sender_id), missing)
-            return []
-        logger.warning("Conversation '%s': %d event(s) before this turn were still in the "
-                       "outbox of the failed hot state; logged again from the tracker.",
-                       self._id(sender_id), missing)
-        return self._turns.rows(sender_id, before[-missing:], logged_next, base.known)
 
     def _restore(self, sender_id: str, snapshot: Optional[Snapshot]) -> Optional[Resumed]:
         """The conversation as its snapshot holds it; None if unusable."""

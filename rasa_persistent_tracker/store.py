@@ -15,6 +15,7 @@ from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import direct, lifecycle, startup, window
 from rasa_persistent_tracker.backends import Backends, open_backends
+from rasa_persistent_tracker.committing import TurnCommitter
 from rasa_persistent_tracker.crypto import SNAPSHOT
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
@@ -80,9 +81,11 @@ class PersistentTrackerStore(TrackerStore):
         self._turns = TurnEncoder(self._codec, self._recent, self.config.max_history)
         self._history = History(self._hot, self._log, self._codec, self._outbox.entries,
                                 self._records, self._ids)
-        self._recovery = Recovery(self._hot, self._log, self._codec, self._outbox.entries,
-                                  self._history, self._records, self._turns, self.config,
-                                  self._backends.suspicion, self._ids)
+        self._recovery = Recovery(self._hot, self._history, self._records, self._turns,
+                                  self.config, self._backends.suspicion, self._ids)
+        self._committer = TurnCommitter(self._hot, self._log, self._codec, self._outbox.entries,
+                                        self._turns, self.config, self._ids,
+                                        self._recovery.quarantine, self._recovery.suspect)
         self._merger = Merger(self._hot, self._history, self._records,
                               self._recovery.quarantine)
         if self._backends.announce:
@@ -234,7 +237,7 @@ class PersistentTrackerStore(TrackerStore):
                 await self._hot.touch(sender_id, self.config.record_exp)
             return
         rows, state, built, payload, remembered = await self._encode_turn(sender_id, base)
-        version, queued, rows = await self._recovery.commit_turn(sender_id, base, payload, rows)
+        version, queued, rows = await self._committer.commit_turn(sender_id, base, payload, rows)
         self._recent.put(sender_id, remembered)
         self._records.mark(tracker, version, base.next_seq + len(base.new), built.forms,
                            built.previous if state is tracker else None)
@@ -244,7 +247,7 @@ class PersistentTrackerStore(TrackerStore):
                 await direct.write_through(
                     self._outbox, self._log, sender_id, rows,
                     self._codec.reseal_record(payload, sender_id, SNAPSHOT), version,
-                    lambda: self._recovery.unlogged_rows(sender_id, base, rows[0].seq))
+                    lambda: self._committer.unlogged_rows(sender_id, base, rows[0].seq))
         if self.event_broker is not None:
             await self._stream_new_events(self.event_broker, base.new, sender_id)
 
