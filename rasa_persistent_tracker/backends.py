@@ -13,26 +13,27 @@ import sqlalchemy as sa
 from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_errors
 
-from rasa_persistent_tracker.codec import Codec
 from rasa_persistent_tracker.config import StoreConfig, mask_url, parse_config
 from rasa_persistent_tracker.connect import redis_client_factory, run_blocking
-from rasa_persistent_tracker.crypto import build_protected
-from rasa_persistent_tracker.embedded import SQLiteHotState
-from rasa_persistent_tracker.entries import Entries
 from rasa_persistent_tracker.errors import (
     ConfigError,
     EventLogUnavailable,
     HotStateUnavailable,
     StorageUnavailable,
 )
-from rasa_persistent_tracker.event_log import AsyncEventLog, SQLEventLog, make_engine
-from rasa_persistent_tracker.freshness import Freshness, Suspicion
-from rasa_persistent_tracker.hot_state import HotState, RedisHotState
+from rasa_persistent_tracker.hot.embedded import SQLiteHotState
+from rasa_persistent_tracker.hot.protocol import HotState
+from rasa_persistent_tracker.hot.redis_state import RedisHotState
+from rasa_persistent_tracker.log.entries import Entries
+from rasa_persistent_tracker.log.event_log import AsyncEventLog, SQLEventLog, make_engine
+from rasa_persistent_tracker.log.outbox import Outbox
 from rasa_persistent_tracker.logids import PURPOSE, ConversationIds
-from rasa_persistent_tracker.outbox import Outbox
-from rasa_persistent_tracker.recent import RecentRecords
-from rasa_persistent_tracker.records import Records
-from rasa_persistent_tracker.serde import JsonSerializer
+from rasa_persistent_tracker.record.freshness import Freshness, Suspicion
+from rasa_persistent_tracker.record.recent import RecentRecords
+from rasa_persistent_tracker.record.trackers import Records
+from rasa_persistent_tracker.security.codec import Codec
+from rasa_persistent_tracker.security.crypto import build_protected
+from rasa_persistent_tracker.security.serde import JsonSerializer
 from rasa_persistent_tracker.startup import check_encryption, rasa_store_keys, rasa_store_warning
 
 logger = logging.getLogger("rasa_persistent_tracker.store")

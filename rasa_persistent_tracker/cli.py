@@ -13,12 +13,12 @@
 * ``inspect ID`` summarises one conversation without printing slot values
   (``--show-values`` prints them).
 * ``import --from OLD_ENDPOINTS [--dry-run]`` copies every conversation of
-  another tracker store into this one (see ``importer.py``).
+  another tracker store into this one (see ``admin/importer.py``).
 * ``quarantine list [ID]`` / ``quarantine restore REF [--force]``: see
-  ``quarantine.py``.
+  ``admin/quarantine.py``.
 * ``export [--since T] [--until T] [--conversation ID] [--output FILE|-]
   [--to-broker] [--cursor FILE]`` streams the log as JSON lines or to the
-  endpoints file's event broker (see ``exporting.py``).
+  endpoints file's event broker (see ``admin/exporting.py``).
 
 Relative embedded paths in the endpoints file are read from that file's
 folder, as ``rasa run`` started there reads them.
@@ -34,10 +34,10 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from rasa_persistent_tracker import commands
-from rasa_persistent_tracker.endpoints_file import load_endpoint_backends
+from rasa_persistent_tracker.admin import commands
+from rasa_persistent_tracker.admin.endpoints_file import load_endpoint_backends
 from rasa_persistent_tracker.errors import ConfigError, PersistentTrackerError
-from rasa_persistent_tracker.keys import new_key_entry
+from rasa_persistent_tracker.security.keys import new_key_entry
 
 __all__ = ["main"]
 

@@ -17,9 +17,9 @@ import logging
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from rasa_persistent_tracker.crypto import is_ciphertext
 from rasa_persistent_tracker.errors import ConfigError, EncryptionKeyMissing
-from rasa_persistent_tracker.event_log import SQLEventLog
+from rasa_persistent_tracker.log.event_log import SQLEventLog
+from rasa_persistent_tracker.security.crypto import is_ciphertext
 
 logger = logging.getLogger("rasa_persistent_tracker.store")
 

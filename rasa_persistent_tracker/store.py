@@ -1,8 +1,9 @@
 """``PersistentTrackerStore``: Rasa's ``TrackerStore`` on a hot state + SQL log.
 
-This module only orchestrates: the hot record format is in ``window``, storage
-in ``hot_state`` / ``embedded`` / ``event_log``, delivery to SQL in ``outbox``,
-encoding in ``codec`` / ``crypto`` / ``turns``, recovery in ``recovery``.
+This module only orchestrates (docs/architecture.md draws the layers): the
+record format and trackers are in ``record/``, the hot state in ``hot/``, the
+SQL log and delivery to it in ``log/``, encoding and encryption in
+``security/``, everything off the happy path in ``recovery/``.
 """
 import logging
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -13,20 +14,22 @@ from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import ActionExecuted, Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import direct, lifecycle, startup, window
+from rasa_persistent_tracker import startup
 from rasa_persistent_tracker.backends import Backends, open_backends
-from rasa_persistent_tracker.committing import TurnCommitter
-from rasa_persistent_tracker.crypto import SNAPSHOT
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     PersistentTrackerError,
 )
-from rasa_persistent_tracker.history import History
-from rasa_persistent_tracker.merging import MergeBase, Merger
-from rasa_persistent_tracker.recent import Remembered
-from rasa_persistent_tracker.recovery import Recovery
-from rasa_persistent_tracker.tables import LogRow
-from rasa_persistent_tracker.turns import TurnEncoder
+from rasa_persistent_tracker.log import direct, lifecycle
+from rasa_persistent_tracker.log.tables import LogRow
+from rasa_persistent_tracker.record import window
+from rasa_persistent_tracker.record.recent import Remembered
+from rasa_persistent_tracker.record.turns import TurnEncoder
+from rasa_persistent_tracker.recovery.committing import TurnCommitter
+from rasa_persistent_tracker.recovery.history import History
+from rasa_persistent_tracker.recovery.merging import MergeBase, Merger
+from rasa_persistent_tracker.recovery.restore import Recovery
+from rasa_persistent_tracker.security.crypto import SNAPSHOT
 from rasa_persistent_tracker.values import ENCODING_ERRORS, unstorable
 
 logger = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from rasa.shared.core.domain import Domain
 from rasa_persistent_tracker import PersistentTrackerStore
 from rasa_persistent_tracker.backends import assemble
 from rasa_persistent_tracker.config import parse_config
-from rasa_persistent_tracker.event_log import SQLEventLog, make_engine
-from rasa_persistent_tracker.hot_state import RedisHotState
+from rasa_persistent_tracker.hot.redis_state import RedisHotState
+from rasa_persistent_tracker.log.event_log import SQLEventLog, make_engine
 from tests.servers import (  # noqa: F401  (fixtures for the modules that start servers)
     redis_cluster,
     redis_sentinel,

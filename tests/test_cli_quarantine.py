@@ -132,7 +132,7 @@ async def test_restore_an_outbox_entry_writes_its_rows_once(backend, domain, tmp
     pending = await store._hot.pending("q3", 10)
     assert not pending.entries
     rows = await store._log.run(store._log.sync.read, "q3", 0)
-    from rasa_persistent_tracker.entries import Entries
+    from rasa_persistent_tracker.log.entries import Entries
     entry = Entries(store._codec).make("q3", rows[-5:], 1.0)  # the last turn, as queued
     ref = await store._hot.quarantine_entry("q3", entry, 3600)
     monkeypatch.setenv(ENV, K1)

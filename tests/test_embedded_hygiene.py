@@ -2,9 +2,9 @@
 outbox and the record as one snapshot even while another process commits."""
 import sqlite3
 
-from rasa_persistent_tracker.embedded import PURGE_INTERVAL, SQLiteHotState
-from rasa_persistent_tracker.entries import make_entry
-from rasa_persistent_tracker.tables import LogRow
+from rasa_persistent_tracker.hot.embedded import PURGE_INTERVAL, SQLiteHotState
+from rasa_persistent_tracker.log.entries import make_entry
+from rasa_persistent_tracker.log.tables import LogRow
 
 
 def entry(seq):

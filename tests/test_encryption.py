@@ -18,11 +18,11 @@ from rasa.shared.core.trackers import DialogueStateTracker
 from rasa_persistent_tracker import ConfigError, EncryptionKeyMissing, PersistentTrackerStore
 from rasa_persistent_tracker.backends import assemble
 from rasa_persistent_tracker.config import parse_config
-from rasa_persistent_tracker.crypto import is_encrypted, key_id_of
-from rasa_persistent_tracker.event_log import SQLEventLog, make_engine
-from rasa_persistent_tracker.hot_state import RedisHotState
-from rasa_persistent_tracker.keys import new_key_entry
-from rasa_persistent_tracker.tables import EVENTS, SNAPSHOTS
+from rasa_persistent_tracker.hot.redis_state import RedisHotState
+from rasa_persistent_tracker.log.event_log import SQLEventLog, make_engine
+from rasa_persistent_tracker.log.tables import EVENTS, SNAPSHOTS
+from rasa_persistent_tracker.security.crypto import is_encrypted, key_id_of
+from rasa_persistent_tracker.security.keys import new_key_entry
 
 K1 = new_key_entry("k1")
 K2 = new_key_entry("k2")

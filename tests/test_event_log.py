@@ -14,10 +14,10 @@ import logging
 import pytest
 import sqlalchemy as sa
 
-from rasa_persistent_tracker import bulk
-from rasa_persistent_tracker.entries import make_entry, parse_entry, parse_entry_dicts
-from rasa_persistent_tracker.event_log import SQLEventLog
-from rasa_persistent_tracker.tables import LogRow, Snapshot
+from rasa_persistent_tracker.log import bulk
+from rasa_persistent_tracker.log.entries import make_entry, parse_entry, parse_entry_dicts
+from rasa_persistent_tracker.log.event_log import SQLEventLog
+from rasa_persistent_tracker.log.tables import LogRow, Snapshot
 from rasa.shared.core.events import UserUttered
 from rasa.shared.core.trackers import DialogueStateTracker
 

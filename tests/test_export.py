@@ -17,7 +17,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from rasa_persistent_tracker import PersistentTrackerStore, cli, exporting
+from rasa_persistent_tracker import PersistentTrackerStore, cli
+from rasa_persistent_tracker.admin import exporting
 from tests.conftest import Backend
 from tests.test_import import conversation
 

@@ -18,16 +18,12 @@ import redis
 
 from rasa_persistent_tracker.backends import open_hot_state
 from rasa_persistent_tracker.config import parse_config
-from rasa_persistent_tracker.embedded import SQLiteHotState
-from rasa_persistent_tracker.entry_header import make_header
 from rasa_persistent_tracker.errors import ConcurrentSaveError
-from rasa_persistent_tracker.hot_state import (
-    HotState,
-    RecordMissing,
-    RedisHotState,
-    payload_digest,
-)
-from rasa_persistent_tracker.redis_keys import KeyNames
+from rasa_persistent_tracker.hot.embedded import SQLiteHotState
+from rasa_persistent_tracker.hot.entry_header import make_header
+from rasa_persistent_tracker.hot.protocol import HotState, RecordMissing, payload_digest
+from rasa_persistent_tracker.hot.redis_keys import KeyNames
+from rasa_persistent_tracker.hot.redis_state import RedisHotState
 from tests.conftest import real_urls
 
 OUTBOX_TTL = 3600.0

@@ -13,9 +13,9 @@ from redis import exceptions as redis_errors
 from redis.crc import key_slot
 
 from rasa_persistent_tracker import HotStateBusy, HotStateUnavailable, PersistentTrackerStore
-from rasa_persistent_tracker import direct
-from rasa_persistent_tracker.hot_state import RedisHotState
-from rasa_persistent_tracker.redis_keys import KeyNames, key_tag, tag_id
+from rasa_persistent_tracker.hot.redis_keys import KeyNames, key_tag, tag_id
+from rasa_persistent_tracker.hot.redis_state import RedisHotState
+from rasa_persistent_tracker.log import direct
 from tests.conftest import TOPOLOGIES, open_backend
 from tests.dialogue import run_turns, turn
 from tests.servers import throwaway_redis  # noqa: F401 (fixture)

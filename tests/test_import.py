@@ -25,7 +25,7 @@ from rasa.shared.core.events import (
 from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import cli
-from rasa_persistent_tracker.importer import import_all
+from rasa_persistent_tracker.admin.importer import import_all
 from tests.conftest import DOMAIN_YAML, Backend, real_urls
 
 

@@ -12,15 +12,15 @@ from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import ActionExecuted, SlotSet, UserUttered
 
 from rasa_persistent_tracker import CorruptRecordError, EventLogUnavailable
-from rasa_persistent_tracker.codec import Codec
 from rasa_persistent_tracker.config import parse_config
-from rasa_persistent_tracker.crypto import build_protected
-from rasa_persistent_tracker.entries import make_entry
-from rasa_persistent_tracker.event_log import SQLEventLog
-from rasa_persistent_tracker.events import fingerprint
-from rasa_persistent_tracker.freshness import Freshness
-from rasa_persistent_tracker.serde import JsonSerializer
-from rasa_persistent_tracker.tables import EVENTS, SNAPSHOTS, LogRow
+from rasa_persistent_tracker.log.entries import make_entry
+from rasa_persistent_tracker.log.event_log import SQLEventLog
+from rasa_persistent_tracker.log.tables import EVENTS, SNAPSHOTS, LogRow
+from rasa_persistent_tracker.record.events import fingerprint
+from rasa_persistent_tracker.record.freshness import Freshness
+from rasa_persistent_tracker.security.codec import Codec
+from rasa_persistent_tracker.security.crypto import build_protected
+from rasa_persistent_tracker.security.serde import JsonSerializer
 from test_encryption import (
     ENV,
     K1,

@@ -16,8 +16,8 @@ from rasa.shared.core.events import ActionExecuted, EntitiesAdded, SlotSet, User
 from rasa.shared.core.trackers import EventVerbosity
 
 from rasa_persistent_tracker import PersistentTrackerStore
-from rasa_persistent_tracker.hot_state import payload_digest
-from rasa_persistent_tracker.recent import RecentRecords, Remembered
+from rasa_persistent_tracker.hot.protocol import payload_digest
+from rasa_persistent_tracker.record.recent import RecentRecords, Remembered
 from tests.dialogue import run_turns, turn
 
 

@@ -16,7 +16,7 @@ from rasa_persistent_tracker import (
     HotStateUnavailable,
     PersistentTrackerStore,
 )
-from rasa_persistent_tracker.codec import CHECKSUM_MARK, _checksum
+from rasa_persistent_tracker.security.codec import CHECKSUM_MARK, _checksum
 from tests.conftest import Backend, real_urls
 from tests.servers import throwaway_postgres, throwaway_redis  # noqa: F401 (fixtures)
 

@@ -16,11 +16,11 @@ import pytest
 import sqlalchemy as sa
 
 from rasa_persistent_tracker import ConfigError, PersistentTrackerStore, cli
-from rasa_persistent_tracker import inspection, rotation
-from rasa_persistent_tracker.crypto import QUARANTINE, key_id_of
-from rasa_persistent_tracker.raw_access import RawHotAccess
-from rasa_persistent_tracker.rotation_report import Progress, RotationReport
-from rasa_persistent_tracker.tables import EVENTS, LogRow
+from rasa_persistent_tracker.admin import inspection, rotation
+from rasa_persistent_tracker.admin.raw_access import RawHotAccess
+from rasa_persistent_tracker.admin.rotation_report import Progress, RotationReport
+from rasa_persistent_tracker.log.tables import EVENTS, LogRow
+from rasa_persistent_tracker.security.crypto import QUARANTINE, key_id_of
 
 from test_encryption import (
     ENV,

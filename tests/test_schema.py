@@ -10,8 +10,8 @@ from typing import Any, Dict, Iterator
 import pytest
 import sqlalchemy as sa
 
-from rasa_persistent_tracker.migrations import VERSION_TABLE, migrate
-from rasa_persistent_tracker.tables import METADATA
+from rasa_persistent_tracker.log.migrations import VERSION_TABLE, migrate
+from rasa_persistent_tracker.log.tables import METADATA
 from tests.conftest import real_urls
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from rasa_persistent_tracker import ConfigError, PersistentTrackerStore, StorageUnavailable
 from rasa_persistent_tracker.config import mask_url, parse_config
-from rasa_persistent_tracker.keys import load_keyring, new_key_entry
+from rasa_persistent_tracker.security.keys import load_keyring, new_key_entry
 
 SECRET = "hunter2"
 

@@ -108,7 +108,7 @@ async def test_backs_past_the_record_rebuild_it_from_the_log(make_store, monkeyp
     if not log_reachable:  # control: without the log the summary shows
         async def unreachable(self, *args):
             return None
-        monkeypatch.setattr("rasa_persistent_tracker.history.History.full_session",
+        monkeypatch.setattr("rasa_persistent_tracker.recovery.history.History.full_session",
                             unreachable)
     kinds = ["chitchat", "custom"] * 10 + ["back"] * 12 + ["chitchat"] * 2
     result = await play(make_store, kinds, 1, seed=13)

@@ -1,0 +1,190 @@
+"""One function per CLI command, on the storage the endpoints file configures.
+
+``cli.py`` parses the arguments and calls ``run_<command>(backends, args)``,
+which returns the exit code and releases the storage it was given.
+"""
+import argparse
+import os
+import sys
+from typing import Any, AsyncIterator
+
+from rasa_persistent_tracker import logids
+from rasa_persistent_tracker.admin import exporting, importer
+from rasa_persistent_tracker.admin.endpoints_file import tracker_store_block
+from rasa_persistent_tracker.admin.inspection import inspect_conversation
+from rasa_persistent_tracker.admin.quarantine import QuarantineAdmin
+from rasa_persistent_tracker.admin.raw_access import RawHotAccess
+from rasa_persistent_tracker.admin.rotation import primary_key_id, rotate
+from rasa_persistent_tracker.backends import Backends
+from rasa_persistent_tracker.config import mask_url
+from rasa_persistent_tracker.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _raw_access(backends: Backends) -> RawHotAccess:
+    if backends.config.embedded:
+        return RawHotAccess(backends.config)
+    from rasa_persistent_tracker.connect import redis_client_factory
+
+    return RawHotAccess(backends.config, redis_client_factory(backends.config)())
+
+
+async def _close(backends: Backends, raw: RawHotAccess) -> None:
+    await backends.outbox.stop()
+    await raw.close()
+    await backends.hot.close()
+    backends.log.close()
+
+
+async def run_rotate(backends: Backends, args: argparse.Namespace) -> int:
+    raw = _raw_access(backends)
+    try:
+        print(f"Rotating to key '{primary_key_id(backends)}' (hot state "
+              f"{mask_url(backends.config.redis_url)}, log {mask_url(backends.config.sql_url)}).")
+        report = await rotate(
+            backends, args.batch_size, max_batches=args.max_batches, ttl_of=raw.ttl, raw=raw,
+            progress=lambda p: print(f"{p.phase}: {p.checked}/{p.total} checked, "
+                                     f"{p.rewritten} re-encrypted", flush=True))
+    finally:
+        await _close(backends, raw)
+    print(report.summary())
+    return EXIT_OK if report.finished else EXIT_FAILED
+
+
+async def run_inspect(backends: Backends, args: argparse.Namespace) -> int:
+    raw = _raw_access(backends)
+    try:
+        cid = args.conversation_id
+        if cid.startswith(logids.PREFIX):  # as a hashed log line names it
+            cid = await logids.resolve(backends.ids, cid, _conversation_ids(backends)) or cid
+        found = await inspect_conversation(backends, raw, cid, args.show_values)
+    finally:
+        await _close(backends, raw)
+    if not found:
+        print(f"Conversation '{args.conversation_id}' not found: no hot record, log rows, "
+              f"outbox entries or quarantined copies.", file=sys.stderr)
+    return EXIT_OK if found else EXIT_FAILED
+
+
+async def run_quarantine(backends: Backends, args: argparse.Namespace) -> int:
+    client = None
+    if not backends.config.embedded:
+        from rasa_persistent_tracker.connect import redis_client_factory
+
+        client = redis_client_factory(backends.config)()
+    admin = QuarantineAdmin(backends, client)
+    try:
+        if args.action == "list":
+            copies = await admin.list_copies(args.conversation_id)
+            for copy in copies:
+                print(copy.line())
+            readable = sum(c.problem is None for c in copies)
+            print(f"{len(copies)} quarantined cop{'y' if len(copies) == 1 else 'ies'}, "
+                  f"{readable} readable with the configured keys.")
+            return EXIT_OK
+        print(await admin.restore(args.ref, force=args.force))
+        return EXIT_OK
+    finally:
+        if client is not None:
+            await client.close()
+        await backends.outbox.stop()
+        await backends.hot.close()
+        backends.log.close()
+
+
+async def run_import(backends: Backends, args: argparse.Namespace) -> int:
+    from rasa.core.tracker_store import TrackerStore
+    from rasa.shared.core.domain import Domain
+
+    from rasa_persistent_tracker.store import PersistentTrackerStore
+
+    domain_path = args.domain or os.path.join(
+        os.path.dirname(os.path.abspath(args.endpoints)), "domain.yml")
+    if not os.path.exists(domain_path):
+        raise ConfigError(f"Domain '{domain_path}' does not exist: pass --domain (the bot's "
+                          f"domain.yml or domain folder; trackers are rebuilt with its slots).")
+    domain = Domain.load(domain_path)
+    source_endpoint = tracker_store_block(args.source)
+    if str(source_endpoint.type or "").startswith("rasa_persistent_tracker"):
+        raise ConfigError(f"'{args.source}' already uses rasa_persistent_tracker: --from names "
+                          f"the endpoints file of the store to copy from.")
+    source = TrackerStore.create(source_endpoint, domain)
+    target = PersistentTrackerStore(domain, backends=backends)
+    tty = sys.stdout.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if tty or done == total or done % 100 == 0:
+            print(f"\r{done}/{total} conversations", end="" if tty and done < total else "\n",
+                  flush=True)
+    try:
+        report = await importer.import_all(source, target, args.dry_run, progress)
+    finally:
+        await target.close()
+    print(report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+async def run_export(backends: Backends, args: argparse.Namespace) -> int:
+    window = exporting.Window(args.since, args.until, args.conversation)
+    if window.since is not None and window.until is not None and window.until <= window.since:
+        raise ConfigError(f"--until ({args.until}) must be after --since ({args.since}).")
+    cursor = exporting.Cursor(args.cursor, window)
+    engine = backends.log.sync.engine
+    broker = await _event_broker(args.endpoints) if args.to_broker else None
+    tty = sys.stderr.isatty()
+    total = exporting.count(engine, window, cursor) if tty else 0
+
+    def progress(done: int) -> None:
+        print(f"\r{done}/{total} events", end="", file=sys.stderr, flush=True)
+    out = None
+    try:
+        if broker is not None:
+            sink: Any = exporting.BrokerSink(broker)
+        elif args.output == "-":
+            sink = exporting.JsonLinesSink(sys.stdout)
+        else:  # appended to when continuing from a cursor
+            out = open(args.output, "a" if cursor.after is not None else "w", encoding="utf-8")
+            sink = exporting.JsonLinesSink(out)
+        report = await exporting.export(engine, backends.codec, window, cursor, sink,
+                                        progress if tty else None, limit=exporting.PAGE)
+    finally:
+        if out is not None:
+            out.close()
+        if broker is not None:
+            await broker.close()
+        await backends.outbox.stop()
+        await backends.hot.close()
+        backends.log.close()
+    if tty:
+        print(file=sys.stderr)
+    print(report.summary(), file=sys.stderr if args.output == "-" and not broker else sys.stdout)
+    return EXIT_OK if not report.unreadable else EXIT_FAILED
+
+
+async def _event_broker(endpoints_path: str) -> Any:
+    """The endpoints file's event broker, ready to publish (as ``rasa export``)."""
+    from rasa.core.brokers.broker import EventBroker
+    from rasa.core.brokers.pika import PikaEventBroker
+    from rasa.core.utils import AvailableEndpoints
+
+    config = AvailableEndpoints.read_endpoints(endpoints_path).event_broker
+    if config is None:
+        raise ConfigError(f"'{endpoints_path}' has no 'event_broker' block for --to-broker.")
+    broker = await EventBroker.create(config)
+    if broker is None:
+        raise ConfigError(f"The 'event_broker' of '{endpoints_path}' could not be created.")
+    if isinstance(broker, PikaEventBroker):  # fail loudly rather than keep messages in memory
+        broker.should_keep_unpublished_messages = False
+        broker.raise_on_failure = True
+    if not broker.is_ready():
+        await broker.close()
+        raise ConfigError(f"The event broker of '{endpoints_path}' is not ready.")
+    return broker
+
+
+async def _conversation_ids(backends: Backends) -> AsyncIterator[str]:
+    async for cid in backends.hot.conversations():
+        yield cid
+    for cid in await backends.log.run(backends.log.sync.conversation_ids):
+        yield cid

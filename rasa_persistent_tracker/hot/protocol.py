@@ -1,0 +1,108 @@
+"""The hot-state boundary: what the store needs from a hot-state backend.
+
+``HotState`` is the protocol; ``redis_state.RedisHotState`` implements it on
+Redis (standalone, Sentinel or Cluster) and ``embedded.SQLiteHotState`` on a
+local SQLite file. tests/test_hot_state_conformance.py runs the same contract
+against every backend. Of an outbox entry a backend reads only the header
+(``entry_header``).
+"""
+import dataclasses
+import hashlib
+from typing import AsyncIterator, List, Optional, Protocol
+
+
+class UnusableValue(Exception):
+    """A key holds a value the scripts cannot update in place (wrong type).
+
+    Internal to the package: the store quarantines the value and retries.
+    """
+
+
+class RecordMissing(Exception):
+    """A commit that expected a record (``expect_record``) found none: the hot
+    state lost it (a Redis wipe) while the turn was being handled, and with it
+    maybe undelivered outbox entries. Nothing was written.
+
+    Internal to the package: the store re-logs what it can and commits again.
+    """
+
+
+@dataclasses.dataclass
+class HotEntry:
+    """What ``load`` found for a conversation.
+
+    ``payload`` is None when no record exists; ``problem`` names why a present
+    value is unusable (wrong Redis type, unreadable version) and is None when fine.
+    ``outbox_seq`` is the highest sequence number still waiting in the outbox
+    (Redis leaves it 0 when ``unchanged``: recovery does not need it then).
+    ``unchanged`` means the stored payload's digest is the one the caller
+    already knows (``load(..., known=)``), computed over the stored bytes at
+    every load: ``payload`` is then not sent and stays None.
+    """
+
+    version: int = 0
+    payload: Optional[str] = None
+    problem: Optional[str] = None
+    outbox_seq: int = 0
+    unchanged: bool = False
+
+
+def payload_digest(payload: str) -> str:
+    """Content id of a stored payload: SHA-1 hex, as Redis' ``redis.sha1hex``
+    computes it over the stored bytes (a content id, not a security check)."""
+    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass
+class Pending:
+    """Outbox entries of one conversation and the record they lead to."""
+
+    entries: List[str]
+    payload: Optional[str]
+    version: int
+    complete: bool
+
+
+class HotState(Protocol):
+    """Versioned, expiring per-conversation records plus an outbox."""
+
+    async def load(self, conversation_id: str, known: Optional[str] = None) -> HotEntry:
+        """Read the record and the outbox position; the payload is left out
+        (``unchanged``) if its ``payload_digest`` is ``known``.
+        Raises HotStateUnavailable."""
+
+    async def commit(self, conversation_id: str, expected_version: Optional[int],
+                     payload: str, ttl: float, outbox_entry: Optional[str],
+                     expect_record: bool = False) -> int:
+        """Write ``payload`` if the stored version is ``expected_version`` (None:
+        any) and append ``outbox_entry``, atomically. Returns the new version.
+        A missing record counts as ``expected_version`` unless ``expect_record``.
+        Raises ConcurrentSaveError, RecordMissing, HotStateUnavailable."""
+
+    async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:
+        """Move the current value aside under a quarantine key; return its name."""
+
+    async def quarantine_entry(self, conversation_id: str, entry: str, ttl: float) -> str:
+        """Move one unreadable outbox entry out of the outbox, atomically, to a
+        quarantine key; return its name. The entries around it stay queued."""
+
+    async def pending(self, conversation_id: str, limit: int) -> Pending:
+        """Oldest ``limit`` outbox entries and the current record."""
+
+    async def ack(self, conversation_id: str, upto_seq: int) -> int:
+        """Drop outbox entries whose last sequence number is <= ``upto_seq``."""
+
+    async def touch(self, conversation_id: str, ttl: float) -> None:
+        """Refresh the record's TTL."""
+
+    def conversations(self) -> AsyncIterator[str]:
+        """Ids of all conversations with a record (SCAN, never KEYS)."""
+
+    def outboxes(self) -> AsyncIterator[str]:
+        """Ids of all conversations with a non-empty outbox."""
+
+    async def ping(self) -> None:
+        """Raise HotStateUnavailable unless the server answers."""
+
+    async def close(self) -> None:
+        """Release connections."""

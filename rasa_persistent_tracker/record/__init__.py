@@ -1,0 +1,1 @@
+"""The hot record: Rasa events, window, replay, per-process memory, trackers."""

@@ -1,0 +1,49 @@
+"""Single events: parsing without Rasa's per-call class walk, and fingerprints."""
+import hashlib
+import json
+from typing import Any, Dict, Optional
+
+from rasa.shared.core.events import Event
+from rasa.shared.exceptions import RasaException
+from rasa.shared.utils.common import all_subclasses
+
+from rasa_persistent_tracker.security.serde import encode_extra
+
+# What parsing a malformed event dict can raise inside Rasa.
+EVENT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RasaException)
+
+_EVENT_TYPES: Dict[str, type] = {}
+
+
+def parse_event(event_dict: Dict[str, Any]) -> Optional[Event]:
+    """``Event.from_parameters`` without its per-call class-tree walk.
+
+    Rasa resolves the event class by scanning every subclass of ``Event`` for
+    each event (the biggest cost of rebuilding a tracker); the map is built
+    once, keeping Rasa's first-match order, and unknown names (custom events
+    defined later, legacy names) still go through Rasa's own resolution.
+    """
+    if not _EVENT_TYPES:
+        for cls in all_subclasses(Event):
+            _EVENT_TYPES.setdefault(cls.type_name, cls)
+    cls = _EVENT_TYPES.get(event_dict.get("event"))
+    if cls is None:
+        return Event.from_parameters(event_dict)
+    return cls._from_parameters(event_dict)
+
+
+def _canonical(value: Any) -> Any:
+    try:
+        return encode_extra(value)
+    except TypeError:
+        return repr(value)
+
+
+def fingerprint(event_dict: Dict[str, Any]) -> str:
+    """Stable identity of one event (type, timestamp and content).
+
+    Computed on the stored form, so an event and its copy read back from
+    storage (numpy values become lists, etc.) have the same fingerprint.
+    """
+    raw = json.dumps(event_dict, sort_keys=True, default=_canonical, separators=(",", ":"))
+    return hashlib.blake2b(raw.encode("utf-8"), digest_size=12).hexdigest()

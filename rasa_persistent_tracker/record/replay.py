@@ -1,0 +1,184 @@
+"""Reading a hot record back: shape checks and the replay into a tracker.
+
+The record layout is ``window``'s (see its docstring); this module only
+trusts what it has checked. Everything it rejects raises
+``CorruptRecordError``, which the store turns into quarantine and recovery.
+Records of schema 1 (before 0.2: a base of slot events, loop and paused flag)
+are converted on read into the same events a schema-2 base replays; the next
+save writes schema 2.
+"""
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from rasa.shared.core.events import (
+    ActionExecutionRejected,
+    ActiveLoop,
+    BotUttered,
+    ConversationPaused,
+    Event,
+    LoopInterrupted,
+    SlotSet,
+    UserUttered,
+)
+from rasa.shared.core.slots import Slot
+from rasa.shared.core.trackers import DialogueStateTracker
+
+from rasa_persistent_tracker.record import applied
+
+from rasa_persistent_tracker.errors import CorruptRecordError
+from rasa_persistent_tracker.record.events import EVENT_ERRORS, fingerprint, parse_event
+from rasa_persistent_tracker.record.window import SCHEMA_VERSION, StoredForms, RebuiltBase
+
+
+def _require(record: Dict[str, Any], key: str, kinds: Any) -> Any:
+    value = record.get(key)
+    if not isinstance(value, kinds) or isinstance(value, bool) and kinds is int:
+        raise CorruptRecordError(f"field '{key}' missing or of type {type(value).__name__}")
+    return value
+
+
+def _well_formed(event: Any) -> bool:
+    """An event dict with a string type and a numeric timestamp."""
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return False
+    stamp = event.get("timestamp")
+    return isinstance(stamp, (int, float)) and not isinstance(stamp, bool)
+
+
+def validate_record(record: Any, sender_id: str) -> Dict[str, Any]:
+    """Check the shape of a decoded record. Raises ``CorruptRecordError``."""
+    if not isinstance(record, dict):
+        raise CorruptRecordError(f"record is a {type(record).__name__}, not an object")
+    schema = record.get("schema")
+    if schema not in (1, SCHEMA_VERSION) or isinstance(schema, bool):
+        raise CorruptRecordError(f"unsupported schema version {schema!r}")
+    if record.get("sender_id") != sender_id:
+        raise CorruptRecordError("record belongs to another conversation")
+    if _require(record, "next_seq", int) < 1:
+        raise CorruptRecordError("field 'next_seq' is not positive")
+    base = _require(record, "base", dict)
+    if base and schema == 1:
+        if not (isinstance(base.get("slot_events"), list)
+                and isinstance(base.get("paused"), bool)
+                and isinstance(base.get("active_loop"), (dict, type(None)))):
+            raise CorruptRecordError("field 'base' is malformed")
+        lists = [base["slot_events"]]
+    elif base:
+        lists = [base.get(k) for k in ("head", "summary", "applied")]
+        if not (all(isinstance(v, list) for v in lists)
+                and isinstance(base.get("loops"), list)
+                and all(isinstance(n, str) for n in base["loops"])
+                and isinstance(base.get("latest_bot"), (dict, type(None)))):
+            raise CorruptRecordError("field 'base' is malformed")
+        if base["latest_bot"] is not None:
+            lists.append([base["latest_bot"]])
+    events = _require(record, "events", list)
+    if not events or not all(_well_formed(e) for e in events):
+        raise CorruptRecordError("field 'events' is empty or holds malformed events")
+    if base and not all(_well_formed(e) for part in lists for e in part):
+        raise CorruptRecordError("field 'base' holds malformed events")
+    state = _require(record, "state", dict)
+    if not isinstance(state.get("slots"), dict):
+        raise CorruptRecordError("field 'state.slots' is malformed")
+    if record.get("last_event") != fingerprint(events[-1]):
+        raise CorruptRecordError("last event fingerprint does not match")
+    return record
+
+
+def rebuild_tracker(
+    record: Dict[str, Any],
+    slots: Iterable[Slot],
+    max_event_history: Optional[int],
+    texts: Optional[List[str]] = None,
+    base_text: Optional[str] = None,
+    base_events: Optional[List[Event]] = None,
+    window_events: Optional[List[Optional[Event]]] = None,
+) -> Tuple[DialogueStateTracker, StoredForms, RebuiltBase]:
+    """Rebuild a tracker from a validated record.
+
+    Returns the tracker, the stored forms of its window events and the ``RebuiltBase``
+    base, both for ``build_record``, with the events' and the base's JSON
+    texts if known (``texts``, ``base_text``). ``base_events`` are the base's
+    slot events parsed before (``RebuiltBase.slot_events``) and ``window_events``
+    (aligned with ``record["events"]``, None: parse it) events parsed before:
+    both are reused as they are. Rasa never edits an event once it is in a
+    tracker, except the latest user message's featurisation flag, so user
+    messages must not be passed in ``window_events``.
+    Raises ``CorruptRecordError`` if an event cannot be parsed or the replayed
+    slots disagree with the recorded state.
+    """
+    slot_list = list(slots)
+    tracker = DialogueStateTracker(record["sender_id"], slot_list, max_event_history)
+    base = record["base"]
+    try:
+        if base_events is None:
+            base_events = _base_events(record)
+        elif any(isinstance(e, UserUttered) for e in base_events):
+            # user messages are never shared between trackers (EntitiesAdded
+            # edits the latest one in place)
+            base_events = [parse_event(e.as_dict()) if isinstance(e, UserUttered) else e
+                           for e in base_events]
+        if base and record["schema"] != 1:
+            # stamped like the record's first event, not with the time of reading
+            for event in applied.markers(base["loops"], record["events"][0].get("timestamp")):
+                tracker.update(event)
+        for event in base_events:
+            tracker.update(event)
+        if base and record["schema"] != 1:
+            bot = base.get("latest_bot")
+            tracker.latest_bot_utterance = parse_event(bot) if bot else BotUttered.empty()
+        previous = RebuiltBase(base if record["schema"] != 1 else {}, len(tracker.events),
+                            tracker.events[0] if tracker.events else None, base_text,
+                            base_events)
+        forms: StoredForms = {}
+        for i, event_dict in enumerate(record["events"]):
+            event = window_events[i] if window_events else None
+            if event is None:
+                event = parse_event(event_dict)
+            if event is None:
+                raise CorruptRecordError(f"unknown event type {event_dict.get('event')!r}")
+            tracker.update(event)
+            forms[id(event)] = (event, event_dict, texts[i] if texts else None)
+    except EVENT_ERRORS as exc:
+        raise CorruptRecordError(f"event cannot be parsed ({type(exc).__name__})") from None
+    known = {s.name for s in slot_list}
+    expected = {k: v for k, v in record["state"]["slots"].items() if k in known}
+    actual = {n: s.value for n, s in tracker.slots.items() if s.value != s.initial_value}
+    if expected != actual:
+        raise CorruptRecordError("replayed slots do not match the recorded state")
+    return tracker, forms, previous
+
+
+def _base_events(record: Dict[str, Any]) -> List[Event]:
+    """The events a record's base replays (after the loop markers).
+
+    Schema 1 kept the active loop as fields; they become the events a
+    schema-2 summary uses (the trigger message as a user message, then the
+    activation and its flags), so the loop survives the next compaction.
+    """
+    base = record["base"]
+    if not base:
+        return []
+    if record["schema"] != 1:
+        dicts = base["head"] + base["summary"] + base["applied"]
+        out = [parse_event(d) for d in dicts]
+        if any(e is None for e in out):
+            raise CorruptRecordError("base holds an unknown event type")
+        return out
+    out = [parse_event(d) for d in base.get("slot_events") or []]
+    if not all(isinstance(e, SlotSet) for e in out):
+        raise CorruptRecordError("base holds a non-slot event")
+    loop = base.get("active_loop")
+    if loop and loop.get("name"):
+        trigger = dict(loop.get("trigger_message") or {})
+        out += [UserUttered(trigger.get("text"), trigger.get("intent"),
+                            trigger.get("entities"), trigger), ActiveLoop(loop["name"])]
+        if loop.get("is_interrupted"):
+            out.append(LoopInterrupted(True))
+        if loop.get("rejected"):
+            out.append(ActionExecutionRejected(loop["name"]))
+    if base.get("paused"):
+        out.append(ConversationPaused())
+    stamp = record["events"][0].get("timestamp")
+    for event in out:
+        event.timestamp = stamp
+    return out

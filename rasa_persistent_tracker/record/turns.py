@@ -1,0 +1,129 @@
+"""Turning a saved tracker into what is stored: log rows and the hot record.
+
+``TurnEncoder`` serialises each new event once (the text serves the log row,
+the record and the next turn), assembles the record payload from parts
+already serialised, and returns the record as it reads back, for the
+per-process memory (``recent``). Values that cannot be stored faithfully are
+refused here, naming the slot, before anything is written.
+"""
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from rasa.shared.core.events import ActionExecuted, Event, SlotSet, UserUttered
+from rasa.shared.core.slots import Slot
+from rasa.shared.core.trackers import DialogueStateTracker
+
+from rasa_persistent_tracker.errors import (
+    CorruptRecordError,
+    PersistentTrackerError,
+    SlotValueError,
+)
+from rasa_persistent_tracker.hot.protocol import payload_digest
+from rasa_persistent_tracker.log.tables import COLUMN_LIMITS, MAX_ID_LENGTH, LogRow, loggable
+from rasa_persistent_tracker.record import window
+from rasa_persistent_tracker.record.recent import RecentRecords, Remembered
+from rasa_persistent_tracker.security.codec import Codec, Encoded
+
+
+class TurnEncoder:
+    """Encodes turns for one store (its codec, memory and ``max_history``)."""
+
+    def __init__(self, codec: Codec, recent: RecentRecords, max_history: int) -> None:
+        self._codec = codec
+        self._recent = recent
+        self._max_history = max_history
+
+    def rows(self, sender_id: str, events: List[Event], first_seq: int,
+             forms: window.StoredForms) -> List[LogRow]:
+        """The log rows of new ``events``; their stored forms go into ``forms``.
+
+        Raises:
+            SlotValueError / PersistentTrackerError: a value cannot be stored.
+        """
+        if not loggable(sender_id):
+            raise PersistentTrackerError(
+                f"Conversation id of {len(sender_id)} characters"
+                f"{' containing NUL' if chr(0) in sender_id else ''} cannot be logged "
+                f"(at most {MAX_ID_LENGTH}, no NUL). Nothing was saved.")
+        rows: List[LogRow] = []
+        for offset, event in enumerate(events):
+            text, as_dict = self._event(sender_id, event)
+            forms[id(event)] = (event, as_dict, text)
+            intent = event.intent_name if isinstance(event, UserUttered) else None
+            action = event.action_name if isinstance(event, ActionExecuted) else None
+            rows.append(LogRow(first_seq + offset, _column("type_name", event.type_name),
+                               event.timestamp, _column("intent_name", intent),
+                               _column("action_name", action),
+                               self._codec.protect_event(as_dict, text, sender_id,
+                                                         first_seq + offset)))
+        return rows
+
+    def _event(self, sender_id: str, event: Event) -> Tuple[str, Dict[str, Any]]:
+        try:
+            return self._codec.event_text(event.as_dict())
+        except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
+            if isinstance(event, SlotSet):
+                raise SlotValueError(event.key, str(exc)) from None
+            raise PersistentTrackerError(
+                f"Event '{event.type_name}' of conversation '{sender_id}' holds a value "
+                f"of type {exc} that cannot be stored. Nothing was saved.") from None
+
+    def build(self, tracker: DialogueStateTracker, slots: Iterable[Slot], next_seq: int,
+              forms: Optional[window.StoredForms] = None,
+              previous: Optional[window.RebuiltBase] = None) -> window.Built:
+        """``window.build_record`` with this encoder's serialiser and ``max_history``."""
+        return window.build_record(
+            tracker, slots, self._max_history, next_seq,
+            lambda event: self._event(tracker.sender_id, event), forms, previous)
+
+    def encode(self, built: window.Built) -> Tuple[str, Remembered]:
+        """The payload of a built record, and the record as it reads back.
+
+        Raises:
+            SlotValueError: a slot value cannot be stored (names the slot).
+            PersistentTrackerError: another value cannot be stored.
+        """
+        encoded = self._encoded(built)
+        texts = encoded.texts
+        if None in built.texts and len(built.forms) == len(texts):  # keep those made just now
+            for (key, (event, as_dict, _)), text in zip(list(built.forms.items()), texts):
+                built.forms[key] = (event, as_dict, text)
+        if built.previous is not None:
+            built.previous.text = encoded.base_text
+        return encoded.payload, self._remembered(built, encoded)
+
+    def _encoded(self, built: window.Built) -> Encoded:
+        """``Codec.encode_record`` of the built record; a value that cannot be
+        stored raises SlotValueError naming its slot, else PersistentTrackerError."""
+        record = built.record
+        try:
+            return self._codec.encode_record(record, built.texts, built.base_text)
+        except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
+            for name, value in record["state"]["slots"].items():
+                try:
+                    self._codec.event_text({"v": value})
+                except (TypeError, CorruptRecordError):
+                    raise SlotValueError(name, str(exc)) from None
+            raise PersistentTrackerError(
+                f"The state of conversation '{record['sender_id']}' holds a value of type "
+                f"{exc} that cannot be stored. Nothing was saved.") from None
+
+    def _remembered(self, built: window.Built, encoded: Encoded) -> Remembered:
+        """The record as it reads back, for the per-process memory."""
+        # Events this store parsed from a remembered record stay shareable; the
+        # caller's own new events are parsed from their stored form next time.
+        before = self._recent.get(built.record["sender_id"])
+        parsed = {id(e) for e in (before.window_events or ()) if e is not None} if before else ()
+        return Remembered.of(
+            payload_digest(encoded.payload), encoded.record, encoded.texts, encoded.base_text,
+            built.previous.slot_events if built.previous is not None else None,
+            [e if id(e) in parsed else None for e, _, _ in built.forms.values()]
+            if parsed and len(built.forms) == len(encoded.texts) else None)
+
+
+def _column(name: str, value: Optional[str]) -> Optional[str]:
+    """An analytics column's value: NUL removed, cut to the column's length.
+    Intent names can come from users ("/<intent>" messages); the whole event
+    is in ``data`` either way."""
+    if value is None:
+        return None
+    return value.replace("\x00", "")[:COLUMN_LIMITS[name]]

@@ -1,0 +1,295 @@
+"""The hot record: what a conversation needs to resume, bounded in size.
+
+A tracker rebuilt from the record must be, for everything Rasa reads, the
+tracker of the full history (docs/contract.md). Rasa reads the *applied*
+events (``applied_events``: reverts undone, loops' happy paths collapsed), a
+few raw events, and some tracker attributes. A record therefore holds the
+current session as
+
+* ``base.loops``: every loop name seen, replayed as an activation and a
+  deactivation before the session head (Rasa's collapse depends on them);
+* ``base.head``: the session's ``action_session_start`` / ``SessionStarted``;
+* ``base.summary``: the state where the verbatim applied events begin, as
+  events that replay to it (``applied.summary``);
+* ``base.applied``: the applied events from the cut point on, verbatim, as
+  far back as the policies' states, a revert or a loop's collapse can reach
+  (``applied.cut_point``);
+* ``base.latest_bot``: the latest bot message where the raw window begins;
+* ``events``: the raw window: from the ``action_listen`` before the third last
+  user message, verbatim (reverts, fallbacks and all);
+* ``state``: slots / loop / latest action / followup / paused / last user
+  message time, checked against the replay on load (a mismatch: corrupt).
+
+Its size is bounded by ``max_history`` and the turns kept, not by the
+conversation's length (docs/contract.md states the bound). A record without
+base holds the whole session raw. ``replay`` reads records back (schema 1 too).
+"""
+import dataclasses
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from rasa.shared.core.constants import ACTION_SESSION_START_NAME
+from rasa.shared.core.events import (
+    ActionExecuted,
+    ActionReverted,
+    Event,
+    Restarted,
+    SessionStarted,
+    UserUttered,
+    UserUtteranceReverted,
+)
+from rasa.shared.core.slots import Slot
+from rasa.shared.core.trackers import DialogueStateTracker
+
+from rasa_persistent_tracker.record import applied
+from rasa_persistent_tracker.record.events import fingerprint, parse_event
+
+SCHEMA_VERSION = 2
+# Raw user messages the window keeps verbatim (the two-stage fallback reads
+# the last three user messages and reverts as they happened).
+RAW_USER_MESSAGES = 3
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What the store remembers on a tracker it returned or saved.
+
+    ``version`` is the hot-record version the tracker was read at (0: none
+    existed), ``next_seq`` the sequence number of the next new event, and
+    ``last_event`` the last event already stored (found again by identity).
+    """
+
+    sender_id: str
+    version: int
+    next_seq: int
+    last_event: Optional[Event]
+    forms: "StoredForms" = dataclasses.field(default_factory=dict)
+    previous: Optional["RebuiltBase"] = None
+
+
+# ``id(event) -> (event, stored dict, its JSON text or None)`` for events whose
+# stored form is known, so unchanged events are not serialised again. Stored
+# events are treated as immutable, as Rasa does (it deep-copies an event
+# before editing it).
+StoredForms = Dict[int, Tuple[Event, Dict[str, Any], Optional[str]]]
+# Serialises an event the cache does not know: (JSON text, dict as read back).
+Encoder = Callable[[Event], Tuple[str, Dict[str, Any]]]
+
+
+@dataclasses.dataclass
+class RebuiltBase:
+    """The base a tracker was rebuilt from, how many events it occupies and,
+    if known, its JSON text and parsed events (head, summary, applied)."""
+
+    base: Dict[str, Any]
+    length: int
+    first: Optional[Event]
+    text: Optional[str] = None
+    slot_events: Optional[List[Event]] = None
+
+
+def _loop_dict(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
+    return dataclasses.asdict(tracker.active_loop) if tracker.active_loop else None
+
+
+def slack(max_history: int) -> int:
+    """User turns the raw window may grow by before it is compacted again."""
+    return max(2, (max_history + 1) // 2)
+
+
+def _is_action(event: Event, name: Optional[str] = None) -> bool:
+    return isinstance(event, ActionExecuted) and (name is None or event.action_name == name)
+
+
+_RESETTING = (UserUtteranceReverted, ActionReverted, Restarted, SessionStarted)
+
+
+def session_start(events: Sequence[Event]) -> int:
+    """Index where the last session's head begins (its ``action_session_start``
+    and ``SessionStarted``); 0 if there is none."""
+    for i in range(len(events) - 1, -1, -1):
+        if isinstance(events[i], SessionStarted):
+            return i - 1 if i and _is_action(events[i - 1], ACTION_SESSION_START_NAME) else i
+    return 0
+
+
+def _reusable_base(events: List[Event], previous: Optional[RebuiltBase],
+                   max_history: int) -> Optional[RebuiltBase]:
+    if previous is None or not previous.base:
+        return None
+    window = events[previous.length:]
+    if any(isinstance(e, _RESETTING) or _is_action(e, ACTION_SESSION_START_NAME)
+           for e in window):
+        return None  # undone or restarted: what the base must hold changes
+    users = sum(isinstance(e, UserUttered) for e in window)
+    if users > RAW_USER_MESSAGES + slack(max_history):
+        return None
+    return previous
+
+
+def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List[Slot],
+             max_history: int, previous: Optional[RebuiltBase],
+             as_dict: Callable[[Event], Dict[str, Any]]) -> Tuple[Dict[str, Any], int, bool]:
+    """A new base, the index where the raw window begins, and whether the
+    tracker lacks history the base should hold (see ``Built.short``)."""
+    start = session_start(events)
+    floor = previous.length if previous is not None and previous.base else 0
+    if start >= floor:
+        floor, previous = 0, None  # a new session began after the base
+    w = applied.window_start(events, start, floor, RAW_USER_MESSAGES)
+    if w is None:
+        if floor:  # the base already holds all that is not raw
+            return previous.base, previous.length, False
+        return {}, start, False
+    names = applied.loop_names(events, previous.base.get("loops", ()) if floor else ())
+    if isinstance(events[start], SessionStarted) or _is_action(events[start]):
+        head = events[start:start + 2] if _is_action(events[start]) else events[start:start + 1]
+    else:
+        head = [SessionStarted(timestamp=events[0].timestamp)]
+    done = applied.fold(tracker.sender_id, events[:w], names)
+    # Reverts in the raw window undo applied events before it: the margins
+    # are measured on the whole tracker's applied events, whose first
+    # ``shared`` events are those of ``done``.
+    whole = applied.fold(tracker.sender_id, events, names)
+    shared = 0
+    while shared < min(len(done), len(whole)) and whole[shared] is done[shared]:
+        shared += 1
+    cut = applied.cut_point(whole, max_history, names, applied.REVERT_KEPT)
+    cut = None if cut is None else min(cut, shared)
+    # The old summary stands for history this tracker no longer has: needing
+    # a cut inside it means reverts consumed the margin (``Built.short``).
+    kept = len(previous.base["summary"]) if floor else 0
+    need = applied.cut_point(whole, max_history, names)
+    short = bool(kept) and (need is None or min(need, shared) < kept)
+    cut = kept if cut is None or cut < kept else cut
+    summary = applied.summary(tracker.sender_id, done[:cut], slot_list,
+                                                applied.slot_cap(max_history)) if cut else []
+    stored = previous.base.get("latest_bot") if floor else None
+    bot = applied.bot_at(tracker.sender_id, events, w, names, floor,
+                         parse_event(stored) if stored else None)
+    return {
+        "loops": names,
+        "head": [as_dict(e) for e in head],
+        "summary": [as_dict(e) for e in summary],
+        "applied": [as_dict(e) for e in done[cut:]],
+        "latest_bot": as_dict(bot) if bot is not None else None,
+    }, w, short
+
+
+@dataclasses.dataclass
+class Built:
+    """A new hot record and what the store keeps about it.
+
+    ``texts[i]`` is the JSON text of ``record["events"][i]`` if known (None:
+    not serialised yet), ``base_text`` that of ``record["base"]`` if known
+    (reused unchanged), ``forms`` the stored forms of the events the record holds,
+    ``previous`` the base to reuse for this same tracker next time (None after
+    a compaction). ``short``: reverts undid more turns than the tracker holds
+    beyond its base (thousands of ``/back``); the record then keeps the old
+    summary, and the store rebuilds it from the log (``store.save``).
+    """
+
+    record: Dict[str, Any]
+    texts: List[Optional[str]]
+    forms: StoredForms
+    previous: Optional[RebuiltBase]
+    base_text: Optional[str] = None
+    short: bool = False
+
+
+def build_record(
+    tracker: DialogueStateTracker,
+    slots: Iterable[Slot],
+    max_history: int,
+    next_seq: int,
+    encode: Encoder,
+    forms: Optional[StoredForms] = None,
+    previous: Optional[RebuiltBase] = None,
+) -> Built:
+    """Compact ``tracker`` into a hot record (a JSON-ready dict).
+
+    Compaction (a new base from Rasa's applied events) runs when the raw
+    window has grown ``slack(max_history)`` user turns past what it must hold,
+    or after a revert, restart or session start; in between, the previous
+    base is kept as it was.
+
+    Args:
+        tracker: the conversation state after the turn.
+        slots: the domain's slots (to replay the state at the window's start).
+        max_history: dialogue states the policies look back on.
+        next_seq: sequence number the next logged event will get.
+        encode: serialises an event missing from ``forms``; its errors propagate.
+        forms: the stored forms of events known already.
+        previous: the base the tracker was rebuilt from, if any.
+
+    Returns:
+        The record with what the store keeps about it (``Built``).
+    """
+    events = list(tracker.events)
+    known = forms or {}
+
+    def as_dict(event: Event) -> Dict[str, Any]:
+        hit = known.get(id(event))
+        return hit[1] if hit is not None and hit[0] is event else encode(event)[1]
+    if previous is not None and previous.length and (
+            len(events) < previous.length or events[0] is not previous.first):
+        previous = None  # events were dropped (max_event_history): compact afresh
+    reused = _reusable_base(events, previous, max_history)
+    short = False
+    if reused is not None:
+        base, cut = reused.base, reused.length
+    else:
+        base, cut, short = _compact(tracker, events, list(slots), max_history, previous,
+                                    as_dict)
+        if previous is not None and base is previous.base:
+            reused = previous
+    kept_forms: StoredForms = {}
+    window = []
+    texts: List[Optional[str]] = []
+    for event in events[cut:]:
+        hit = known.get(id(event))
+        if hit is None or hit[0] is not event:
+            text, as_dict = encode(event)
+            hit = (event, as_dict, text)
+        kept_forms[id(event)] = hit
+        window.append(hit[1])
+        texts.append(hit[2])
+    last_user = next((e for e in reversed(events) if isinstance(e, UserUttered)), None)
+    record = {
+        "schema": SCHEMA_VERSION,
+        "sender_id": tracker.sender_id,
+        "next_seq": next_seq,
+        "base": base,
+        "events": window,
+        "state": {
+            "slots": {n: s.value for n, s in tracker.slots.items() if s.value != s.initial_value},
+            "active_loop": _loop_dict(tracker),
+            "latest_action": dict(tracker.latest_action or {}),
+            "followup_action": tracker.followup_action,
+            "paused": tracker.is_paused(),
+            "latest_message_at": last_user.timestamp if last_user else None,
+        },
+        "last_event": fingerprint(window[-1]) if window else None,
+    }
+    return Built(record, texts, kept_forms, reused, reused.text if reused is not None else None,
+                 short)
+
+
+def last_session(tracker: DialogueStateTracker) -> DialogueStateTracker:
+    """A tracker holding only the events of ``tracker``'s last session."""
+    events = list(tracker.events)
+    start = session_start(events)
+    if start == 0:
+        return tracker
+    return DialogueStateTracker.from_events(
+        tracker.sender_id, events[start:], tracker.slots.values(),
+        max_event_history=tracker._max_event_history)
+
+
+def new_events_after(events: List[Event], marker: Loaded) -> Optional[List[Event]]:
+    """Events appended after the last loaded one (by identity); None if lost."""
+    if marker.last_event is None:
+        return list(events)
+    for i in range(len(events) - 1, -1, -1):
+        if events[i] is marker.last_event:
+            return events[i + 1:]
+    return None

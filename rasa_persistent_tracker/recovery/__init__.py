@@ -1,0 +1,1 @@
+"""Off the happy path: reading history, merging foreign trackers, restoring."""

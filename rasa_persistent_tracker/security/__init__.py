@@ -1,0 +1,1 @@
+"""Values as stored: serde (serialiser), keys, crypto (AEAD, MACs), codec (policy), rekey."""

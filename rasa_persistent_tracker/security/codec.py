@@ -1,0 +1,216 @@
+"""``Codec``: what a stored value must be, and what is believed.
+
+Values are text from a serialiser (``serde.py``); with a key, every stored
+value is sealed by ``crypto.EncryptedSerializer`` (``rpt-enc:2:<key id>:...``,
+or authenticated only as ``rpt-mac:2:...``), bound to where it belongs.
+Readers dispatch on the prefix, so plaintext and several key ids coexist;
+the codec decides which forms are believed (``accept_plaintext``).
+"""
+import hashlib
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+from rasa_persistent_tracker.errors import CorruptRecordError, EncryptionKeyMissing
+from rasa_persistent_tracker.security import crypto
+from rasa_persistent_tracker.security.serde import Serializer
+
+CHECKSUM_MARK = "\n#"
+
+
+def _checksum(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=10).hexdigest()
+
+
+class Encoded(NamedTuple):
+    """A hot record's payload, the record exactly as ``Codec.loads_record``
+    reads it back, and the JSON texts of its events and base."""
+
+    payload: str
+    record: Dict[str, Any]
+    texts: List[str]
+    base_text: str
+
+
+class Codec:
+    """What the store encodes with, and the policy on what it believes.
+
+    Without a key: hot records and snapshots are JSON plus a checksum (any
+    flipped bit is detected), log rows and outbox entries plain JSON. With a
+    key, every stored value is sealed (``crypto``) and bound to its kind,
+    conversation and (log rows) seq: hot records, snapshots and outbox entries
+    encrypted whole; log rows encrypted if ``is_sensitive``, else
+    authenticated. Plaintext, and legacy unbound log rows and outbox entries,
+    are then refused like corrupt data, unless ``accept_plaintext`` (an
+    explicit migration; ``rotate-keys`` seals them). Legacy ``rpt-enc:1``
+    records and snapshots stay readable: they name their conversation inside.
+
+    Args:
+        plain: serialiser for values that need no protection.
+        protected: ``crypto.EncryptedSerializer``; None: no encryption.
+        is_sensitive: decides per event dict whether its log row is encrypted.
+        accept_plaintext: with a key, still believe plaintext and legacy values.
+    """
+
+    def __init__(self, plain: Serializer, protected: Any = None,
+                 is_sensitive: Callable[[Dict[str, Any]], bool] = lambda _: True,
+                 accept_plaintext: bool = False) -> None:
+        self._plain = plain
+        self._protected = protected
+        self._is_sensitive = is_sensitive
+        self.accept_plaintext = accept_plaintext
+
+    @property
+    def encrypting(self) -> bool:
+        return self._protected is not None
+
+    # ------------------------------------------------------------ records
+
+    def dumps_record(self, record: Any, kind: str = crypto.HOT) -> str:
+        """Serialise a hot record (or a snapshot: ``kind``), bound to its
+        ``sender_id``."""
+        return self._seal_record(self._plain.dumps(record), kind,
+                                 record.get("sender_id") if isinstance(record, dict) else None)
+
+    def encode_record(self, record: Dict[str, Any], event_texts: List[Optional[str]],
+                      base_text: Optional[str] = None) -> "Encoded":
+        """``dumps_record`` for a record whose parts are partly serialised already.
+
+        ``event_texts[i]`` is the JSON text of ``record["events"][i]`` and
+        ``base_text`` that of ``record["base"]`` (None: serialise it here); only
+        the rest is serialised anew. ``record["events"]`` (and ``record["base"]``
+        if its text is given) must hold values as they read back from JSON.
+        Raises ``TypeError`` for a value that cannot be written and
+        ``CorruptRecordError`` for one that would not read back as written.
+        """
+        texts = [text if text is not None else self._plain.dumps(event)
+                 for event, text in zip(record["events"], event_texts, strict=True)]
+        skip = ("events", "base") if base_text is not None else ("events",)
+        head = self._plain.dumps({k: v for k, v in record.items() if k not in skip})
+        decoded = self._plain.loads(head)
+        decoded["events"] = record["events"]
+        if base_text is not None:
+            decoded["base"] = record["base"]
+            head = f'{{"base":{base_text},{head[1:]}'
+        else:
+            base_text = self._plain.dumps(decoded["base"])
+        payload = self._seal_record(f'{{"events":[{",".join(texts)}],{head[1:]}', crypto.HOT,
+                                    record["sender_id"])
+        return Encoded(payload, decoded, texts, base_text)
+
+    def _seal_record(self, text: str, kind: str, conversation_id: Optional[str]) -> str:
+        if self._protected is not None:
+            return self._protected.seal(text, kind, conversation_id)
+        return f"{text}{CHECKSUM_MARK}{_checksum(text)}"
+
+    def _open_record(self, text: str, conversation_id: str, kind: str) -> str:
+        if text[:1] in ("{", "["):
+            self._plaintext_allowed(kind)
+            body, mark, digest = text.rpartition(CHECKSUM_MARK)
+            if not mark or _checksum(body) != digest:
+                raise CorruptRecordError("record checksum does not match")
+            return body
+        # Legacy records name their conversation inside (replay.validate_record).
+        return self._open(text, kind, conversation_id, None, legacy=True)
+
+    def loads_record(self, text: str, conversation_id: str, kind: str = crypto.HOT) -> Any:
+        """Read a record ``dumps_record`` wrote for this conversation and kind.
+        Raises CorruptRecordError."""
+        return self._plain.loads(self._open_record(text, conversation_id, kind))
+
+    def reseal_record(self, text: str, conversation_id: str, kind: str) -> str:
+        """A hot record's payload as a value of another ``kind`` (the snapshot).
+        Raises CorruptRecordError if it does not open as a hot record."""
+        if self._protected is None:
+            return text
+        return self._protected.seal(self._open_record(text, conversation_id, crypto.HOT),
+                                    kind, conversation_id)
+
+    # ------------------------------------------------------------- events
+
+    def event_text(self, event: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+        """An event's JSON text and the event as it reads back from it.
+        Raises ``TypeError`` for a value that cannot be written and
+        ``CorruptRecordError`` for one that would not read back as written."""
+        text = self._plain.dumps(event)
+        return text, self._plain.loads(text)
+
+    def protect_event(self, event: Dict[str, Any], text: str, conversation_id: str,
+                      seq: int) -> str:
+        """The log form of an event already serialised to ``text``, at ``seq``."""
+        if self._protected is None:
+            return text
+        if self._is_sensitive(event):
+            return self._protected.seal(text, crypto.ROW, conversation_id, seq)
+        return self._protected.mac(text, crypto.ROW, conversation_id, seq)
+
+    def dumps_event(self, event: Dict[str, Any], conversation_id: str, seq: int) -> str:
+        """Serialise one event for the log row ``seq`` of a conversation."""
+        return self.protect_event(event, self._plain.dumps(event), conversation_id, seq)
+
+    def row_text(self, data: str, conversation_id: str, seq: int) -> str:
+        """The JSON text of a log row's ``data``. Raises CorruptRecordError."""
+        return self._open(data, crypto.ROW, conversation_id, seq)
+
+    def loads_event(self, data: str, conversation_id: str, seq: int) -> Any:
+        """Read a log row's ``data``. Raises CorruptRecordError."""
+        return self._plain.loads(self.row_text(data, conversation_id, seq))
+
+    def rebind_row(self, data: str, conversation_id: str, seq: int, new_seq: int) -> str:
+        """A row's ``data`` for its new place when delivery re-sequences it.
+        Raises CorruptRecordError if it does not open at its old place."""
+        if self._protected is None or data[:1] in ("{", "["):
+            return data
+        text = self.row_text(data, conversation_id, seq)
+        if data.startswith(crypto.MAC_PREFIX):
+            return self._protected.mac(text, crypto.ROW, conversation_id, new_seq)
+        return self._protected.seal(text, crypto.ROW, conversation_id, new_seq)
+
+    # ---------------------------------------------------- outbox entries
+
+    def seal_entry(self, body: str, conversation_id: str, header: str) -> str:
+        """An outbox entry's body (its rows' JSON), bound to its header."""
+        if self._protected is None:
+            return body
+        return self._protected.seal(body, crypto.OUTBOX, conversation_id, header)
+
+    def open_entry(self, body: str, conversation_id: str, header: str) -> str:
+        """Inverse of ``seal_entry``. Raises CorruptRecordError."""
+        return self._open(body, crypto.OUTBOX, conversation_id, header)
+
+    # -------------------------------------------------- quarantine copies
+
+    def seal_quarantine(self, text: str, conversation_id: str) -> str:
+        """A quarantine copy's content, sealed as one (key rotation)."""
+        return self._protected.seal(text, crypto.QUARANTINE, conversation_id)
+
+    def unwrap(self, text: str, kind: str, conversation_id: str, extra: Any = None) -> str:
+        """The clear text of any sealed form (legacy too), or ``text`` if it is
+        plaintext: for values that are never believed, only re-sealed
+        (quarantine copies). Raises CorruptRecordError."""
+        if self._protected is None or crypto.key_id_of(text) is None:
+            return text
+        return self._protected.open(text, kind, conversation_id, extra, legacy=True)
+
+    # --------------------------------------------------------------------
+
+    def _plaintext_allowed(self, kind: str) -> None:
+        if self._protected is not None and not self.accept_plaintext:
+            raise CorruptRecordError(f"plaintext {kind} refused: an encryption key is "
+                                     f"configured (accept_plaintext is off)")
+
+    def _open(self, text: str, kind: str, conversation_id: str, extra: Any,
+              legacy: bool = False) -> str:
+        if text[:1] in ("{", "["):
+            self._plaintext_allowed(kind)
+            return text
+        if self._protected is None:
+            if crypto.is_ciphertext(text):
+                raise EncryptionKeyMissing(
+                    "stored data is encrypted, but no encryption key is configured: give this "
+                    "process the keys it was written with (RPT_ENCRYPTION_KEYS or "
+                    "'encryption_key_file'); nothing was changed")
+            clear = crypto.strip_mac(text)  # without a key nothing is verified
+            if clear is None:
+                raise CorruptRecordError("payload is neither JSON nor readable ciphertext")
+            return clear
+        return self._protected.open(text, kind, conversation_id, extra,
+                                    legacy=legacy or self.accept_plaintext)
