@@ -807,6 +807,7 @@ ENCRYPTION_KEY = "eq1:" + "A" * 43 + "="  # a fixed 32-byte test key
 @pytest.mark.parametrize(
     "overrides",
     [pytest.param({"max_history": 6}, id="window6"), pytest.param({}, id="default"),
+     pytest.param({"max_history": 5}, id="window5"),  # = the policies' own
      pytest.param({"max_history": 6, "environ": {"RPT_ENCRYPTION_KEYS": ENCRYPTION_KEY}},
                   id="window6-encrypted")],
 )
