@@ -17,14 +17,14 @@ two ``/restart``, a session expiry, then: a form with a digression and a
 fallbacks in a row, ``/back``, two-stage fallbacks ending in clarification and
 in both ways of giving up, ``ActionReverted``, ``AllSlotsReset``, and three
 reminders, fired the way Rasa's scheduler fires them: one cancelled by a user
-message, one fired when the store's record holds it only in its summary) is run through an ``Agent`` backed by
-Rasa's ``InMemoryTrackerStore`` (the reference) and through an ``Agent`` backed
-by ``PersistentTrackerStore``. At every turn the bot responses,
-``tracker.current_slot_values()`` and ``tracker.active_loop_name`` must be
-identical. Afterwards the primary store itself is checked directly (the Agent
-wraps it in ``FailSafeTrackerStore``, which hides errors): ``retrieve`` must
-give the final slots and ``retrieve_full_tracker`` must give every event of
-every session.
+message, one fired when the store's record holds it only in its summary) is
+run through an ``Agent`` backed by Rasa's ``InMemoryTrackerStore`` (the
+reference) and through an ``Agent`` backed by ``PersistentTrackerStore``. At
+every turn the bot responses, ``tracker.current_slot_values()`` and
+``tracker.active_loop_name`` must be identical. Afterwards the primary store
+itself is checked directly (the Agent wraps it in ``FailSafeTrackerStore``,
+which hides errors): ``retrieve`` must give the final slots and
+``retrieve_full_tracker`` must give every event of every session.
 
 Rasa's ``InMemoryTrackerStore`` only keeps the latest session (the processor
 saves the tracker it retrieved, which holds the latest session only), so the
@@ -686,7 +686,8 @@ async def test_reference_takes_every_path(
 
     # a digression mid-form in the last session, then the form goes on; it is
     # completed and ten user turns and more follow without reviving it
-    last_session = max(i for i, e in enumerate(log) if e["event"] in ("restart", "session_started"))
+    last_session = max(i for i, e in enumerate(log)
+                       if e["event"] in ("restart", "session_started"))
     tail = log[last_session:]
     assert any(_actions(t)[:2] == ["utter_iamabot", "pizza_form"] for t in _user_turns(tail))
     submitted = max(i for i, e in enumerate(tail)
