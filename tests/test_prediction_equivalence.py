@@ -3,19 +3,28 @@
 A small but real Rasa 3.6 bot (``tests/equiv_bot``: a form with from_entity and
 from_text mappings, rules with an interruption and a cancel, stories for
 MemoizationPolicy, TEDPolicy for ML history, a text and a float slot, sessions
-that expire after one minute with slots carried over) is trained once and cached
-in ``tests/equiv_bot/models/``.
+that expire after one minute with slots carried over, a FallbackClassifier with
+the two-stage fallback, out-of-scope messages answered by the default fallback,
+custom actions returning ``AllSlotsReset``, ``ReminderScheduled`` and
+``ActionReverted``) is trained once and cached in ``tests/equiv_bot/models/``.
+Its custom actions run in rasa_sdk's executor behind an in-test HTTP action
+server (``tests/equiv_actions.py``).
 
-A scripted conversation of 50 user turns (greet, a story, form filling with
+A scripted conversation of 99 turns (greet, a story, form filling with
 interruptions, a cancel, re-activation and completion, slot-setting entities,
-two ``/restart``, and a session expiry) is run through an ``Agent`` backed by
-Rasa's ``InMemoryTrackerStore`` (the reference) and through an ``Agent`` backed
-by ``PersistentTrackerStore``. At every turn the bot responses,
-``tracker.current_slot_values()`` and ``tracker.active_loop_name`` must be
-identical. Afterwards the primary store itself is checked directly (the Agent
-wraps it in ``FailSafeTrackerStore``, which hides errors): ``retrieve`` must
-give the final slots and ``retrieve_full_tracker`` must give every event of
-every session.
+two ``/restart``, a session expiry, then: a form with a digression and a
+``/back`` mid-form, completed and followed by 42 more turns: five out-of-scope
+fallbacks in a row, ``/back``, two-stage fallbacks ending in clarification and
+in both ways of giving up, ``ActionReverted``, ``AllSlotsReset``, and three
+reminders, fired the way Rasa's scheduler fires them: one cancelled by a user
+message, one fired when the store's record holds it only in its summary) is
+run through an ``Agent`` backed by Rasa's ``InMemoryTrackerStore`` (the
+reference) and through an ``Agent`` backed by ``PersistentTrackerStore``. At
+every turn the bot responses, ``tracker.current_slot_values()`` and
+``tracker.active_loop_name`` must be identical. Afterwards the primary store
+itself is checked directly (the Agent wraps it in ``FailSafeTrackerStore``,
+which hides errors): ``retrieve`` must give the final slots and
+``retrieve_full_tracker`` must give every event of every session.
 
 Rasa's ``InMemoryTrackerStore`` only keeps the latest session (the processor
 saves the tracker it retrieved, which holds the latest session only), so the
@@ -48,8 +57,10 @@ import structlog
 
 import rasa
 import rasa.core.processor
+from rasa.core import jobs
 from rasa.core.agent import Agent
 from rasa.core.brokers.broker import EventBroker
+from rasa.core.channels import CollectingOutputChannel
 from rasa.core.tracker_store import (
     FailSafeTrackerStore,
     InMemoryTrackerStore,
@@ -57,6 +68,9 @@ from rasa.core.tracker_store import (
     TrackerStore,
 )
 from rasa.shared.core.trackers import DialogueStateTracker
+from rasa.utils.endpoints import EndpointConfig
+
+from tests.equiv_actions import NUDGE_REMINDER, OVEN_REMINDER, ActionServer
 
 pytestmark = pytest.mark.equivalence
 
@@ -83,6 +97,9 @@ class Turn:
     # for this one message (the bot's session_expiration_time is 1 minute).
     jump_minutes: float = 0.0
     note: str = ""
+    # Instead of a user message, fire the scheduled reminder of this name the
+    # way Rasa's scheduler does (``MessageProcessor.handle_reminder``).
+    fire_reminder: str = ""
 
 
 CONVERSATION: Tuple[Turn, ...] = (
@@ -132,7 +149,7 @@ CONVERSATION: Tuple[Turn, ...] = (
     Turn("call me carol", note="text slot overwritten"),
     Turn("no more than 40"),
     Turn("can I order a small pizza", note="instant submit with new size"),
-    Turn("what is the meaning of life", note="TEDPolicy: silent action_listen"),
+    Turn("what is the meaning of life", note="out_of_scope: default fallback"),
     Turn("cheers"),
     Turn("bye"),
     Turn("/restart"),
@@ -140,6 +157,58 @@ CONVERSATION: Tuple[Turn, ...] = (
     Turn("I am great", note="story happy path"),
     Turn("goodbye"),
     Turn("hi"),
+    # --- fallbacks, reverts, custom actions, reminders (issue 12) -----------
+    Turn("I want a pizza", note="form asks size"),
+    Turn("am I talking to a bot?", note="digression mid-form: rule, form continues"),
+    Turn("small"),
+    Turn("/back", note="mid-form: reverts 'small', the form asks size again"),
+    Turn("medium"),
+    Turn("olives"),
+    Turn("knock loudly", note="form completed; 10+ turns without it follow"),
+    Turn("remind me to check the oven", note="custom action: ReminderScheduled"),
+    Turn("thanks"),
+    Turn("what is the weather like", note="out_of_scope: default fallback 1"),
+    Turn("tell me a joke", note="out_of_scope: default fallback 2"),
+    Turn("who won the football game", note="out_of_scope: default fallback 3"),
+    Turn("recommend a movie", note="out_of_scope: default fallback 4"),
+    Turn("how tall is mount everest", note="out_of_scope: default fallback 5"),
+    Turn("hello"),
+    Turn("/back", note="action_back: reverts two user messages"),
+    Turn("nudge me later", note="custom action: reminder killed by a user message"),
+    Turn("", fire_reminder=NUDGE_REMINDER, note="fires: no user message since"),
+    Turn("nudge me later", note="the same reminder again"),
+    Turn("I am great"),
+    Turn("", fire_reminder=NUDGE_REMINDER, note="cancelled: the user wrote since"),
+    Turn("call me erin"),
+    Turn("undo that", note="custom action: ActionReverted"),
+    Turn("xq zvbn", note="nlu_fallback: two-stage fallback asks to affirm"),
+    Turn("/deny", note="'Yes' button: the message counts as the suggested intent"),
+    Turn("qwpl mrtx", note="two-stage fallback again"),
+    Turn("/out_of_scope", note="denied: asks to rephrase"),
+    Turn("I am sad", note="rephrased: fallback events reverted"),
+    Turn("zzkv xqw", note="two-stage fallback a third time"),
+    Turn("/out_of_scope", note="denied"),
+    Turn("brrp qnx", note="rephrase not understood: asks to affirm again"),
+    Turn("/out_of_scope", note="second affirmation denied: gives up"),
+    Turn("plmq zz", note="two-stage fallback"),
+    Turn("vvbx qq", note="two low-confidence messages in a row: gives up"),
+    # stories (not rule-only turns) push the reminder out of the window the
+    # record keeps verbatim: only its summary still holds it
+    Turn("hello"),
+    Turn("I am sad"),
+    Turn("no"),
+    Turn("hey"),
+    Turn("I am great"),
+    Turn("hi"),
+    Turn("I am sad"),
+    Turn("yes"),
+    Turn("hello"),
+    Turn("I am great"),
+    Turn("bye"),
+    Turn("", fire_reminder=OVEN_REMINDER, note="fires: set 39 turns ago"),
+    Turn("forget everything about me", note="custom action: AllSlotsReset"),
+    Turn("my budget is 30"),
+    Turn("goodbye"),
 )
 
 
@@ -313,12 +382,45 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=repr))
 
 
+@pytest.fixture
+async def action_endpoint() -> Any:
+    """The bot's custom actions (``tests/equiv_actions.py``) on a loopback
+    port, and a reminder scheduler on this test's event loop (Rasa keeps one
+    global scheduler, bound to the loop that created it)."""
+    jobs.kill_scheduler()
+    server = ActionServer()
+    yield EndpointConfig(url=await server.start())
+    await server.stop()
+    jobs.kill_scheduler()
+
+
+def load_agent(model_path: Path, store: TrackerStore, endpoint: EndpointConfig) -> Agent:
+    return Agent.load(model_path, tracker_store=store, action_endpoint=endpoint)
+
+
+async def fire_reminder(agent: Agent, name: str, sender_id: str) -> List[Dict[str, Any]]:
+    """Run the scheduler job Rasa made for reminder ``name`` now, as the
+    scheduler would at its trigger time (same callback, same event object),
+    and return what the bot said."""
+    scheduler = await jobs.scheduler()
+    job = scheduler.get_job(name)
+    assert job is not None, f"reminder {name!r} was never scheduled"
+    event, job_sender, _ = job.args
+    assert job_sender == sender_id
+    scheduler.remove_job(name)
+    channel = CollectingOutputChannel()
+    await agent.processor.handle_reminder(event, sender_id, channel)
+    return channel.messages
+
+
 async def run_conversation(
     agent: Agent, sender_id: str = SENDER_ID
 ) -> List[TurnRecord]:
     records = []
     for index, turn in enumerate(CONVERSATION):
-        if turn.jump_minutes:
+        if turn.fire_reminder:
+            responses = await fire_reminder(agent, turn.fire_reminder, sender_id)
+        elif turn.jump_minutes:
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(
                     rasa.core.processor,
@@ -332,7 +434,7 @@ async def run_conversation(
         records.append(
             TurnRecord(
                 index=index,
-                text=turn.text,
+                text=turn.text or f"<reminder {turn.fire_reminder}>",
                 responses=_jsonable(responses or []),
                 slots=_jsonable(tracker.current_slot_values()),
                 active_loop=tracker.active_loop_name,
@@ -354,8 +456,10 @@ def event_signature(event: Dict[str, Any]) -> Tuple[Any, ...]:
         return (kind, event.get("name"), event.get("policy"))
     if kind == "slot":
         return (kind, event.get("name"), event.get("value"))
-    if kind in ("active_loop", "action_execution_rejected"):
+    if kind in ("active_loop", "action_execution_rejected", "followup"):
         return (kind, event.get("name"))
+    if kind == "reminder":  # its date_time is "in an hour" from when it ran
+        return (kind, event.get("name"), event.get("intent"), event.get("kill_on_user_msg"))
     return (kind,)
 
 
@@ -374,13 +478,13 @@ class Transcript:
 _REFERENCE: Dict[str, Transcript] = {}
 
 
-async def reference_transcript(model_path: Path) -> Transcript:
+async def reference_transcript(model_path: Path, endpoint: EndpointConfig) -> Transcript:
     """The conversation on Rasa's InMemoryTrackerStore (computed once)."""
     key = str(model_path)
     if key not in _REFERENCE:
         broker = RecordingBroker()
-        agent = Agent.load(
-            model_path, tracker_store=InMemoryTrackerStore(None, event_broker=broker)
+        agent = load_agent(
+            model_path, InMemoryTrackerStore(None, event_broker=broker), endpoint
         )
         errors = StoreErrors()
         errors.hook(agent.tracker_store)
@@ -492,12 +596,114 @@ def test_conversation_covers_the_scenario() -> None:
     jump = next(turn for turn in CONVERSATION if turn.jump_minutes)
     assert jump.jump_minutes * 60 > 60  # bot's session_expiration_time: 1 minute
     assert texts.index("/restart") < texts.index(jump.text) < len(texts) - 5
+    # reminders are fired by the script, each once; the surviving one long
+    # after it was set (the store's window no longer holds that turn raw)
+    fired = [(i, turn.fire_reminder) for i, turn in enumerate(CONVERSATION)
+             if turn.fire_reminder]
+    assert [name for _, name in fired] == [NUDGE_REMINDER, NUDGE_REMINDER, OVEN_REMINDER]
+    (nudged, _), (cancelled, _), (oven, _) = fired
+    assert texts[nudged - 1] == "nudge me later"  # fires
+    assert texts[cancelled - 2] == "nudge me later"  # a user message since
+    assert oven - texts.index("remind me to check the oven") > 30
+    assert texts.count("/back") >= 2
 
 
-async def test_reference_behaves_as_scripted(equiv_model_path: Path) -> None:
+def _user_turns(log: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+    """The full log split before every user event (the first part dropped)."""
+    starts = [i for i, event in enumerate(log) if event["event"] == "user"]
+    return [log[a:b] for a, b in zip(starts, starts[1:] + [len(log)])]
+
+
+def _actions(events: List[Dict[str, Any]]) -> List[str]:
+    return [e["name"] for e in events if e["event"] == "action"]
+
+
+async def test_reference_takes_every_path(
+    equiv_model_path: Path, action_endpoint: EndpointConfig
+) -> None:
+    """The paths issue 12 added really occur in the reference conversation,
+    so that passing the comparison means the store handled them."""
+    ref = await reference_transcript(equiv_model_path, action_endpoint)
+    log, turns = ref.full_log, _user_turns(ref.full_log)
+    types = ref.full_log_types
+    texts = [[r.get("text") for r in record.responses] for record in ref.turns]
+
+    # at least four out-of-scope messages in a row, each reverted by the
+    # default fallback
+    run = longest = 0
+    for turn in turns:
+        reverted = (turn[0]["parse_data"]["intent"]["name"] == "out_of_scope"
+                    and "action_default_fallback" in _actions(turn)
+                    and any(e["event"] == "rewind" for e in turn))
+        run = run + 1 if reverted else 0
+        longest = max(longest, run)
+    assert longest >= 4
+
+    # two-stage fallback: affirmation, rephrase, clarification, both give-ups
+    activations = [e for e in log if e["event"] == "active_loop"
+                   and e["name"] == "action_two_stage_fallback"]
+    assert len(activations) >= 4
+    assert sum(t[:1] == ["Could you say that in other words?"] for t in texts) >= 2
+    gave_up = [i for i, record in enumerate(ref.turns)
+               if ref.turns[i - 1].active_loop == "action_two_stage_fallback"
+               and record.active_loop is None
+               and texts[i] == ["Sorry, I didn't get that."]]
+    assert len(gave_up) >= 2
+    clarified = [t for t in turns if "action_two_stage_fallback" in _actions(t)
+                 and any(e["event"] == "rewind" for e in t)
+                 and t[0]["parse_data"]["intent"]["name"] != "nlu_fallback"]
+    assert len(clarified) >= 2
+
+    # /back outside the form and inside it (the form asks again, the slot
+    # filled by the reverted message is unset)
+    backs = [i for i, turn in enumerate(CONVERSATION) if turn.text == "/back"]
+    assert all(texts[i] == ["Okay, let's go back."] for i in backs)
+    assert types.count("rewind") >= 5 + 2 * len(backs)
+    mid_form = [i for i in backs if ref.turns[i - 1].active_loop == "pizza_form"]
+    assert mid_form
+    assert ref.turns[mid_form[0] - 1].slots["size"] == "small"
+    assert ref.turns[mid_form[0]].slots["size"] is None
+    assert ref.turns[mid_form[0]].slots["requested_slot"] == "size"
+    assert ref.turns[mid_form[0]].active_loop == "pizza_form"
+
+    # custom actions: ActionReverted, AllSlotsReset, two ReminderScheduled
+    assert types.count("undo") == 1
+    assert types.count("reset_slots") == 1
+    reset = next(i for i, turn in enumerate(CONVERSATION)
+                 if turn.text == "forget everything about me")
+    assert any(value is not None for value in ref.turns[reset - 1].slots.values())
+    assert all(value is None for value in ref.turns[reset].slots.values())
+    reminders = [e for e in log if e["event"] == "reminder"]
+    assert [(e["name"], e["kill_on_user_msg"]) for e in reminders] == [
+        (OVEN_REMINDER, False), (NUDGE_REMINDER, True), (NUDGE_REMINDER, True)]
+    # a nudge fires, the next one is cancelled by a user message, the oven
+    # reminder fires long after it was set
+    fired = [texts[i] for i, turn in enumerate(CONVERSATION) if turn.fire_reminder]
+    assert fired == [["None, here is your reminder!"], [],
+                     ["erin, here is your reminder!"]]
+    external = [t for t in turns if t[0]["parse_data"]["intent"]["name"] == "EXTERNAL_reminder"]
+    assert [_actions(t) for t in external] == [["utter_reminder", "action_listen"]] * 2
+
+    # a digression mid-form in the last session, then the form goes on; it is
+    # completed and ten user turns and more follow without reviving it
+    last_session = max(i for i, e in enumerate(log)
+                       if e["event"] in ("restart", "session_started"))
+    tail = log[last_session:]
+    assert any(_actions(t)[:2] == ["utter_iamabot", "pizza_form"] for t in _user_turns(tail))
+    submitted = max(i for i, e in enumerate(tail)
+                    if e["event"] == "action" and e["name"] == "utter_submit")
+    assert (tail[submitted - 1]["event"], tail[submitted - 1]["name"]) == ("active_loop", None)
+    after = tail[submitted:]
+    assert sum(e["event"] == "user" for e in after) >= 10
+    assert not any(e["event"] == "active_loop" and e["name"] == "pizza_form" for e in after)
+
+
+async def test_reference_behaves_as_scripted(
+    equiv_model_path: Path, action_endpoint: EndpointConfig
+) -> None:
     """Pins the bot's behaviour, so a harness bug cannot make every store
     'equivalent' by accident (e.g. a bot that never answers)."""
-    ref = await reference_transcript(equiv_model_path)
+    ref = await reference_transcript(equiv_model_path, action_endpoint)
     by_text = {}
     for record in ref.turns:
         by_text.setdefault(record.text, record)
@@ -556,15 +762,16 @@ async def test_reference_behaves_as_scripted(equiv_model_path: Path) -> None:
     assert len(ref.full_log) > 200
 
 
-async def test_reference_is_deterministic(equiv_model_path: Path) -> None:
+async def test_reference_is_deterministic(
+    equiv_model_path: Path, action_endpoint: EndpointConfig
+) -> None:
     """A second, independently loaded agent on a second InMemoryTrackerStore
     produces exactly the same transcript: divergences found by the store tests
     are therefore caused by the store."""
-    ref = await reference_transcript(equiv_model_path)
+    ref = await reference_transcript(equiv_model_path, action_endpoint)
     broker = RecordingBroker()
-    agent = Agent.load(
-        equiv_model_path,
-        tracker_store=InMemoryTrackerStore(None, event_broker=broker),
+    agent = load_agent(
+        equiv_model_path, InMemoryTrackerStore(None, event_broker=broker), action_endpoint
     )
     turns = await run_conversation(agent)
     assert_same_turns(ref.turns, turns, "second InMemoryTrackerStore")
@@ -574,13 +781,13 @@ async def test_reference_is_deterministic(equiv_model_path: Path) -> None:
 
 
 async def test_rasa_sql_store_matches_reference(
-    equiv_model_path: Path, tmp_path: Path
+    equiv_model_path: Path, action_endpoint: EndpointConfig, tmp_path: Path
 ) -> None:
     """Rasa's own persistent SQLTrackerStore passes the very checks applied to
     our store, which validates the reference full log (broker stream)."""
-    ref = await reference_transcript(equiv_model_path)
+    ref = await reference_transcript(equiv_model_path, action_endpoint)
     store = SQLTrackerStore(None, dialect="sqlite", db=str(tmp_path / "rasa.db"))
-    agent = Agent.load(equiv_model_path, tracker_store=store)
+    agent = load_agent(equiv_model_path, store, action_endpoint)
     errors = StoreErrors()
     errors.hook(agent.tracker_store)
     turns = await run_conversation(agent)
@@ -601,13 +808,17 @@ ENCRYPTION_KEY = "eq1:" + "A" * 43 + "="  # a fixed 32-byte test key
 @pytest.mark.parametrize(
     "overrides",
     [pytest.param({"max_history": 6}, id="window6"), pytest.param({}, id="default"),
+     pytest.param({"max_history": 5}, id="window5"),  # = the policies' own
      pytest.param({"max_history": 6, "environ": {"RPT_ENCRYPTION_KEYS": ENCRYPTION_KEY}},
                   id="window6-encrypted")],
 )
 async def test_prediction_equivalence(
-    equiv_model_path: Path, make_store: Any, overrides: Dict[str, Any]
+    equiv_model_path: Path,
+    action_endpoint: EndpointConfig,
+    make_store: Any,
+    overrides: Dict[str, Any],
 ) -> None:
-    ref = await reference_transcript(equiv_model_path)
+    ref = await reference_transcript(equiv_model_path, action_endpoint)
 
     store = make_store(**overrides)
     if inspect.isawaitable(store):
@@ -615,7 +826,7 @@ async def test_prediction_equivalence(
     assert store._codec.encrypting == ("environ" in overrides)
     label = f"{type(store).__name__}({overrides or 'defaults'})"
 
-    agent = Agent.load(equiv_model_path, tracker_store=store)
+    agent = load_agent(equiv_model_path, store, action_endpoint)
     assert agent.tracker_store._tracker_store is store
     assert {slot.name for slot in store.domain.slots} == {
         slot.name for slot in agent.domain.slots
