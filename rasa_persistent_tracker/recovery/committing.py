@@ -64,17 +64,17 @@ class TurnCommitter:
         An unusable stored value: quarantined, then the commit is retried once.
         Raises ConcurrentSaveError, HotStateBusy, HotStateUnavailable."""
         expected, ttl = base.expected_version, self._config.record_exp
-        entry = self._entries.make(sender_id, rows, time.time())
+        outbox_entry = self._entries.make(sender_id, rows, time.time())
         try:
             try:
-                version = await self._hot.commit(sender_id, expected, payload, ttl, entry,
+                version = await self._hot.commit(sender_id, expected, payload, ttl, outbox_entry,
                                                  expect_record=bool(expected))
             except RecordMissing:
                 # Wiped while this turn ran: with the record went the outbox
                 # entries not delivered yet. Log them again from this tracker.
                 rows = await self.unlogged_rows(sender_id, base, base.next_seq) + rows
-                entry = self._entries.make(sender_id, rows, time.time())
-                version = await self._hot.commit(sender_id, expected, payload, ttl, entry)
+                outbox_entry = self._entries.make(sender_id, rows, time.time())
+                version = await self._hot.commit(sender_id, expected, payload, ttl, outbox_entry)
         except HotStateBusy:
             raise  # overloaded: nothing was written, nothing to re-check
         except HotStateUnavailable as exc:
@@ -89,7 +89,7 @@ class TurnCommitter:
         except UnusableValue as exc:
             await self._quarantine(sender_id, str(exc))
             try:
-                version = await self._hot.commit(sender_id, expected, payload, ttl, entry)
+                version = await self._hot.commit(sender_id, expected, payload, ttl, outbox_entry)
             except UnusableValue as again:  # replaced again in between: give up this turn
                 raise HotStateUnavailable(f"Conversation '{sender_id}': its hot record stays "
                                           f"unusable ({again}).") from again

@@ -52,13 +52,13 @@ class Merger:
         """The stored state ``tracker``'s new events apply to, and those events."""
         sender_id = tracker.sender_id
         try:
-            entry = await self._hot.load(sender_id)
+            hot = await self._hot.load(sender_id)
         except HotStateBusy:
             raise
         except HotStateUnavailable:
-            entry = HotEntry()  # down: merge against the log (the save goes to SQL)
+            hot = HotEntry()  # down: merge against the log (the save goes to SQL)
         events = list(tracker.events)
-        stored = await self._usable_record(sender_id, entry)
+        stored = await self._usable_record(sender_id, hot)
         if stored is not None:
             record, state, known, previous = stored
             new = after_fingerprint(events, record["last_event"])
@@ -66,22 +66,22 @@ class Merger:
                 new = unknown_tail(events, record["events"])
             for event in new:
                 state.update(event)
-            return MergeBase(state, new, entry.version, record["next_seq"], known, previous)
-        next_seq = await self._history.next_seq(sender_id, entry.outbox_seq)
+            return MergeBase(state, new, hot.version, record["next_seq"], known, previous)
+        next_seq = await self._history.next_seq(sender_id, hot.outbox_seq)
         return MergeBase(tracker, await self._after_logged(sender_id, events, next_seq), 0,
                          next_seq, {}, None)
 
-    async def _usable_record(self, sender_id: str, entry: HotEntry) -> Optional[tuple]:
+    async def _usable_record(self, sender_id: str, hot: HotEntry) -> Optional[tuple]:
         """The decoded hot record, or None (an unusable one quarantined)."""
-        if entry.problem:
-            await self._quarantine(sender_id, entry.problem)
+        if hot.problem:
+            await self._quarantine(sender_id, hot.problem)
             return None
-        if entry.payload is None:
+        if hot.payload is None:
             return None
         try:
-            decoded = self._records.decode(sender_id, entry.payload)
+            decoded = self._records.decode(sender_id, hot.payload)
             behind = await self._records.fresh.behind(sender_id, decoded[0]["next_seq"],
-                                                      entry.outbox_seq)
+                                                      hot.outbox_seq)
             if behind:  # a replayed older record: never the base of a merge
                 raise CorruptRecordError(f"record is stale: {behind}")
         except CorruptRecordError as exc:

@@ -124,9 +124,9 @@ class Recovery:
                            self._id(sender_id))
             return tracker
         tracker = self._records.new_tracker(sender_id)
-        entry = await self.load(sender_id)  # undelivered rows count too
+        hot = await self.load(sender_id)  # undelivered rows count too
         self._records.mark(tracker, 0, await self._history.next_seq(
-            sender_id, entry.outbox_seq if entry else 0), {})
+            sender_id, hot.outbox_seq if hot else 0), {})
         logger.warning("Conversation '%s' has no usable snapshot: starting a fresh session.",
                        self._id(sender_id))
         return tracker
