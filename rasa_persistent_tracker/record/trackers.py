@@ -9,7 +9,7 @@ That knowledge is kept here, keyed by the tracker object's identity (held
 weakly), never on Rasa's tracker itself. A copy of a tracker
 (``tracker.copy()``, ``copy.deepcopy``) is a different object: the store did
 not hand it out, so its save finds its new events by merging against the
-stored record (``Recovery.merge_base``), exactly like any foreign tracker.
+stored record (``recovery.merging.Merger``), exactly like any foreign tracker.
 """
 import logging
 import weakref
