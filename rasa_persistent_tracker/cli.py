@@ -16,6 +16,8 @@
   another tracker store into this one (see ``admin/importer.py``).
 * ``quarantine list [ID]`` / ``quarantine restore REF [--force]``: see
   ``admin/quarantine.py``.
+* ``doctor [--domain PATH] [--strict]`` checks storage and configuration and
+  explains what is wrong (see ``admin/doctor.py``).
 * ``export [--since T] [--until T] [--conversation ID] [--output FILE|-]
   [--to-broker] [--cursor FILE]`` streams the log as JSON lines or to the
   endpoints file's event broker (see ``admin/exporting.py``).
@@ -148,7 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="publish to the event_broker of --endpoints, as 'rasa export'")
     export_cmd.add_argument("--cursor", default=None, metavar="FILE",
                             help="remember progress here; run again to continue")
-    for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd, import_cmd, export_cmd):
+    doctor_cmd = commands.add_parser(
+        "doctor", help="check the storage and configuration, and explain",
+        description="Checks that the hot state and the SQL log are reachable (versions), "
+                    "the schema version, the outbox backlog and its oldest entry, "
+                    "quarantined copies, key ids in use, record_exp against the domain's "
+                    "session expiry and pool sizes. Exit 0 when healthy, 1 otherwise.")
+    doctor_cmd.add_argument("--domain", default=None,
+                            help="the bot's domain (default: domain.yml beside --endpoints)")
+    doctor_cmd.add_argument("--strict", action="store_true",
+                            help="warnings count as unhealthy too")
+    for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd, import_cmd, export_cmd,
+                doctor_cmd):
         sub.add_argument("--endpoints", default="endpoints.yml",
                          help="Rasa endpoints file with the tracker_store block "
                               "(default: endpoints.yml)")
@@ -172,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         backends = load_endpoint_backends(args.endpoints, must_exist=args.command != "import")
         runner = {"rotate-keys": commands.run_rotate, "inspect": commands.run_inspect,
                   "quarantine": commands.run_quarantine, "import": commands.run_import,
-                  "export": commands.run_export}[args.command]
+                  "export": commands.run_export, "doctor": commands.run_doctor}[args.command]
         return asyncio.run(runner(backends, args))
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ import sys
 from typing import Any, AsyncIterator
 
 from rasa_persistent_tracker import logids
-from rasa_persistent_tracker.admin import exporting, importer
+from rasa_persistent_tracker.admin import doctor, exporting, importer
 from rasa_persistent_tracker.admin.endpoints_file import tracker_store_block
 from rasa_persistent_tracker.admin.inspection import inspect_conversation
 from rasa_persistent_tracker.admin.quarantine import QuarantineAdmin
@@ -18,6 +18,7 @@ from rasa_persistent_tracker.admin.rotation import primary_key_id, rotate
 from rasa_persistent_tracker.backends import Backends
 from rasa_persistent_tracker.config import mask_url
 from rasa_persistent_tracker.errors import ConfigError
+from rasa_persistent_tracker.security.keys import load_keyring
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -91,6 +92,42 @@ async def run_quarantine(backends: Backends, args: argparse.Namespace) -> int:
         await backends.outbox.stop()
         await backends.hot.close()
         backends.log.close()
+
+
+async def run_doctor(backends: Backends, args: argparse.Namespace) -> int:
+    client = None
+    if not backends.config.embedded:
+        from rasa_persistent_tracker.connect import redis_client_factory
+
+        client = redis_client_factory(backends.config)()
+
+    async def report(finding: doctor.Finding) -> None:
+        print(finding.line(), flush=True)
+    try:
+        findings = await doctor.diagnose(backends, load_keyring(backends.config),
+                                         _domain_beside(args), client, report=report)
+    finally:
+        if client is not None:
+            await client.close()
+        await backends.outbox.stop()
+        await backends.hot.close()
+        backends.log.close()
+    verdict = doctor.summary(findings, args.strict)
+    print(verdict)
+    return EXIT_OK if verdict.startswith("healthy") else EXIT_FAILED
+
+
+def _domain_beside(args: argparse.Namespace) -> Any:
+    """``--domain``, else the domain.yml beside the endpoints file; None if neither."""
+    path = args.domain or os.path.join(os.path.dirname(os.path.abspath(args.endpoints)),
+                                       "domain.yml")
+    if not os.path.exists(path):
+        if args.domain:
+            raise ConfigError(f"Domain '{path}' does not exist.")
+        return None
+    from rasa.shared.core.domain import Domain
+
+    return Domain.load(path)
 
 
 async def run_import(backends: Backends, args: argparse.Namespace) -> int:
