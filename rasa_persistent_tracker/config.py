@@ -86,6 +86,8 @@ class StoreConfig:
     encrypt_user_text: Optional[bool] = None
     accept_plaintext: bool = False
     log_conversation_ids: str = "clear"
+    metrics_port: Optional[int] = None
+    metrics_address: str = "0.0.0.0"
     # Rasa's redis keys, kept so a TLS set-up copied from `type: redis` works.
     ssl_keyfile: Optional[str] = None
     ssl_certfile: Optional[str] = None
@@ -265,12 +267,16 @@ def parse_config(
               "outbox_scan_interval": 0.05, "snapshot_resume_window": 0.0,
               "outbox_linger": 0.0}
     ints = {"max_history": 1, "redis_max_connections": 1, "sql_pool_size": 1,
-            "sql_workers": 1, "outbox_batch_size": 1, "record_cache_size": 0}
+            "sql_workers": 1, "outbox_batch_size": 1, "record_cache_size": 0,
+            "metrics_port": 1}
     for key, value in given.items():
         if key in floats:
             values[key] = _number(key, value, float, floats[key])
         elif key in ints:
             values[key] = _number(key, value, int, ints[key])
+            if key == "metrics_port" and values[key] > 65535:
+                raise ConfigError(f"Config key 'metrics_port' must be a TCP port "
+                                  f"(1-65535), got {_show(value)}.")
         elif key in ("encrypt_user_text", "sync_log", "accept_plaintext"):
             values[key] = _boolean(key, value)
         elif key in ("sensitive_slots", "sync_actions"):
