@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 
+from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.config import StoreConfig, mask_url
 from rasa_persistent_tracker.errors import ConfigError, StorageUnavailable
 
@@ -61,6 +62,16 @@ class _SentinelMaster(aioredis.Redis):
             await sentinel.close()
 
 
+class _CountingPool(aioredis.BlockingConnectionPool):
+    """A blocking pool that counts the calls that have to wait (the metric
+    ``rpt_pool_waits_total``): its queue of free slots is empty when asked."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pool.empty():
+            metrics.POOL_WAITS.inc()
+        return await super().get_connection(*args, **kwargs)
+
+
 def redis_client_factory(config: StoreConfig) -> Callable[[], Any]:
     """Return a function creating a redis.asyncio client for ``config.redis_url``."""
     url = config.redis_url
@@ -73,7 +84,7 @@ def redis_client_factory(config: StoreConfig) -> Callable[[], Any]:
         def standalone_client() -> Any:
             # A blocking pool: with more turns in flight than connections, a
             # turn waits for a free connection instead of failing.
-            pool = aioredis.BlockingConnectionPool.from_url(
+            pool = _CountingPool.from_url(
                 url, max_connections=config.redis_max_connections,
                 timeout=max(config.redis_socket_timeout, 1.0), **common, **tls)
             return _OwningRedis(connection_pool=pool)

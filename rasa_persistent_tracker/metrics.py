@@ -10,15 +10,17 @@ Names follow Prometheus conventions: ``rpt_`` prefix, seconds for durations
 conversation id). ``docs/operations.md`` lists them; the Grafana dashboard in
 ``docs/grafana-dashboard.json`` plots them.
 """
+import functools
 import logging
 import threading
 import time
+import weakref
 from contextlib import contextmanager
-from typing import Dict, Iterator
+from typing import Any, Callable, Dict, Iterator
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from rasa_persistent_tracker.errors import ConfigError
+from rasa_persistent_tracker.errors import ConcurrentSaveError, ConfigError, HotStateBusy
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +49,12 @@ RECOVERIES = Counter(
     "rpt_recoveries_total",
     "Conversations resumed without their hot record, by kind: snapshot, log_replay "
     "(the log past the snapshot), fresh (nothing readable: a new session).", ["kind"])
-OUTBOX_ENTRIES = Gauge(
-    "rpt_outbox_entries",
-    "Undelivered outbox entries this process saw at its last outbox scan.")
+OUTBOX_CONVERSATIONS = Gauge(
+    "rpt_outbox_conversations",
+    "Conversations with outbox entries this process knows to be undelivered.")
 OUTBOX_OLDEST_AGE = Gauge(
     "rpt_outbox_oldest_entry_age_seconds",
-    "Age of the oldest undelivered outbox entry at this process's last outbox scan "
-    "(0 when none).")
+    "Age of the oldest outbox entry this process knows to be undelivered (0: none).")
 POOL_WAITS = Counter(
     "rpt_pool_waits_total",
     "Redis calls that found every pooled connection in use and waited for one.")
@@ -66,6 +67,27 @@ HOT_STATE_OUTAGES = Counter(
 DIRECT_SAVES = Counter(
     "rpt_direct_saves_total",
     "Turns saved straight to the SQL log because the hot state was unreachable.")
+
+_OUTBOXES: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def track_outbox(outbox: Any) -> None:
+    """Count ``outbox`` (anything with ``pending_since() -> Dict[str, float]``)
+    in the outbox gauges while it lives."""
+    _OUTBOXES.add(outbox)
+
+
+def _pending_since() -> Dict[str, float]:
+    since: Dict[str, float] = {}
+    for outbox in list(_OUTBOXES):
+        for cid, when in outbox.pending_since().items():
+            since[cid] = min(when, since.get(cid, when))
+    return since
+
+
+OUTBOX_CONVERSATIONS.set_function(lambda: len(_pending_since()))
+OUTBOX_OLDEST_AGE.set_function(
+    lambda: max(0.0, time.time() - min(_pending_since().values(), default=time.time())))
 
 QUARANTINE_REASONS = ("stale", "unusable", "entry", "corrupt")
 RECOVERY_KINDS = ("snapshot", "log_replay", "fresh")
@@ -85,6 +107,30 @@ def quarantine_reason(detail: str) -> str:
     if "outbox" in lowered or "entry" in lowered:
         return "entry"
     return "corrupt"
+
+
+def measured(histogram: Histogram) -> Callable[[Any], Any]:
+    """Decorate a store coroutine: its duration goes to ``histogram``, and a
+    ``ConcurrentSaveError`` / ``HotStateBusy`` it raises to the counters.
+    The undecorated function stays reachable as ``.unmeasured`` (for calls
+    from within that must not count twice)."""
+    def decorate(function: Any) -> Any:
+        @functools.wraps(function)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await function(*args, **kwargs)
+            except ConcurrentSaveError:
+                CONFLICTS.inc()
+                raise
+            except HotStateBusy:
+                BUSY.inc()
+                raise
+            finally:
+                histogram.observe(time.perf_counter() - started)
+        wrapper.unmeasured = function  # type: ignore[attr-defined]
+        return wrapper
+    return decorate
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import ActionExecuted, Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import startup
+from rasa_persistent_tracker import metrics, startup
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
@@ -94,6 +94,8 @@ class PersistentTrackerStore(TrackerStore):
         if self._backends.announce:
             logger.info(self._backends.announce)
         lifecycle.deliver_on_exit(self._outbox, self._hot)
+        if self.config.metrics_port is not None:
+            metrics.serve(self.config.metrics_port, self.config.metrics_address)
         self._outbox.start()  # rows a previous process left are delivered now
 
     @property
@@ -137,6 +139,7 @@ class PersistentTrackerStore(TrackerStore):
 
     # ---------------------------------------------------------------- reading
 
+    @metrics.measured(metrics.RETRIEVE_SECONDS)
     async def retrieve(self, sender_id: str) -> Optional[DialogueStateTracker]:
         """Rebuild the current session of ``sender_id`` from its hot record.
 
@@ -162,7 +165,7 @@ class PersistentTrackerStore(TrackerStore):
             # The record this process wrote last is still current: no decoding.
             decoded = self._records.rebuild_remembered(sender_id, remembered)
             if decoded is None:
-                return await self.retrieve(sender_id)  # forgotten: read the stored one
+                return await self.retrieve.unmeasured(self, sender_id)  # forgotten: stored one
         elif hot.payload is None:
             return await self._recovery.restore_lost_record(sender_id)
         else:
@@ -216,6 +219,7 @@ class PersistentTrackerStore(TrackerStore):
 
     # ---------------------------------------------------------------- writing
 
+    @metrics.measured(metrics.SAVE_SECONDS)
     async def save(self, tracker: DialogueStateTracker) -> None:
         """Append the tracker's new events to the log and commit its hot record.
 

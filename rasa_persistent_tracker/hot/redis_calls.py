@@ -16,6 +16,7 @@ from typing import Any, Callable, List
 
 from redis import exceptions as redis_errors
 
+from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.errors import HotStateBusy, HotStateUnavailable
 
 # Raised when the connection itself failed: the call may not have run.
@@ -58,6 +59,8 @@ class RedisCaller:
             except Exception as exc:  # every driver error is translated below
                 if not _exhausted(exc):
                     raise self.translate(exc) from exc
+                if delay == 0.01:  # the first wait of this call
+                    metrics.POOL_WAITS.inc()
                 if time.monotonic() + delay > deadline:
                     raise HotStateBusy(
                         f"Redis at {self._description}: no pooled connection came free in "

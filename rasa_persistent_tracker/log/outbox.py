@@ -17,7 +17,9 @@ import logging
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.errors import EventLogUnavailable, HotStateUnavailable
+from rasa_persistent_tracker.hot import entry_header
 from rasa_persistent_tracker.hot.protocol import HotState, Pending
 from rasa_persistent_tracker.log.entries import PLAIN_ENTRIES, Entries
 from rasa_persistent_tracker.log.event_log import AsyncEventLog
@@ -62,6 +64,10 @@ class Outbox:
         self._saved = False
         self.delivered = 0
         self.quarantined = 0
+        # When each conversation's oldest undelivered entry was saved (as far
+        # as this process knows): the outbox age metric.
+        self._since: Dict[str, float] = {}
+        metrics.track_outbox(self)
 
     def start(self) -> None:
         """Start delivery on the running loop, if any: entries a previous
@@ -91,6 +97,7 @@ class Outbox:
     def notify(self, conversation_id: str) -> None:
         """Mark a conversation as having fresh entries and start delivery."""
         self._dirty.add(conversation_id)
+        self._since.setdefault(conversation_id, time.time())
         self._saved = True
         self._ensure_running()
         self._wake.set()
@@ -150,9 +157,14 @@ class Outbox:
         finally:
             waiter.cancel()
 
+    def pending_since(self) -> Dict[str, float]:
+        """Conversation -> when its oldest undelivered entry was saved."""
+        return dict(self._since)
+
     async def _scan(self) -> None:
         async for conversation_id in self._hot.outboxes():
             self._dirty.add(conversation_id)
+            self._since.setdefault(conversation_id, time.time())
 
     async def deliver(self, conversation_ids: Iterable[str]) -> int:
         """Move pending entries of these conversations into SQL; return rows moved.
@@ -189,6 +201,7 @@ class Outbox:
         unfinished: List[str] = []
         for cid in ids:
             pending = await self._hot.pending(cid, self._batch_size)
+            self._note_oldest(cid, pending.entries)
             if not pending.complete:
                 unfinished.append(cid)
             saved_at, good = await self._readable_rows(cid, pending.entries)
@@ -199,14 +212,28 @@ class Outbox:
             if snapshot is not None:
                 snapshots[cid] = snapshot
         if rows:
-            if await self._log.run(self._log.sync.append, rows, snapshots):
-                self._on_resequenced()
+            with metrics.timed(metrics.DELIVERY_SECONDS):
+                if await self._log.run(self._log.sync.append, rows, snapshots):
+                    self._on_resequenced()
             for cid, conv_rows in rows.items():
                 await self._hot.ack(cid, conv_rows[-1]["seq"])
         self._dirty.update(unfinished)
+        for cid in ids:
+            if cid not in self._dirty:  # all delivered, and no save since
+                self._since.pop(cid, None)
         moved = sum(len(r) for r in rows.values())
         self.delivered += moved
+        metrics.DELIVERED_ROWS.inc(moved)
         return moved
+
+    def _note_oldest(self, cid: str, entries: List[str]) -> None:
+        if not entries:
+            return
+        try:
+            saved_at = entry_header.split(entries[0])[1]
+        except ValueError:
+            return  # unreadable: quarantined below
+        self._since[cid] = min(saved_at, self._since.get(cid, saved_at))
 
     async def _readable_rows(self, cid: str,
                              entries: List[str]) -> Tuple[float, List[RowDict]]:
@@ -227,6 +254,7 @@ class Outbox:
                 # (none is acknowledged before SQL holds it).
                 key = await self._hot.quarantine_entry(cid, entry, self._quarantine_ttl)
                 self.quarantined += 1
+                metrics.QUARANTINES.labels("entry").inc()
                 logger.warning("Conversation '%s': unreadable outbox entry (%s) moved to %s.",
                                self._ids(cid), exc, key.replace(cid, self._ids(cid)))
                 continue

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, List, Tuple
 
+from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.config import StoreConfig
 from rasa_persistent_tracker.errors import (
     EventLogUnavailable,
@@ -81,6 +82,7 @@ class TurnCommitter:
             # Redis is the fast path, SQL the record: the turn goes to SQL,
             # after the turns the unreachable (maybe emptied) outbox still holds.
             self._suspect()
+            metrics.DIRECT_SAVES.inc()
             rows = await self.unlogged_rows(sender_id, base, rows[0].seq) + rows
             version = await direct.save(self._log, sender_id, rows,
                                         self._codec.reseal_record(payload, sender_id, SNAPSHOT),

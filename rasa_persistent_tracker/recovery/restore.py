@@ -21,6 +21,7 @@ from typing import List, NamedTuple, Optional
 
 from rasa.shared.core.trackers import DialogueStateTracker
 
+from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.config import StoreConfig
 from rasa_persistent_tracker.errors import (
     CorruptRecordError,
@@ -65,7 +66,10 @@ class Recovery:
         self._id = ids
 
     def suspect(self) -> None:
-        """The hot state just failed: check records against SQL for a while."""
+        """The hot state just failed: check records against SQL for a while
+        (counted as an outage when the last one is over)."""
+        if not self._suspicion.active:
+            metrics.HOT_STATE_OUTAGES.inc()
         self._suspicion.suspect()
 
     @property
@@ -107,6 +111,7 @@ class Recovery:
     async def quarantine(self, sender_id: str, reason: str) -> Optional[str]:
         """Move the unusable hot value aside (one WARNING); return where it went."""
         where = await self._hot.quarantine(sender_id, self._config.quarantine_ttl)
+        metrics.QUARANTINES.labels(metrics.quarantine_reason(reason)).inc()
         logger.warning("Conversation '%s': stored hot state is unreadable (%s); kept as %s.",
                        self._id(sender_id), reason,
                        self._id.in_text(where, sender_id) if where
@@ -127,6 +132,7 @@ class Recovery:
         hot = await self.load(sender_id)  # undelivered rows count too
         self._records.mark(tracker, 0, await self._history.next_seq(
             sender_id, hot.outbox_seq if hot else 0), {})
+        metrics.RECOVERIES.labels("fresh").inc()
         logger.warning("Conversation '%s' has no usable snapshot: starting a fresh session.",
                        self._id(sender_id))
         return tracker
@@ -175,7 +181,8 @@ class Recovery:
             resumed = resumed._replace(tracker=window.last_session(resumed.tracker),
                                        previous=None)
         version = expected if expected is not None else (snapshot.version if snapshot else 0)
-        if refill:
+        if refill:  # a recovery (not a read while the hot state is down)
+            metrics.RECOVERIES.labels("log_replay" if from_log else "snapshot").inc()
             version, resumed = await self._write_back(sender_id, version, resumed)
         self._records.mark(resumed.tracker, version, resumed.next_seq, resumed.known,
                            resumed.previous)
