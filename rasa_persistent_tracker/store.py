@@ -17,7 +17,9 @@ from rasa.shared.core.trackers import DialogueStateTracker
 from rasa_persistent_tracker import metrics, startup
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.errors import (
+    ConcurrentSaveError,
     CorruptRecordError,
+    HotStateBusy,
     PersistentTrackerError,
 )
 from rasa_persistent_tracker.log import direct, lifecycle
@@ -33,6 +35,9 @@ from rasa_persistent_tracker.security.crypto import SNAPSHOT
 from rasa_persistent_tracker.values import ENCODING_ERRORS, unstorable
 
 logger = logging.getLogger(__name__)
+# Restores of a hot record (from SQL) that may lose the race to another
+# process's write before retrieve gives up with HotStateBusy.
+_RESTORE_RACES = 5
 
 
 class PersistentTrackerStore(TrackerStore):
@@ -152,9 +157,21 @@ class PersistentTrackerStore(TrackerStore):
             HotStateUnavailable: the hot state is unreachable and the SQL log is
                 too, or holds nothing of the conversation yet (never a silent
                 fresh tracker).
-            HotStateBusy: no pooled Redis connection came free in time.
+            HotStateBusy: no pooled Redis connection came free in time, or the
+                conversation kept changing under a restore.
         """
         self._outbox.start()
+        for _ in range(_RESTORE_RACES):
+            try:
+                return await self._read(sender_id)
+            except ConcurrentSaveError:
+                # A record restored from SQL lost the race to a newer write of
+                # another process: read that one instead.
+                continue
+        raise HotStateBusy(f"Conversation '{self._ids(sender_id)}' changed during each of "
+                           f"{_RESTORE_RACES} restores of its hot record.")
+
+    async def _read(self, sender_id: str) -> Optional[DialogueStateTracker]:
         remembered = self._recent.get(sender_id)
         hot = await self._recovery.load(sender_id, remembered.digest if remembered else None)
         if hot is None:  # hot state down: degraded read from the snapshot
@@ -165,7 +182,7 @@ class PersistentTrackerStore(TrackerStore):
             # The record this process wrote last is still current: no decoding.
             decoded = self._records.rebuild_remembered(sender_id, remembered)
             if decoded is None:
-                return await self.retrieve.unmeasured(self, sender_id)  # forgotten: stored one
+                return await self._read(sender_id)  # forgotten: read the stored one
         elif hot.payload is None:
             return await self._recovery.restore_lost_record(sender_id)
         else:

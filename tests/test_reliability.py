@@ -406,3 +406,35 @@ async def test_redis_down_never_gives_a_fresh_tracker_and_recovers(throwaway_red
         engine.dispose()
     finally:
         await pair.cleanup()
+
+
+async def test_a_restore_that_loses_the_race_to_a_newer_write_reads_that_write(make_store,
+                                                                              backend):
+    # The hot record is gone (a wipe); process A restores it from the SQL
+    # snapshot while process B commits a turn of the same conversation. A's
+    # write-back conflicts: retrieve must read B's record, never raise.
+    a, b = make_store(), make_store()
+    tracker = await a.get_or_create_tracker("restore-race")
+    turn(tracker, "before")
+    await a.save(tracker)
+    await a.flush()
+    client = backend.redis_client()
+    for key in list(client.scan_iter(match=f"{backend.prefix}:*")):
+        client.delete(key)
+    client.close()
+    commit = a._hot.commit
+    raced = []
+
+    async def racing_commit(cid, expected, payload, ttl, outbox_entry, **kwargs):
+        if outbox_entry is None and not raced:  # A's write-back of the restored record
+            raced.append(True)
+            other = await b.retrieve(cid)  # B restores and writes its turn first
+            turn(other, "from B")
+            await b.save(other)
+        return await commit(cid, expected, payload, ttl, outbox_entry, **kwargs)
+    a._hot.commit = racing_commit
+    got = await a.retrieve("restore-race")
+    assert raced and got.get_slot("name") == "from B"
+    turn(got, "after")
+    await a.save(got)  # read after the race: no conflict
+    assert (await b.retrieve("restore-race")).get_slot("name") == "after"
