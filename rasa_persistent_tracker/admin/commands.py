@@ -23,19 +23,31 @@ from rasa_persistent_tracker.security.keys import load_keyring
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def _raw_access(backends: Backends) -> RawHotAccess:
+def _redis_client(backends: Backends) -> Any:
+    """A client on the hot state's Redis; None for the embedded hot state."""
     if backends.config.embedded:
-        return RawHotAccess(backends.config)
+        return None
     from rasa_persistent_tracker.connect import redis_client_factory
 
-    return RawHotAccess(backends.config, redis_client_factory(backends.config)())
+    return redis_client_factory(backends.config)()
+
+
+async def _release(backends: Backends, client: Any = None) -> None:
+    """Stop what a command opened: the storage, and a Redis client if any."""
+    if client is not None:
+        await client.close()
+    await backends.outbox.stop()
+    await backends.hot.close()
+    backends.log.close()
+
+
+def _raw_access(backends: Backends) -> RawHotAccess:
+    return RawHotAccess(backends.config, _redis_client(backends))
 
 
 async def _close(backends: Backends, raw: RawHotAccess) -> None:
-    await backends.outbox.stop()
     await raw.close()
-    await backends.hot.close()
-    backends.log.close()
+    await _release(backends)
 
 
 async def run_rotate(backends: Backends, args: argparse.Namespace) -> int:
@@ -69,11 +81,7 @@ async def run_inspect(backends: Backends, args: argparse.Namespace) -> int:
 
 
 async def run_quarantine(backends: Backends, args: argparse.Namespace) -> int:
-    client = None
-    if not backends.config.embedded:
-        from rasa_persistent_tracker.connect import redis_client_factory
-
-        client = redis_client_factory(backends.config)()
+    client = _redis_client(backends)
     admin = QuarantineAdmin(backends, client)
     try:
         if args.action == "list":
@@ -87,19 +95,11 @@ async def run_quarantine(backends: Backends, args: argparse.Namespace) -> int:
         print(await admin.restore(args.ref, force=args.force))
         return EXIT_OK
     finally:
-        if client is not None:
-            await client.close()
-        await backends.outbox.stop()
-        await backends.hot.close()
-        backends.log.close()
+        await _release(backends, client)
 
 
 async def run_doctor(backends: Backends, args: argparse.Namespace) -> int:
-    client = None
-    if not backends.config.embedded:
-        from rasa_persistent_tracker.connect import redis_client_factory
-
-        client = redis_client_factory(backends.config)()
+    client = _redis_client(backends)
 
     async def report(finding: doctor.Finding) -> None:
         print(finding.line(), flush=True)
@@ -107,11 +107,7 @@ async def run_doctor(backends: Backends, args: argparse.Namespace) -> int:
         findings = await doctor.diagnose(backends, load_keyring(backends.config),
                                          _domain_beside(args), client, report=report)
     finally:
-        if client is not None:
-            await client.close()
-        await backends.outbox.stop()
-        await backends.hot.close()
-        backends.log.close()
+        await _release(backends, client)
     verdict = doctor.summary(findings, args.strict)
     print(verdict)
     return EXIT_OK if verdict.startswith("healthy") else EXIT_FAILED
@@ -190,9 +186,7 @@ async def run_export(backends: Backends, args: argparse.Namespace) -> int:
             out.close()
         if broker is not None:
             await broker.close()
-        await backends.outbox.stop()
-        await backends.hot.close()
-        backends.log.close()
+        await _release(backends)
     if tty:
         print(file=sys.stderr)
     print(report.summary(), file=sys.stderr if args.output == "-" and not broker else sys.stdout)
