@@ -6,12 +6,11 @@ SQL log and delivery to it in ``log/``, encoding and encryption in
 ``security/``, everything off the happy path in ``recovery/``.
 """
 import logging
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 from rasa.core.brokers.broker import EventBroker
 from rasa.core.tracker_store import TrackerStore
 from rasa.shared.core.domain import Domain
-from rasa.shared.core.events import ActionExecuted, Event
 from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import metrics, startup
@@ -20,19 +19,15 @@ from rasa_persistent_tracker.errors import (
     ConcurrentSaveError,
     CorruptRecordError,
     HotStateBusy,
-    PersistentTrackerError,
 )
 from rasa_persistent_tracker.log import direct, lifecycle
-from rasa_persistent_tracker.log.tables import LogRow
 from rasa_persistent_tracker.record import window
-from rasa_persistent_tracker.record.recent import Remembered
 from rasa_persistent_tracker.record.turns import TurnEncoder
 from rasa_persistent_tracker.recovery.committing import TurnCommitter
 from rasa_persistent_tracker.recovery.history import History
 from rasa_persistent_tracker.recovery.merging import MergeBase, Merger
 from rasa_persistent_tracker.recovery.restore import Recovery
 from rasa_persistent_tracker.security.crypto import SNAPSHOT
-from rasa_persistent_tracker.values import ENCODING_ERRORS, unstorable
 
 logger = logging.getLogger(__name__)
 # Restores of a hot record (from SQL) that may lose the race to another
@@ -93,7 +88,8 @@ class PersistentTrackerStore(TrackerStore):
                                   self.config, self._backends.suspicion, self._ids)
         self._committer = TurnCommitter(self._hot, self._log, self._codec, self._outbox.entries,
                                         self._turns, self.config, self._ids,
-                                        self._recovery.quarantine, self._recovery.suspect)
+                                        self._recovery.quarantine, self._recovery.suspect,
+                                        self._history.full_session)
         self._merger = Merger(self._hot, self._history, self._records,
                               self._recovery.quarantine)
         if self._backends.announce:
@@ -260,14 +256,15 @@ class PersistentTrackerStore(TrackerStore):
             if base.expected_version:
                 await self._hot.touch(sender_id, self.config.record_exp)
             return
-        rows, state, built, payload, remembered = await self._encode_turn(sender_id, base)
+        rows, state, built, payload, remembered = await self._committer.encode_turn(
+            sender_id, base, self.domain.slots)
         version, queued, rows = await self._committer.commit_turn(sender_id, base, payload, rows)
         self._recent.put(sender_id, remembered)
         self._records.mark(tracker, version, base.next_seq + len(base.new), built.forms,
                            built.previous if state is tracker else None)
         if queued:  # else it is in SQL already
             self._outbox.notify(sender_id)
-            if self.config.sync_log or self._runs_sync_action(base.new):
+            if self._committer.writes_through(base.new):
                 await direct.write_through(
                     self._outbox, self._log, sender_id, rows,
                     self._codec.reseal_record(payload, sender_id, SNAPSHOT), version,
@@ -285,34 +282,6 @@ class PersistentTrackerStore(TrackerStore):
                 return MergeBase(tracker, new, loaded.version, loaded.next_seq, loaded.forms,
                                  loaded.previous)
         return await self._merger.merge_base(tracker)
-
-    async def _encode_turn(self, sender_id: str, base: MergeBase) -> Tuple[
-            List[LogRow], DialogueStateTracker, window.Built, str, Remembered]:
-        """The turn's log rows, the tracker the record is built from, the
-        record and its payload. Raises SlotValueError (nothing written)."""
-        state, new, next_seq = base.state, base.new, base.next_seq
-        try:
-            rows = self._turns.rows(sender_id, new, next_seq, base.known)
-            built = self._turns.build(state, self.domain.slots, next_seq + len(new), base.known,
-                                      base.previous)
-            if built.short:
-                full = await self._history.full_session(sender_id, next_seq, new)
-                if full is not None:  # reverts reached past the record: rebuild it from the log
-                    state = full
-                    built = self._turns.build(full, self.domain.slots, next_seq + len(new),
-                                              base.known)
-            payload, remembered = self._turns.encode(built)
-        except PersistentTrackerError:
-            raise
-        except ENCODING_ERRORS as exc:
-            raise unstorable(new, exc) from None
-        return rows, state, built, payload, remembered
-
-    def _runs_sync_action(self, new: List[Event]) -> bool:
-        """Whether the turn ran an action listed in ``sync_actions`` (written through)."""
-        names = self.config.sync_actions
-        return bool(names) and any(getattr(e, "action_name", None) in names for e in new
-                                   if isinstance(e, ActionExecuted))
 
     # --------------------------------------------------------------- lifecycle
 

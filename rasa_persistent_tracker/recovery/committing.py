@@ -1,6 +1,9 @@
-"""Committing a turn when the hot state fails under it.
+"""Encoding and committing a turn, also when the hot state fails under it.
 
-``TurnCommitter.commit_turn`` writes the record and the turn's outbox entry
+``TurnCommitter.encode_turn`` turns a turn into log rows and a hot record
+(rebuilt from the log when reverts reached past the record);
+``writes_through`` says whether it goes to SQL at once (``sync_log``,
+``sync_actions``). ``TurnCommitter.commit_turn`` writes the record and the turn's outbox entry
 atomically; when the hot state is down the turn goes straight to SQL
 (``direct.save``), when its value is unusable it is quarantined and the
 commit retried, and when the record was wiped while the turn ran, the rows
@@ -8,7 +11,11 @@ the wiped outbox lost are logged again from the tracker (``unlogged_rows``).
 """
 import logging
 import time
-from typing import Any, Awaitable, Callable, List, Tuple
+from typing import Any, Awaitable, Callable, Iterable, List, Optional, Tuple
+
+from rasa.shared.core.events import ActionExecuted, Event
+from rasa.shared.core.slots import Slot
+from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.config import StoreConfig
@@ -16,6 +23,7 @@ from rasa_persistent_tracker.errors import (
     EventLogUnavailable,
     HotStateBusy,
     HotStateUnavailable,
+    PersistentTrackerError,
 )
 from rasa_persistent_tracker.hot.protocol import HotState, RecordMissing, UnusableValue
 from rasa_persistent_tracker.log import direct
@@ -23,10 +31,13 @@ from rasa_persistent_tracker.log.entries import Entries
 from rasa_persistent_tracker.log.event_log import AsyncEventLog
 from rasa_persistent_tracker.log.tables import LogRow
 from rasa_persistent_tracker.logids import ConversationIds
+from rasa_persistent_tracker.record import window
+from rasa_persistent_tracker.record.recent import Remembered
 from rasa_persistent_tracker.record.turns import TurnEncoder
 from rasa_persistent_tracker.recovery.merging import MergeBase
 from rasa_persistent_tracker.security.codec import Codec
 from rasa_persistent_tracker.security.crypto import SNAPSHOT
+from rasa_persistent_tracker.values import ENCODING_ERRORS, unstorable
 
 logger = logging.getLogger("rasa_persistent_tracker.store")
 
@@ -37,12 +48,16 @@ class TurnCommitter:
     Args:
         quarantine: moves an unusable hot value aside (``Recovery.quarantine``).
         suspect: the hot state failed (``Recovery.suspect``).
+        full_session: the session from the log (``History.full_session``).
     """
 
     def __init__(self, hot: HotState, log: AsyncEventLog, codec: Codec, entries: Entries,
                  turns: TurnEncoder, config: StoreConfig, ids: ConversationIds,
                  quarantine: Callable[[str, str], Awaitable[Any]],
-                 suspect: Callable[[], None]) -> None:
+                 suspect: Callable[[], None],
+                 full_session: Callable[..., Awaitable[Optional[DialogueStateTracker]]]
+                 ) -> None:
+        self._full_session = full_session
         self._hot = hot
         self._log = log
         self._codec = codec
@@ -52,6 +67,37 @@ class TurnCommitter:
         self._id = ids
         self._quarantine = quarantine
         self._suspect = suspect
+
+    async def encode_turn(self, sender_id: str, base: MergeBase, slots: Iterable[Slot]
+                          ) -> Tuple[List[LogRow], DialogueStateTracker, window.Built, str,
+                                     Remembered]:
+        """The turn's log rows, the tracker the record is built from, the
+        record and its payload. Raises SlotValueError (nothing written)."""
+        state, new, next_seq = base.state, base.new, base.next_seq
+        slots = list(slots)
+        try:
+            rows = self._turns.rows(sender_id, new, next_seq, base.known)
+            built = self._turns.build(state, slots, next_seq + len(new), base.known,
+                                      base.previous)
+            if built.short:
+                full = await self._full_session(sender_id, next_seq, new)
+                if full is not None:  # reverts reached past the record: rebuild it from the log
+                    state = full
+                    built = self._turns.build(full, slots, next_seq + len(new), base.known)
+            payload, remembered = self._turns.encode(built)
+        except PersistentTrackerError:
+            raise
+        except ENCODING_ERRORS as exc:
+            raise unstorable(new, exc) from None
+        return rows, state, built, payload, remembered
+
+    def writes_through(self, new: List[Event]) -> bool:
+        """Whether the turn goes to SQL before ``save`` returns: ``sync_log``,
+        or it ran an action listed in ``sync_actions``."""
+        names = self._config.sync_actions
+        return self._config.sync_log or bool(names) and any(
+            getattr(e, "action_name", None) in names for e in new
+            if isinstance(e, ActionExecuted))
 
     async def commit_turn(self, sender_id: str, base: MergeBase, payload: str,
                           rows: List[LogRow]) -> Tuple[int, bool, List[LogRow]]:
