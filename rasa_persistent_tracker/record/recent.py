@@ -36,19 +36,19 @@ class Remembered:
 
     digest: str
     record: Dict[str, Any]
-    texts: List[str]
-    base_text: Optional[str] = None
+    event_jsons: List[str]
+    base_json: Optional[str] = None
     base_events: Optional[List[Any]] = None
     window_events: Optional[List[Any]] = None
     users: Tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, digest: str, record: Dict[str, Any], texts: List[str],
-           base_text: Optional[str] = None, base_events: Optional[List[Any]] = None,
+    def of(cls, digest: str, record: Dict[str, Any], event_jsons: List[str],
+           base_json: Optional[str] = None, base_events: Optional[List[Any]] = None,
            window_events: Optional[List[Any]] = None) -> "Remembered":
         users = tuple(i for i, event in enumerate(record["events"])
                       if event.get("event") == "user")
-        return cls(digest, record, texts, base_text, base_events, window_events, users)
+        return cls(digest, record, event_jsons, base_json, base_events, window_events, users)
 
     def replayable(self) -> Dict[str, Any]:
         """The record to rebuild a tracker from (see the class docstring)."""

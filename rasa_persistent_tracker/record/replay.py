@@ -88,8 +88,8 @@ def rebuild_tracker(
     record: Dict[str, Any],
     slots: Iterable[Slot],
     max_event_history: Optional[int],
-    texts: Optional[List[str]] = None,
-    base_text: Optional[str] = None,
+    event_jsons: Optional[List[str]] = None,
+    base_json: Optional[str] = None,
     base_events: Optional[List[Event]] = None,
     window_events: Optional[List[Optional[Event]]] = None,
 ) -> Tuple[DialogueStateTracker, StoredForms, RebuiltBase]:
@@ -97,7 +97,7 @@ def rebuild_tracker(
 
     Returns the tracker, the stored forms of its window events and the ``RebuiltBase``
     base, both for ``build_record``, with the events' and the base's JSON
-    texts if known (``texts``, ``base_text``). ``base_events`` are the base's
+    texts if known (``event_jsons``, ``base_json``). ``base_events`` are the base's
     slot events parsed before (``RebuiltBase.slot_events``) and ``window_events``
     (aligned with ``record["events"]``, None: parse it) events parsed before:
     both are reused as they are. Rasa never edits an event once it is in a
@@ -127,7 +127,7 @@ def rebuild_tracker(
             bot = base.get("latest_bot")
             tracker.latest_bot_utterance = parse_event(bot) if bot else BotUttered.empty()
         previous = RebuiltBase(base if record["schema"] != 1 else {}, len(tracker.events),
-                            tracker.events[0] if tracker.events else None, base_text,
+                            tracker.events[0] if tracker.events else None, base_json,
                             base_events)
         forms: StoredForms = {}
         for i, event_dict in enumerate(record["events"]):
@@ -137,7 +137,7 @@ def rebuild_tracker(
             if event is None:
                 raise CorruptRecordError(f"unknown event type {event_dict.get('event')!r}")
             tracker.update(event)
-            forms[id(event)] = (event, event_dict, texts[i] if texts else None)
+            forms[id(event)] = (event, event_dict, event_jsons[i] if event_jsons else None)
     except EVENT_ERRORS as exc:
         raise CorruptRecordError(f"event cannot be parsed ({type(exc).__name__})") from None
     known = {s.name for s in slot_list}

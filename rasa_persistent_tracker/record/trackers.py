@@ -117,8 +117,8 @@ class Records:
         record = remembered.replayable()
         try:
             tracker, known, previous = replay.rebuild_tracker(
-                record, self.domain.slots, self.max_event_history, remembered.texts,
-                remembered.base_text, remembered.base_events, remembered.window_events)
+                record, self.domain.slots, self.max_event_history, remembered.event_jsons,
+                remembered.base_json, remembered.base_events, remembered.window_events)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': the record this process remembers does not "
                            "replay (%s); reading the stored one.", self._ids(sender_id), exc)

@@ -83,12 +83,13 @@ class TurnEncoder:
             PersistentTrackerError: another value cannot be stored.
         """
         encoded = self._encoded(built)
-        texts = encoded.texts
-        if None in built.texts and len(built.forms) == len(texts):  # keep those made just now
-            for (key, (event, as_dict, _)), text in zip(list(built.forms.items()), texts):
+        event_jsons = encoded.event_jsons
+        if None in built.event_jsons and len(built.forms) == len(event_jsons):
+            # keep the texts made just now
+            for (key, (event, as_dict, _)), text in zip(list(built.forms.items()), event_jsons):
                 built.forms[key] = (event, as_dict, text)
         if built.previous is not None:
-            built.previous.text = encoded.base_text
+            built.previous.text = encoded.base_json
         return encoded.payload, self._remembered(built, encoded)
 
     def _encoded(self, built: window.Built) -> Encoded:
@@ -96,7 +97,7 @@ class TurnEncoder:
         stored raises SlotValueError naming its slot, else PersistentTrackerError."""
         record = built.record
         try:
-            return self._codec.encode_record(record, built.texts, built.base_text)
+            return self._codec.encode_record(record, built.event_jsons, built.base_json)
         except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
             for name, value in record["state"]["slots"].items():
                 try:
@@ -114,10 +115,11 @@ class TurnEncoder:
         before = self._recent.get(built.record["sender_id"])
         parsed = {id(e) for e in (before.window_events or ()) if e is not None} if before else ()
         return Remembered.of(
-            payload_digest(encoded.payload), encoded.record, encoded.texts, encoded.base_text,
+            payload_digest(encoded.payload), encoded.record, encoded.event_jsons,
+            encoded.base_json,
             built.previous.slot_events if built.previous is not None else None,
             [e if id(e) in parsed else None for e, _, _ in built.forms.values()]
-            if parsed and len(built.forms) == len(encoded.texts) else None)
+            if parsed and len(built.forms) == len(encoded.event_jsons) else None)
 
 
 def _column(name: str, value: Optional[str]) -> Optional[str]:

@@ -179,8 +179,8 @@ def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List
 class Built:
     """A new hot record and what the store keeps about it.
 
-    ``texts[i]`` is the JSON text of ``record["events"][i]`` if known (None:
-    not serialised yet), ``base_text`` that of ``record["base"]`` if known
+    ``event_jsons[i]`` is the JSON text of ``record["events"][i]`` if known (None:
+    not serialised yet), ``base_json`` that of ``record["base"]`` if known
     (reused unchanged), ``forms`` the stored forms of the events the record holds,
     ``previous`` the base to reuse for this same tracker next time (None after
     a compaction). ``short``: reverts undid more turns than the tracker holds
@@ -189,10 +189,10 @@ class Built:
     """
 
     record: Dict[str, Any]
-    texts: List[Optional[str]]
+    event_jsons: List[Optional[str]]
     forms: StoredForms
     previous: Optional[RebuiltBase]
-    base_text: Optional[str] = None
+    base_json: Optional[str] = None
     short: bool = False
 
 
@@ -244,7 +244,7 @@ def build_record(
             reused = previous
     kept_forms: StoredForms = {}
     window = []
-    texts: List[Optional[str]] = []
+    event_jsons: List[Optional[str]] = []
     for event in events[cut:]:
         hit = known.get(id(event))
         if hit is None or hit[0] is not event:
@@ -252,7 +252,7 @@ def build_record(
             hit = (event, as_dict, text)
         kept_forms[id(event)] = hit
         window.append(hit[1])
-        texts.append(hit[2])
+        event_jsons.append(hit[2])
     last_user = next((e for e in reversed(events) if isinstance(e, UserUttered)), None)
     record = {
         "schema": SCHEMA_VERSION,
@@ -270,8 +270,8 @@ def build_record(
         },
         "last_event": fingerprint(window[-1]) if window else None,
     }
-    return Built(record, texts, kept_forms, reused, reused.text if reused is not None else None,
-                 short)
+    return Built(record, event_jsons, kept_forms, reused,
+                 reused.text if reused is not None else None, short)
 
 
 def last_session(tracker: DialogueStateTracker) -> DialogueStateTracker:

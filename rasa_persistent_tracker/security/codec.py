@@ -26,8 +26,8 @@ class Encoded(NamedTuple):
 
     payload: str
     record: Dict[str, Any]
-    texts: List[str]
-    base_text: str
+    event_jsons: List[str]
+    base_json: str
 
 
 class Codec:
@@ -71,30 +71,30 @@ class Codec:
                                  record.get("sender_id") if isinstance(record, dict) else None)
 
     def encode_record(self, record: Dict[str, Any], event_texts: List[Optional[str]],
-                      base_text: Optional[str] = None) -> "Encoded":
+                      base_json: Optional[str] = None) -> "Encoded":
         """``dumps_record`` for a record whose parts are partly serialised already.
 
         ``event_texts[i]`` is the JSON text of ``record["events"][i]`` and
-        ``base_text`` that of ``record["base"]`` (None: serialise it here); only
+        ``base_json`` that of ``record["base"]`` (None: serialise it here); only
         the rest is serialised anew. ``record["events"]`` (and ``record["base"]``
         if its text is given) must hold values as they read back from JSON.
         Raises ``TypeError`` for a value that cannot be written and
         ``CorruptRecordError`` for one that would not read back as written.
         """
-        texts = [text if text is not None else self._plain.dumps(event)
+        event_jsons = [text if text is not None else self._plain.dumps(event)
                  for event, text in zip(record["events"], event_texts, strict=True)]
-        skip = ("events", "base") if base_text is not None else ("events",)
+        skip = ("events", "base") if base_json is not None else ("events",)
         head = self._plain.dumps({k: v for k, v in record.items() if k not in skip})
         decoded = self._plain.loads(head)
         decoded["events"] = record["events"]
-        if base_text is not None:
+        if base_json is not None:
             decoded["base"] = record["base"]
-            head = f'{{"base":{base_text},{head[1:]}'
+            head = f'{{"base":{base_json},{head[1:]}'
         else:
-            base_text = self._plain.dumps(decoded["base"])
-        payload = self._seal_record(f'{{"events":[{",".join(texts)}],{head[1:]}', crypto.HOT,
+            base_json = self._plain.dumps(decoded["base"])
+        payload = self._seal_record(f'{{"events":[{",".join(event_jsons)}],{head[1:]}', crypto.HOT,
                                     record["sender_id"])
-        return Encoded(payload, decoded, texts, base_text)
+        return Encoded(payload, decoded, event_jsons, base_json)
 
     def _seal_record(self, text: str, kind: str, conversation_id: Optional[str]) -> str:
         if self._protected is not None:
