@@ -17,6 +17,7 @@ removes turns from.
 import dataclasses
 import datetime
 import json
+import pickle
 import random
 from typing import Any, Dict, List, Optional
 
@@ -151,16 +152,19 @@ class Simulator:
         # keeps them: each event is serialised once, when its turn ends (no
         # generated turn edits an event of an earlier one).
         self._stored: List[str] = []
-        self._parsed: Optional[DialogueStateTracker] = None
+        # The stored view, parsed: updated with each finished turn's events
+        # parsed back, in order (what ``from_dict`` of every event replays).
+        self._parsed = DialogueStateTracker(sender_id, dom.slots)
+        self._parsed_upto = 0
 
     def stored(self) -> DialogueStateTracker:
         """What a tracker store gives back: every event of the finished
-        turns, serialised and parsed again. Parsed once per turn: callers
-        only read it (the next ``play`` takes it over and appends to it)."""
-        if self._parsed is None:
-            self._parsed = DialogueStateTracker.from_dict(
-                self.reference.sender_id, [json.loads(text) for text in self._stored],
-                self.domain.slots)
+        turns, serialised and parsed again. Each event is parsed once and
+        applied in order, as ``DialogueStateTracker.from_dict`` of the whole
+        list would; callers only read it."""
+        for text in self._stored[self._parsed_upto:]:
+            self._parsed.update(Event.from_parameters(json.loads(text)))
+        self._parsed_upto = len(self._stored)
         return self._parsed
 
     async def _run(self, action: Any) -> List[Event]:
@@ -232,7 +236,9 @@ class Simulator:
         rng = random.Random(turn.seed)
         # Between turns every Rasa tracker store (InMemoryTrackerStore too)
         # stores the events serialised and parses them back.
-        self.reference, self._parsed = self.stored(), None
+        # (A copy: this turn's events go onto the reference as Rasa's
+        # processor holds them, unserialised.)
+        self.reference = pickle.loads(pickle.dumps(self.stored()))
         try:
             return await self._play(turn, rng)
         finally:

@@ -2,9 +2,11 @@
 
     python -m tests.long_equivalence --dialogues 10000 [--first-seed 1000]
         [--histories 1,3,5,10] [--max-turns 150] [--report-every 100]
+        [--backend fake|real]
 
 Plays ``--dialogues`` generated dialogues (seeds ``first-seed`` onwards)
-through the store on fakeredis + SQLite, for every ``max_history`` given and
+through the store on fakeredis + SQLite (``--backend real``: the Redis and
+PostgreSQL of REDIS_URL and DATABASE_URL, about twice as fast), for every ``max_history`` given and
 the record memory on and off, and compares every turn with the full tracker
 (tests/equivalence.py). Prints progress lines and, at the end, the seeds, the
 dialogue and turn counts, the mismatching turns (each with its seed) and the
@@ -28,7 +30,7 @@ async def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     turns = mismatched = dialogues = 0
     failing = []
-    pair = Backend("fake", tempfile.mkdtemp(prefix="rpt-long-"))
+    pair = Backend(args.backend, tempfile.mkdtemp(prefix="rpt-long-"))
     configured = runners(pair, dom, histories=histories)
     try:
         for seed in range(args.first_seed, args.first_seed + args.dialogues):
@@ -63,4 +65,5 @@ if __name__ == "__main__":
     parser.add_argument("--histories", default="1,3,5,10")
     parser.add_argument("--max-turns", type=int, default=150)
     parser.add_argument("--report-every", type=int, default=100)
+    parser.add_argument("--backend", choices=("fake", "real"), default="fake")
     sys.exit(asyncio.run(main(parser.parse_args())))
