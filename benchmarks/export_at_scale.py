@@ -22,44 +22,24 @@ and writes ``results/export_at_scale.json``. It is a benchmark, not a test.
 """
 import argparse
 import asyncio
-import io
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import filling  # noqa: E402
 from common import fmt  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
-DAY = 86400.0
-
-
-def conversation_rows(index: int, count: int, start: float,
-                      rng: random.Random) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """(seq, event dict) for one conversation of about ``count`` events,
-    timestamped one second apart from ``start``."""
-    events = common.history(count, rng)[:count]
-    for seq, event in enumerate(events):
-        event.timestamp = start + seq
-        yield seq, event.as_dict()
-
-
-def _tsv(value: Any) -> str:
-    """One field of PostgreSQL's COPY text format."""
-    if value is None:
-        return "\\N"
-    return (str(value).replace("\\", "\\\\").replace("\t", "\\t")
-            .replace("\n", "\\n").replace("\r", "\\r"))
 
 
 def fill(servers: common.Servers, total: int, per_conversation: int) -> Dict[str, Any]:
@@ -72,45 +52,24 @@ def fill(servers: common.Servers, total: int, per_conversation: int) -> Dict[str
     ours.dispose()
     SQLTrackerStore(common.make_domain(), **servers.rasa_sql_kwargs())  # creates `events`
 
-    rng = random.Random(42)
-    conversations = max(1, total // per_conversation)
-    now = time.time()
+    template = filling.Template(per_conversation)
+    ids = [f"conv-{c:07d}" for c in range(max(1, total // len(template)))]
     started = time.perf_counter()
     raw = sa.create_engine(servers.db_url, poolclass=sa.pool.NullPool).raw_connection()
-    written = 0
     try:
+        written = filling.copy_conversations(raw, [
+            ("rpt.rpt_events (conversation_id, seq, type_name, timestamp, intent_name, "
+             "action_name, data)", True),
+            ("public.events (sender_id, type_name, timestamp, intent_name, action_name, "
+             "data)", False),
+        ], template, ids, filling.spread(len(ids), 60, len(template)))
         cursor = raw.cursor()
-        for first in range(0, conversations, 500):
-            ours_buf, rasa_buf = io.StringIO(), io.StringIO()
-            for c in range(first, min(conversations, first + 500)):
-                sid = f"conv-{c:07d}"
-                # Conversations spread over the last 60 days (a purge of the
-                # older month has something to remove).
-                start = now - DAY * 60 * (1 - c / conversations) - per_conversation
-                for seq, event in conversation_rows(c, per_conversation, start, rng):
-                    data = json.dumps(event)
-                    intent = (event.get("parse_data") or {}).get("intent", {}).get("name") \
-                        if event["event"] == "user" else None
-                    action = event.get("name") if event["event"] == "action" else None
-                    fields = [event["event"], event["timestamp"], intent, action, data]
-                    ours_buf.write("\t".join(_tsv(v) for v in [sid, seq] + fields) + "\n")
-                    rasa_buf.write("\t".join(_tsv(v) for v in [sid] + fields) + "\n")
-                    written += 1
-            ours_buf.seek(0)
-            rasa_buf.seek(0)
-            cursor.copy_expert(
-                "COPY rpt.rpt_events (conversation_id, seq, type_name, timestamp, "
-                "intent_name, action_name, data) FROM STDIN", ours_buf)
-            cursor.copy_expert(
-                "COPY public.events (sender_id, type_name, timestamp, intent_name, "
-                "action_name, data) FROM STDIN", rasa_buf)
-            raw.commit()
         cursor.execute("ANALYZE rpt.rpt_events")
         cursor.execute("ANALYZE public.events")
         raw.commit()
     finally:
         raw.close()
-    return {"events": written, "conversations": conversations,
+    return {"events": written, "conversations": len(ids),
             "fill_s": time.perf_counter() - started}
 
 
