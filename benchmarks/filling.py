@@ -50,7 +50,8 @@ def _field(value: Any) -> str:
 def conversation_lines(template: Template, sid: str, first_seq: int, start: float,
                        with_seq: bool) -> Iterator[str]:
     """COPY lines for one conversation: (sid, [seq], type, timestamp, intent,
-    action, data), timestamps one second apart from ``start``."""
+    action, data), seq from ``first_seq`` (the log numbers from 1), timestamps
+    one second apart from ``start``."""
     sid_field = _field(sid)
     for offset, (type_name, intent, action, data) in enumerate(template.rows):
         ts = start + offset
@@ -75,7 +76,7 @@ def copy_conversations(raw: Any, targets: Sequence[Tuple[str, bool]], template: 
         buffers = [io.StringIO() for _ in targets]
         for i in range(first, min(len(ids), first + batch)):
             for buf, (_, with_seq) in zip(buffers, targets):
-                buf.writelines(conversation_lines(template, ids[i], 0, starts(i), with_seq))
+                buf.writelines(conversation_lines(template, ids[i], 1, starts(i), with_seq))
             written += len(template)
         for buf, (target, _) in zip(buffers, targets):
             buf.seek(0)

@@ -112,7 +112,7 @@ def append_batches(log: Log, batches: int = 200) -> Dict[str, Any]:
         for c in range(50):
             index = (b * 50 + c) * 7919 % max(1, log.conversations)
             cid = f"conv-{index:08d}"
-            first = len(log.template) + log.appended.get(cid, 0)
+            first = len(log.template) + 1 + log.appended.get(cid, 0)
             rows[cid] = [{"seq": first + i, "type_name": e["event"], "timestamp": time.time(),
                           "intent_name": None, "action_name": e.get("name"),
                           "data": json.dumps(e)} for i, e in enumerate(turn)]

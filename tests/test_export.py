@@ -240,3 +240,64 @@ async def test_export_from_redis_and_postgresql(domain, tmp_path, monkeypatch):
         assert {cid: [strip(x) for x in lines] for cid, lines in got.items()} == want
     finally:
         await backend.cleanup()
+
+
+async def test_values_json_cannot_hold_are_exported_as_stored(embedded, domain, tmp_path):
+    """A Decimal, a datetime, a set or bytes in a slot (the store keeps them
+    faithfully) must not stop the export: they come out in the store's tagged
+    form, which a consumer can read back (docs/operations.md)."""
+    import datetime
+    import decimal
+
+    from rasa.shared.core.events import SlotSet
+    from rasa.shared.core.trackers import DialogueStateTracker
+
+    store = PersistentTrackerStore(domain)
+    tracker = DialogueStateTracker("odd-values", domain.slots)
+    values = [decimal.Decimal("7.50"), datetime.datetime(2026, 11, 30, 12, 0),
+              {"b", "a"}, b"\x00\xff", {"__rpt_type__": "decimal", "value": "user data"}]
+    for value in values:
+        tracker.update(SlotSet("amount", value))
+    await store.save(tracker)
+    await store.flush()
+    await store.close()
+    out = str(tmp_path / "odd.jsonl")
+    assert await asyncio.to_thread(run_cli, ["export", "--endpoints", embedded,
+                                             "--output", out]) == 0
+    lines = read_lines(out)
+    got = [line["value"] for line in lines]
+    assert got[0] == {"__rpt_type__": "decimal", "value": "7.50"}
+    assert got[1] == {"__rpt_type__": "datetime", "value": "2026-11-30T12:00:00"}
+    assert got[2]["__rpt_type__"] == "set" and sorted(got[2]["value"]) == ["a", "b"]
+    assert got[3] == {"__rpt_type__": "bytes", "value": "AP8="}
+    # a user's dict that looks like a tag keeps its escaped key: never a Decimal
+    assert got[4] == {"__rpt_type__~": "decimal", "value": "user data"}
+    assert [line["seq"] for line in lines] == [1, 2, 3, 4, 5]
+    assert all(line["sender_id"] == "odd-values" for line in lines)
+
+
+@pytest.mark.parametrize("broken", ['{"event": "slot", "value": ', '["not", "an", "event"]',
+                                    '{"event": "user"} trailing'])
+async def test_a_plaintext_row_that_is_not_an_event_is_skipped_and_named(
+        embedded, domain, tmp_path, caplog, monkeypatch, broken):
+    """Without a key rows are plain JSON: one that is damaged (truncated,
+    not an object, trailing bytes) is skipped and named, never spliced into
+    the output as a broken line."""
+    monkeypatch.delenv("RPT_ENCRYPTION_KEYS")
+    embedded = endpoints(tmp_path, sensitive_slots=[], encrypt_user_text=False)
+    store = PersistentTrackerStore(domain)
+    ids = await fill(store, domain, 2, seed=12)
+    await store.close()
+    log_db = next(p for p in (tmp_path / ".rasa_tracker").iterdir() if "hot" not in p.name)
+    conn = sqlite3.connect(log_db)
+    conn.execute("UPDATE rpt_events SET data = ? WHERE conversation_id = ? AND seq = 2",
+                 (broken, ids[0]))
+    conn.commit()
+    conn.close()
+    out = str(tmp_path / "export.jsonl")
+    assert await asyncio.to_thread(run_cli, ["export", "--endpoints", embedded,
+                                             "--output", out]) == 1
+    lines = read_lines(out)  # every line parses
+    assert (ids[0], 2) not in {(x["sender_id"], x["seq"]) for x in lines}
+    warning = [r.getMessage() for r in caplog.records if "seq 2" in r.getMessage()]
+    assert len(warning) == 1 and ids[0] in warning[0]

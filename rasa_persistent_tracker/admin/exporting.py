@@ -20,7 +20,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import sqlalchemy as sa
 
@@ -135,23 +135,45 @@ def key_of(row: Tuple[Any, ...], window: Window) -> List[Any]:
     return {"time": [row[3], row[0]], "conversation": [row[2]], "log": [row[0]]}[window.order]
 
 
-def event_body(codec: Codec, row: Tuple[Any, ...]) -> Optional[Dict[str, Any]]:
-    """One row as the event-broker body, or None (warned) if it does not open."""
+class Exported(NamedTuple):
+    """One row as the event-broker body and as its JSON line."""
+
+    body: Dict[str, Any]
+    line: str
+
+
+def event_body(codec: Codec, row: Tuple[Any, ...]) -> Optional[Exported]:
+    """One row as the event-broker body, or None (warned) if it does not open.
+
+    The body is the stored JSON as it is: values JSON cannot hold natively
+    (Decimal, dates, sets, bytes) keep the store's tagged form
+    (``{"__rpt_type__": ..., "value": ...}``, security/serde.py), so every
+    body can be written as JSON; the line is the stored text with
+    ``sender_id`` and ``seq`` spliced in (no second serialisation).
+    """
     _id, cid, seq, _timestamp, data = row
     try:
-        event = codec.loads_event(data, cid, seq)
-    except CorruptRecordError as exc:
+        text = codec.row_text(data, cid, seq)
+        event = json.loads(text)
+    except (CorruptRecordError, ValueError, RecursionError) as exc:
         logger.warning("Export: conversation %r, seq %d does not open (%s); skipped.",
-                       cid, seq, exc)
+                       cid, seq, exc if isinstance(exc, CorruptRecordError)
+                       else f"invalid JSON, {type(exc).__name__}")
         return None
     if not isinstance(event, dict):
         logger.warning("Export: conversation %r, seq %d is not an event; skipped.", cid, seq)
         return None
-    return {"sender_id": cid, **event, "seq": seq}
+    inner = text.strip()[1:-1].strip()
+    line = (f'{{"sender_id":{json.dumps(cid)}{"," if inner else ""}{inner},'
+            f'"seq":{int(seq)}}}')
+    # An event holding its own "sender_id" or "seq": the body's precedence
+    # (the event's sender_id, the log's seq) is what a JSON reader takes from
+    # the line too (the last of duplicate keys).
+    return Exported({"sender_id": cid, **event, "seq": seq}, line)
 
 
 async def export(engine: sa.engine.Engine, codec: Codec, window: Window, cursor: Cursor,
-                 emit: Callable[[List[Dict[str, Any]]], Awaitable[None]],
+                 emit: Callable[[List[Exported]], Awaitable[None]],
                  progress: Optional[Callable[[int], None]] = None,
                  limit: int = PAGE) -> ExportReport:
     """Stream the log through ``emit`` (one call per page; the page has
@@ -163,7 +185,7 @@ async def export(engine: sa.engine.Engine, codec: Codec, window: Window, cursor:
         rows = await loop.run_in_executor(None, page, engine, window, cursor.after, limit)
         if not rows:
             return report
-        bodies = []
+        bodies: List[Exported] = []
         for row in rows:
             body = event_body(codec, row)
             if body is None:
@@ -185,8 +207,8 @@ class JsonLinesSink:
     def __init__(self, stream: Any) -> None:
         self.stream = stream
 
-    async def __call__(self, bodies: List[Dict[str, Any]]) -> None:
-        self.stream.write("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bodies))
+    async def __call__(self, bodies: List[Exported]) -> None:
+        self.stream.write("".join(b.line + "\n" for b in bodies))
         self.stream.flush()
         if self.stream.fileno() > 2:
             os.fsync(self.stream.fileno())
@@ -198,9 +220,9 @@ class BrokerSink:
     def __init__(self, broker: Any) -> None:
         self.broker = broker
 
-    async def __call__(self, bodies: List[Dict[str, Any]]) -> None:
-        for body in bodies:
-            self.broker.publish(body)
+    async def __call__(self, bodies: List[Exported]) -> None:
+        for exported in bodies:
+            self.broker.publish(exported.body)
         await asyncio.sleep(0)  # let the broker's client send what it queued
 
 
