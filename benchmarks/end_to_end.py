@@ -63,6 +63,7 @@ TIMED_TYPE = {"ours": "benchmarks.e2e_timed.TimedPersistentTrackerStore",
               "SQLTrackerStore": "benchmarks.e2e_timed.TimedSQLTrackerStore"}
 TARGET_SHARE = 0.05
 TRAIN_TIMEOUT_S = 900
+Call = Tuple[str, str, float, float]  # method, conversation, seconds, CPU seconds
 
 # (user message, a text one of the bot's replies must contain)
 SCRIPT: List[Tuple[str, str]] = [
@@ -147,9 +148,22 @@ class Server:
             self.port, f"http://127.0.0.1:{self.port}/status", workdir, env)
         self._offset = 0
 
-    def turn(self, sender: str, text: str) -> Tuple[float, List[str], List[Tuple[str, str, float]]]:
-        """One REST turn: (wall seconds, reply texts, store calls during it)."""
+    def cpu_seconds(self) -> float:
+        """CPU time of the ``rasa run`` process so far, all its threads (schedstat)."""
+        total = 0
+        task_dir = f"/proc/{self.process.process.pid}/task"
+        for task in os.listdir(task_dir):
+            try:
+                with open(f"{task_dir}/{task}/schedstat") as handle:
+                    total += int(handle.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass  # a thread that ended meanwhile
+        return total / 1e9
+
+    def turn(self, sender: str, text: str) -> Tuple[float, float, List[str], List[Call]]:
+        """One REST turn: (wall seconds, server CPU seconds, reply texts, store calls)."""
         body = json.dumps({"sender": sender, "message": text}).encode()
+        cpu_before = self.cpu_seconds()
         started = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:
@@ -160,12 +174,13 @@ class Server:
         finally:
             conn.close()
         wall = time.perf_counter() - started
+        cpu = max(0.0, self.cpu_seconds() - cpu_before)
         if reply.status != 200:
             raise RuntimeError(f"{self.store}: POST -> {reply.status}: {payload[:500]!r}")
         texts = [m.get("text") or "" for m in json.loads(payload)]
-        return wall, texts, self.new_calls()
+        return wall, cpu, texts, self.new_calls()
 
-    def new_calls(self) -> List[Tuple[str, str, float]]:
+    def new_calls(self) -> List[Call]:
         with open(self.timing, "rb") as handle:
             handle.seek(self._offset)
             data = handle.read()
@@ -173,8 +188,8 @@ class Server:
         self._offset += len(complete)
         calls = []
         for line in complete.decode().splitlines():
-            method, sender, seconds = line.split("\t")
-            calls.append((method, sender, float(seconds)))
+            method, sender, seconds, cpu = line.split("\t")
+            calls.append((method, sender, float(seconds), float(cpu)))
         return calls
 
     def tracker_events(self, sender: str) -> List[Dict[str, Any]]:
@@ -192,7 +207,7 @@ class Server:
 def record_dialogue(server: Server, sender: str) -> Tuple[List[Dict], List[List[Dict]]]:
     """Drive one pass of SCRIPT; return (session-start events, one event list per turn)."""
     for text, expected in SCRIPT:
-        _, replies, _ = server.turn(sender, text)
+        _, _, replies, _ = server.turn(sender, text)
         if not any(expected in r for r in replies):
             raise RuntimeError(f"recording: {text!r} answered {replies!r}, expected {expected!r}")
     events = server.tracker_events(sender)
@@ -276,6 +291,8 @@ class Cell:
         self.position = 0  # next SCRIPT step
         self.wall: List[float] = []
         self.store_s: List[float] = []
+        self.cpu: List[float] = []  # the rasa run process's CPU time per turn
+        self.store_cpu: List[float] = []  # the store calls' thread CPU time per turn
         self.calls: Dict[str, int] = {}
         self.method_s: Dict[str, List[float]] = {}  # per measured turn, 0 if not called
         self.off_script: List[str] = []
@@ -284,7 +301,7 @@ class Cell:
     def turn(self, server: Server, measured: bool) -> None:
         text, expected = SCRIPT[self.position % len(SCRIPT)]
         self.position += 1
-        wall, replies, calls = server.turn(self.sender, text)
+        wall, cpu, replies, calls = server.turn(self.sender, text)
         stray = [c for c in calls if c[1] != self.sender]
         if stray:
             raise RuntimeError(f"{self.store}: store calls for other conversations "
@@ -294,7 +311,9 @@ class Cell:
         if measured:
             self.wall.append(wall)
             self.store_s.append(sum(c[2] for c in calls))
-            for method, _, _ in calls:
+            self.cpu.append(cpu)
+            self.store_cpu.append(sum(c[3] for c in calls))
+            for method, *_ in calls:
                 self.calls[method] = self.calls.get(method, 0) + 1
             for method in set(self.method_s) | {c[0] for c in calls}:
                 per_turn = self.method_s.setdefault(method, [0.0] * (len(self.wall) - 1))
@@ -311,6 +330,10 @@ class Cell:
             "share_median": median(shares),
             "share_of_total": sum(self.store_s) / sum(self.wall) if self.wall else None,
             "method_p50_ms": {m: median(v) * 1e3 for m, v in sorted(self.method_s.items())},
+            "server_cpu_p50_ms": median(self.cpu) * 1e3,
+            "store_cpu_p50_ms": median(self.store_cpu) * 1e3,
+            "store_cpu_share_of_total": sum(self.store_cpu) / sum(self.cpu)
+            if sum(self.cpu) else None,
             "calls_per_turn": {m: n / len(self.wall) for m, n in sorted(self.calls.items())}
             if self.wall else {},
             "off_script_replies": self.off_script, "prefill_s": self.prefill_s,
@@ -349,15 +372,17 @@ def report(summaries: List[Dict[str, Any]], lengths: List[int]) -> Tuple[str, bo
     by = {(s["store"], s["history_target"]): s for s in summaries}
     stores = [st for st in STORES if any((st, n) in by for n in lengths)]
     header = ["store"] + [f"~{n:,} events" for n in lengths]
-    latency, split, methods = [], [], []
+    latency, split, methods, cpu = [], [], [], []
     for store in stores:
-        lat_row, split_row, method_row = [LABELS[store]], [LABELS[store]], [LABELS[store]]
+        lat_row, split_row, method_row, cpu_row = ([LABELS[store]] for _ in range(4))
         for n in lengths:
             s = by.get((store, n))
             if s is None:
-                for row in (lat_row, split_row, method_row):
+                for row in (lat_row, split_row, method_row, cpu_row):
                     row.append("—")
                 continue
+            cpu_row.append(f"{fmt(s['server_cpu_p50_ms'])} ms, "
+                           f"store {pct(s['store_cpu_share_of_total'])}")
             lat_row.append(f"{fmt(s['p50_ms'])} / {fmt(s['p99_ms'])}")
             split_row.append(f"{fmt(s['store_p50_ms'])} ms, {pct(s['share_median'])} "
                              f"({pct(s['share_of_total'])})")
@@ -366,6 +391,7 @@ def report(summaries: List[Dict[str, Any]], lengths: List[int]) -> Tuple[str, bo
         latency.append(lat_row)
         split.append(split_row)
         methods.append(method_row)
+        cpu.append(cpu_row)
     ours = [by[("ours", n)] for n in lengths if ("ours", n) in by]
     ok = bool(ours) and all(s["share_median"] <= TARGET_SHARE and s["share_of_total"]
                             <= TARGET_SHARE for s in ours)
@@ -377,6 +403,8 @@ def report(summaries: List[Dict[str, Any]], lengths: List[int]) -> Tuple[str, bo
         "", common.markdown_table(header, split), "",
         "### retrieve / save per turn, p50 ms", "",
         common.markdown_table(header, methods), "",
+        "### CPU time of the rasa run process per turn (p50), and the store calls' share of "
+        "it (of total)", "", common.markdown_table(header, cpu), "",
         f"this store's share <= {TARGET_SHARE:.0%} at every length (median and of total): "
         f"{'PASS' if ok else 'FAIL'} (highest {pct(worst)})",
     ])
