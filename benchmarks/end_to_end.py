@@ -296,6 +296,7 @@ class Cell:
         self.calls: Dict[str, int] = {}
         self.method_s: Dict[str, List[float]] = {}  # per measured turn, 0 if not called
         self.off_script: List[str] = []
+        self.texts: List[str] = []  # the user message of each measured turn
         self.prefill_s = 0.0
 
     def turn(self, server: Server, measured: bool) -> None:
@@ -309,6 +310,7 @@ class Cell:
         if not any(expected in r for r in replies):
             self.off_script.append(f"{text!r} -> {replies!r}")
         if measured:
+            self.texts.append(text)
             self.wall.append(wall)
             self.store_s.append(sum(c[2] for c in calls))
             self.cpu.append(cpu)
@@ -337,7 +339,7 @@ class Cell:
             "calls_per_turn": {m: n / len(self.wall) for m, n in sorted(self.calls.items())}
             if self.wall else {},
             "off_script_replies": self.off_script, "prefill_s": self.prefill_s,
-            "wall_ms": [w * 1e3 for w in self.wall],
+            "turn_texts": self.texts, "wall_ms": [w * 1e3 for w in self.wall],
             "store_ms": [s * 1e3 for s in self.store_s],
         }
 
