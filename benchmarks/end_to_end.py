@@ -136,9 +136,10 @@ class Server:
             "tracker_store": store_endpoint(store, servers, prefix)}))
         credentials = workdir / "credentials.yml"
         credentials.write_text("rest:\n")
-        env = process_env(E2E_TIMING_FILE=str(self.timing),
-                          PYTHONPATH=os.pathsep.join(
-                              [str(common.REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        # The repository first, so `rasa run` imports this checkout's package and
+        # `benchmarks.e2e_timed`.
+        path = [str(common.REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        env = process_env(E2E_TIMING_FILE=str(self.timing), PYTHONPATH=os.pathsep.join(path))
         env.pop("RPT_ENCRYPTION_KEYS", None)  # the bench's store is unencrypted
         self.port = free_port()
         self.process = BotProcess(
@@ -535,6 +536,8 @@ async def main(args: argparse.Namespace) -> Dict[str, Any]:
             "train_s": train_s, "script": SCRIPT, "events_per_script_pass": per_pass,
             "turns_per_cell": args.turns, "warmup": args.warmup, "target_share": TARGET_SHARE,
             "target_met": ok, "cells": summaries, "table": text,
+            # What the histories were built from, to replay a turn in-process later.
+            "recording": {"session_start": start_events, "turns": turn_events},
         })
         return result
     finally:
