@@ -107,12 +107,23 @@ class Turn:
     seed: int
 
 
+# Share of dialogues that begin without a session start, as a tracker begun
+# by ``TrackerStore.get_or_create_tracker`` or the HTTP API does
+# (``action_listen`` first); drawn from its own stream, so the turns of a
+# seed are the same either way.
+SESSIONLESS = 0.15
+
+
 def generate(seed: int, max_turns: int = 150) -> List[Turn]:
-    """The turns of dialogue ``seed``: 1..max_turns of them."""
+    """The turns of dialogue ``seed``: 1..max_turns of them (plus, for some
+    seeds, an ``open`` turn first: the conversation begins without a session)."""
     rng = random.Random(seed)
     count = rng.randint(1, max_turns)
     kinds, weights = zip(*KINDS.items())
-    return [Turn(rng.choices(kinds, weights)[0], rng.randrange(2 ** 31)) for _ in range(count)]
+    turns = [Turn(rng.choices(kinds, weights)[0], rng.randrange(2 ** 31)) for _ in range(count)]
+    if random.Random(f"sessionless-{seed}").random() < SESSIONLESS:
+        turns.insert(0, Turn("open", seed))
+    return turns
 
 
 class Clock:
@@ -246,6 +257,10 @@ class Simulator:
 
     async def _play(self, turn: Turn, rng: random.Random) -> List[Event]:
         ref = self.reference
+        if turn.kind == "open":
+            if not ref.events:  # as get_or_create_tracker begins a tracker
+                self._log([ActionExecuted("action_listen")])
+            return self.new
         if not ref.events or turn.kind == "expire":
             if turn.kind == "expire":
                 self.clock.now += 3600  # past session_expiration_time

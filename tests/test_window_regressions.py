@@ -116,3 +116,46 @@ async def test_backs_past_the_record_rebuild_it_from_the_log(make_store, monkeyp
         no_mismatch(result)
     else:
         assert result.mismatches
+
+
+@pytest.mark.parametrize("max_history", [1, 5, 10])
+async def test_a_conversation_begun_without_a_session_start(make_store, max_history):
+    # get_or_create_tracker / the HTTP API begin with action_listen and no
+    # session start: the first compaction took that action_listen and the
+    # first user message for a session head and replayed them twice (found
+    # by the erase work, 2026-11-30). The duplicate sat before the policies'
+    # slice, so only the events a custom action reads showed it: here the
+    # retrieved tracker's events (markers aside) must be the full tracker's
+    # last ones, each once, as the contract says.
+    from rasa.shared.core.events import ActionExecuted, BotUttered, SlotSet
+
+    store = make_store(max_history=max_history)
+    for turn in range(12):
+        tracker = await store.get_or_create_tracker("sessionless")
+        for event in (UserUttered(f"hello {turn}", {"name": "greet", "confidence": 0.9}),
+                      ActionExecuted("utter_greet"), BotUttered("hi"),
+                      SlotSet("name", f"n{turn}"), ActionExecuted("action_listen")):
+            tracker.update(event)
+        await store.save(tracker)
+        got = await store.retrieve("sessionless")
+        # The base lists summary slot events and loop markers before the
+        # verbatim events: user messages and actions must be the full
+        # tracker's last ones, in order, each once.
+        turns = (UserUttered, ActionExecuted)
+        kept = [e.as_dict() for e in got.events if isinstance(e, turns)]
+        whole = [e.as_dict() for e in tracker.events if isinstance(e, turns)]
+        assert kept == whole[len(whole) - len(kept):], (turn, [d["event"] for d in kept])
+        texts = [e.text for e in got.events if isinstance(e, UserUttered)]
+        assert len(texts) == len(set(texts)), (turn, texts)
+    dom = store.domain
+    assert got.past_states(dom)[-max_history:] == tracker.past_states(dom)[-max_history:]
+
+
+@pytest.mark.parametrize("max_history", [1, 5])
+async def test_a_generated_conversation_begun_without_a_session_start(make_store, max_history):
+    kinds = ["open"] + ["chitchat"] * 5 + ["form_start", "form_fill", "back"] + \
+        ["chitchat"] * 4 + ["expire", "chitchat"]
+    result = await play(make_store, kinds, max_history, seed=11)
+    no_mismatch(result)
+    assert [type(e).__name__ for e in list(result.reference.events)[:2]] == \
+        ["ActionExecuted", "UserUttered"]

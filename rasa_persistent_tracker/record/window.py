@@ -141,9 +141,15 @@ def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List
             return previous.base, previous.length, False
         return {}, start, False
     names = applied.loop_names(events, previous.base.get("loops", ()) if floor else ())
-    if isinstance(events[start], SessionStarted) or _is_action(events[start]):
-        head = events[start:start + 2] if _is_action(events[start]) else events[start:start + 1]
+    if isinstance(events[start], SessionStarted):
+        head = events[start:start + 1]
+    elif (_is_action(events[start], ACTION_SESSION_START_NAME) and start + 1 < len(events)
+          and isinstance(events[start + 1], SessionStarted)):
+        head = events[start:start + 2]
     else:
+        # No session start at all (a tracker begun by ``get_or_create_tracker``
+        # or the HTTP API: ``action_listen`` first): a marker stands for it,
+        # and every event from the first is in ``done``, none in the head.
         head = [SessionStarted(timestamp=events[0].timestamp)]
     done = applied.fold(tracker.sender_id, events[:w], names)
     # Reverts in the raw window undo applied events before it: the margins
