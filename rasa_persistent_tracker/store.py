@@ -268,6 +268,7 @@ class PersistentTrackerStore(TrackerStore):
             version, queued, rows = await self._committer.commit_turn(sender_id, base, payload,
                                                                       rows)
         except Erased:  # never resurrect; Rasa saves after every turn, so no error
+            metrics.ERASED_WRITES.labels("save").inc()
             logger.warning("Conversation '%s' was erased after this tracker was read: its "
                            "turn is not saved.", self._ids(sender_id))
             return

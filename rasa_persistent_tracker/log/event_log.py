@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_errors
 
+from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.config import mask_url
 from rasa_persistent_tracker.errors import CorruptRecordError, EventLogUnavailable
 from rasa_persistent_tracker.files import private_file
@@ -166,6 +167,7 @@ class SQLEventLog:
                 refused = {cid for cid, floor in floors.items()
                            if versions.get(cid, 0) <= floor}
                 if refused:
+                    metrics.ERASED_WRITES.labels("delivery").inc(len(refused))
                     logger.warning("Event log: %d conversation(s) were erased after these "
                                    "rows were queued; not logged.", len(refused))
                     rows = {cid: r for cid, r in rows.items() if cid not in refused}
