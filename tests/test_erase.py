@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 import sqlalchemy as sa
+import yaml
 from rasa.shared.core.events import ActionExecuted, BotUttered, SlotSet, UserUttered
 from rasa.shared.core.trackers import DialogueStateTracker
 
@@ -43,14 +44,13 @@ DAY = 86400.0
 # ------------------------------------------------------------------- helpers
 
 def store_config(backend: Any, tmp_path: Any, **extra: Any) -> Dict[str, Any]:
-    """The tracker_store keys ``endpoints()`` writes, as store kwargs."""
-    if backend.kind == "fake":
-        keys = {"host": "embedded", "embedded_path": str(tmp_path / "hot.sqlite3"),
-                "sql_url": f"sqlite:///{tmp_path}/events.sqlite3"}
-    else:
-        keys = {"host": backend.redis_url, "key_prefix": backend.prefix,
-                "sql_url": backend.sql_url}
-    return {**keys, **extra}
+    """The tracker_store block the CLI reads (``endpoints()``), as store kwargs:
+    the test's stores and the commands work on the same storage."""
+    with open(endpoints(backend, tmp_path, **extra)) as handle:
+        block = yaml.safe_load(handle)["tracker_store"]
+    del block["type"]
+    block["host"] = block.pop("url")
+    return block
 
 
 def open_store(backend: Any, domain: Any, tmp_path: Any, keys: Optional[str],
