@@ -507,3 +507,23 @@ async def test_purge_racing_a_live_turn(backend, domain, tmp_path, caplog):
     assert await store.retrieve(gone) is None
     await turn(store, gone, "fresh", 0)
     assert (await store.retrieve(gone)).get_slot("name") == "slot-fresh-0"
+
+
+async def test_a_restore_from_sql_read_before_the_erasure_is_refused(backend, domain, tmp_path):
+    """Between the erasure's hot step and its SQL step, a retrieve finds the
+    record gone and SQL still full: restoring from the snapshot, or from the
+    log without one, must not bring the conversation back."""
+    store = open_store(backend, domain, tmp_path, None)
+    for cid in ("from-snapshot", "from-log"):
+        await turn(store, cid, "restoremark", 0)
+    await store.flush()
+    engine = (backend.engine() if backend.kind == "real"
+              else sa.create_engine(f"sqlite:///{tmp_path}/events.sqlite3"))
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM rpt_snapshots WHERE conversation_id='from-log'"))
+    engine.dispose()
+    for cid in ("from-snapshot", "from-log"):
+        assert (await store._hot.erase(cid, 0, DAY)).floor  # the hot step only
+        assert await store.retrieve(cid) is None
+        assert (await store._hot.load(cid)).payload is None
+        assert await rows_of(backend, tmp_path, cid)  # SQL's step is still to come

@@ -204,6 +204,9 @@ async def test_erase_leaves_a_tombstone_that_refuses_late_commits(backend):
     for expected, expect_record in ((3, True), (2, False), (1, True)):
         with pytest.raises(Erased):
             await hot.commit("+4917011", expected, "late", DAY, entry(9), expect_record)
+    # A record restored from SQL data read before the erasure: refused too.
+    with pytest.raises(Erased):
+        await hot.commit("+4917011", 0, "restored", DAY, None, restoring=True)
     assert (await hot.load("+4917011")).payload is None
     # A new conversation under the id counts on from the floor.
     assert await hot.commit("+4917011", None, "new-1", DAY, entry(1)) == 4
@@ -213,6 +216,7 @@ async def test_erase_leaves_a_tombstone_that_refuses_late_commits(backend):
     # A floor given from elsewhere (the SQL snapshot's version) is kept.
     assert (await hot.erase("+4917011", 10, DAY)).floor == 10
     assert await hot.commit("+4917011", 0, "newer", DAY, None) == 11
+    assert await hot.commit("restored", 0, "r", DAY, None, restoring=True) == 1
 
 
 async def test_an_erase_conditional_on_a_version_skips_a_changed_record(backend):

@@ -26,6 +26,7 @@ from rasa_persistent_tracker.hot.protocol import (
     RecordMissing,
     Removed,
     payload_digest,
+    read_before_erasure,
 )
 from rasa_persistent_tracker.security.erasure import ErasureIds
 
@@ -127,7 +128,7 @@ class SQLiteHotState:
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
                      payload: str, ttl: float, outbox_entry: Optional[str],
-                     expect_record: bool = False) -> int:
+                     expect_record: bool = False, restoring: bool = False) -> int:
         def commit() -> int:
             now = self._clock()
             self._conn.execute("BEGIN IMMEDIATE")
@@ -137,8 +138,9 @@ class SQLiteHotState:
                 if expected_version is not None and row and current != expected_version:
                     raise ConcurrentSaveError(conversation_id, expected_version, current)
                 floor = None if row else self._floor(conversation_id)
-                if floor is not None and (expect_record or 0 < (expected_version or 0) <= floor):
-                    raise Erased(conversation_id, floor)  # read before the erasure
+                if floor is not None and read_before_erasure(floor, expected_version,
+                                                             expect_record, restoring):
+                    raise Erased(conversation_id, floor)
                 if expected_version is not None and not row:
                     if expect_record:
                         raise RecordMissing(conversation_id)

@@ -41,6 +41,16 @@ class Erased(Exception):
         self.floor = floor
 
 
+def read_before_erasure(floor: int, expected_version: Optional[int], expect_record: bool,
+                        restoring: bool) -> bool:
+    """Whether a commit onto a missing record with a tombstone at ``floor``
+    comes from before the erasure (the rule ``redis_scripts.COMMIT`` spells
+    in Lua): it expected the record, or was read at a version at or below
+    the floor, or restores a record from SQL data at or below it."""
+    expected = expected_version or 0
+    return expect_record or 0 < expected <= floor or (restoring and expected <= floor)
+
+
 @dataclasses.dataclass
 class Removed:
     """What ``HotState.erase`` removed of one conversation.
@@ -101,13 +111,14 @@ class HotState(Protocol):
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
                      payload: str, ttl: float, outbox_entry: Optional[str],
-                     expect_record: bool = False) -> int:
+                     expect_record: bool = False, restoring: bool = False) -> int:
         """Write ``payload`` if the stored version is ``expected_version`` (None:
         any) and append ``outbox_entry``, atomically. Returns the new version.
         A missing record counts as ``expected_version`` unless ``expect_record``.
         A missing record with a tombstone (``erase``): refused with Erased if
-        ``expect_record`` or ``expected_version`` is at or below its floor,
-        else the new record's version starts above the floor.
+        ``expect_record``, or ``expected_version`` is at or below its floor
+        (for a record ``restoring`` from SQL, also 0: its data was read
+        before the erasure), else the new record's version starts above it.
         Raises ConcurrentSaveError, RecordMissing, Erased, HotStateUnavailable."""
 
     async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:

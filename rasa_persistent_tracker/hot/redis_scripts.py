@@ -26,7 +26,7 @@ return {t, r[1], r[2], seq, 0}
 # tombstone keys (one per key the tombstone may be named under).
 # ARGV: expected version ('' any), payload, record TTL ms, outbox entry ('' none),
 # outbox TTL ms, save token, '1' if a missing record must not count as the
-# expected version.
+# expected version, '1' if the payload is a record restored from SQL.
 # Returns {new version, 'ok'|'applied', outbox moved aside 0|1}, {-1, stored
 # version} on a version conflict, {-2|-3, reason} for an unusable record,
 # {-4, 'missing'} for a missing record that was expected, {-5, floor} for a
@@ -56,7 +56,9 @@ if ARGV[1] ~= '' then
   if t == 'hash' and cur ~= expected then return {-1, cur} end
   -- Erased: a tracker read before the erasure (its record expected, or its
   -- version at or below the floor) never brings the conversation back.
-  if floor and (ARGV[7] == '1' or (expected > 0 and expected <= floor)) then
+  -- A record restored from SQL at or below the floor was read before it.
+  if floor and (ARGV[7] == '1' or (expected > 0 and expected <= floor)
+                or (ARGV[8] == '1' and expected <= floor)) then
     return {-5, floor}
   end
   if t == 'none' and ARGV[7] == '1' then return {-4, 'missing'} end

@@ -123,7 +123,7 @@ class RedisHotState:
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
                      payload: str, ttl: float, outbox_entry: Optional[str],
-                     expect_record: bool = False) -> int:
+                     expect_record: bool = False, restoring: bool = False) -> int:
         # A commit whose connection broke (pooled connections of a restarted
         # Redis fail on first use) is retried on a fresh one. The token makes
         # that safe: if the first attempt ran and only its reply was lost, the
@@ -133,7 +133,7 @@ class RedisHotState:
                 + self._tombstones(conversation_id))
         args = ("" if expected_version is None else expected_version, payload,
                 max(1, int(ttl * 1000)), outbox_entry or "", self._outbox_ttl_ms, token,
-                "1" if expect_record else "")
+                "1" if expect_record else "", "1" if restoring else "")
         for delay in COMMIT_RETRY_DELAYS + (None,):
             try:
                 result = await self._call(scripts.COMMIT, keys, *args)
