@@ -57,26 +57,36 @@ def tombstone_ttl(config: StoreConfig) -> float:
 
 
 @dataclasses.dataclass
+class Places:
+    """Counts per place a conversation is stored in."""
+
+    records: int = 0
+    outbox_entries: int = 0
+    quarantined: int = 0
+    log_rows: int = 0
+    snapshots: int = 0
+
+    def text(self) -> str:
+        return (f"hot record {self.records}, outbox entries {self.outbox_entries}, "
+                f"quarantined copies {self.quarantined}, log rows {self.log_rows}, "
+                f"snapshot {self.snapshots}")
+
+    def add(self, other: "Places") -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
+@dataclasses.dataclass
 class Erasure:
     """What was (or, in a dry run, would be) removed of one conversation."""
 
     conversation_id: str
-    record: bool = False
-    outbox_entries: int = 0
-    quarantined: int = 0
-    log_rows: int = 0
-    snapshot: bool = False
+    places: Places = dataclasses.field(default_factory=Places)
     skipped: Optional[str] = None  # why it was left alone (purge: active again)
 
     @property
     def found(self) -> bool:
-        return bool(self.record or self.outbox_entries or self.quarantined or self.log_rows
-                    or self.snapshot)
-
-    def places(self) -> str:
-        return (f"hot record {int(self.record)}, outbox entries {self.outbox_entries}, "
-                f"quarantined copies {self.quarantined}, log rows {self.log_rows}, "
-                f"snapshot {int(self.snapshot)}")
+        return any(dataclasses.astuple(self.places))
 
     def line(self, dry_run: bool) -> str:
         if self.skipped:
@@ -85,7 +95,7 @@ class Erasure:
             return f"'{self.conversation_id}': nothing found (no hot record, outbox entries, " \
                    f"quarantined copies, log rows or snapshot)"
         verb = "would erase" if dry_run else "erased"
-        return f"{verb} '{self.conversation_id}': {self.places()}"
+        return f"{verb} '{self.conversation_id}': {self.places.text()}"
 
 
 @dataclasses.dataclass
@@ -95,25 +105,21 @@ class Totals:
     erased: int = 0
     missing: int = 0
     skipped: int = 0
-    places: Erasure = dataclasses.field(default_factory=lambda: Erasure(""))
+    places: Places = dataclasses.field(default_factory=Places)
 
     def add(self, erasures: Sequence[Erasure]) -> None:
-        for e in erasures:
-            if e.skipped:
+        for erasure in erasures:
+            if erasure.skipped:
                 self.skipped += 1
-            elif not e.found:
+            elif not erasure.found:
                 self.missing += 1
             else:
                 self.erased += 1
-                p = self.places
-                p.record, p.snapshot = p.record + e.record, p.snapshot + e.snapshot
-                p.outbox_entries += e.outbox_entries
-                p.quarantined += e.quarantined
-                p.log_rows += e.log_rows
+                self.places.add(erasure.places)
 
     def summary(self, what: str, dry_run: bool) -> str:
         verb = "would erase" if dry_run else "erased"
-        line = f"{what}: {verb} {self.erased} conversation(s) ({self.places.places()})"
+        line = f"{what}: {verb} {self.erased} conversation(s) ({self.places.text()})"
         if self.missing:
             line += f"; {self.missing} not found"
         if self.skipped:
@@ -156,10 +162,11 @@ class Eraser:
         logged, versions = await self._sql(_logged, self._backends.log.sync.engine, ids)
         for cid, e in found.items():
             entry = await hot.load(cid)
-            e.record = entry.payload is not None or entry.problem is not None
-            e.outbox_entries = len((await hot.pending(cid, _OUTBOX_COUNT_LIMIT)).entries)
-            e.quarantined = len(copies.get(cid, []))
-            e.log_rows, e.snapshot = logged.get(cid, (0, False))
+            rows, snapshot = logged.get(cid, (0, False))
+            e.places = Places(
+                int(entry.payload is not None or entry.problem is not None),
+                len((await hot.pending(cid, _OUTBOX_COUNT_LIMIT)).entries),
+                len(copies.get(cid, [])), rows, int(snapshot))
         if dry_run:
             return list(found.values())
         floors: Dict[str, int] = {}
@@ -172,15 +179,15 @@ class Eraser:
                 e.skipped = "its hot record changed since it was selected"
                 continue
             floors[cid] = removed.floor
-            e.record, e.outbox_entries = removed.record, removed.outbox_entries
+            # What was there at the erasure itself (a turn may have come since the survey).
+            e.places.records, e.places.outbox_entries = int(removed.record), \
+                removed.outbox_entries
         if floors:
             sql_removed = await self._sql(self._erase_sql, floors)
             for cid, (rows, snapshot) in sql_removed.items():
-                found[cid].log_rows, found[cid].snapshot = rows, snapshot
-            done = [cid for cid in floors]
-            refs = [ref for cid in done for ref in copies.get(cid, [])]
-            await self._raw.delete_copies(refs)
-            erased = sum(found[cid].found for cid in done)
+                found[cid].places.log_rows, found[cid].places.snapshots = rows, int(snapshot)
+            await self._raw.delete_copies([ref for cid in floors for ref in copies.get(cid, [])])
+            erased = sum(found[cid].found for cid in floors)
             metrics.ERASURES.labels(command).inc(erased)
             if command == "purge":
                 metrics.PURGED.inc(erased)
