@@ -68,9 +68,7 @@ async def run_rotate(backends: Backends, args: argparse.Namespace) -> int:
 async def run_inspect(backends: Backends, args: argparse.Namespace) -> int:
     raw = _raw_access(backends)
     try:
-        cid = args.conversation_id
-        if cid.startswith(logids.PREFIX):  # as a hashed log line names it
-            cid = await logids.resolve(backends.ids, cid, _conversation_ids(backends)) or cid
+        cid = await _resolved(backends, args.conversation_id)
         found = await inspect_conversation(backends, raw, cid, args.show_values)
     finally:
         await _close(backends, raw)
@@ -218,10 +216,10 @@ async def run_erase(backends: Backends, args: argparse.Namespace) -> int:
     raw = _raw_access(backends)
     totals = erasing.Totals()
     try:
+        ids = [await _resolved(backends, cid) for cid in args.conversation_ids]
         eraser = erasing.Eraser(backends, raw)
-        for start in range(0, len(args.conversation_ids), 100):
-            erasures = await eraser.erase_batch(args.conversation_ids[start:start + 100],
-                                                args.dry_run)
+        for start in range(0, len(ids), 100):
+            erasures = await eraser.erase_batch(ids[start:start + 100], args.dry_run)
             for erasure in erasures:
                 print(erasure.line(args.dry_run), flush=True)
             totals.add(erasures)
@@ -254,6 +252,13 @@ async def run_purge(backends: Backends, args: argparse.Namespace) -> int:
         print()
     print(totals.summary(f"purge (inactive for {args.inactive_for})", args.dry_run))
     return EXIT_OK
+
+
+async def _resolved(backends: Backends, cid: str) -> str:
+    """The conversation id, also when given as a hashed log line names it (``h:...``)."""
+    if cid.startswith(logids.PREFIX):
+        return await logids.resolve(backends.ids, cid, _conversation_ids(backends)) or cid
+    return cid
 
 
 async def _conversation_ids(backends: Backends) -> AsyncIterator[str]:

@@ -55,9 +55,15 @@ class ErasureGuard:
              exclusive: bool) -> None:
         """Take the conversations' erasure locks for the rest of the transaction."""
         if conn.dialect.name == "postgresql":
+            locks = sorted({_lock_id(cid) for cid in conversation_ids})
+            if not locks:
+                return
             fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-            for lock in sorted({_lock_id(cid) for cid in conversation_ids}):
-                conn.execute(sa.text(f"SELECT {fn}(:c, :o)"), {"c": _LOCK_CLASS, "o": lock})
+            # One statement for a whole batch, taking the locks in order (no
+            # deadlock between two batches that share conversations).
+            conn.execute(sa.text(
+                f"SELECT count({fn}(:c, o)) FROM (SELECT o FROM unnest(CAST(:locks AS integer[])) "
+                f"AS o ORDER BY o) AS ordered"), {"c": _LOCK_CLASS, "locks": locks})
         elif conn.dialect.name == "sqlite":
             conn.execute(ERASED.update().where(ERASED.c.name == "").values(floor=ERASED.c.floor))
 
