@@ -33,6 +33,8 @@ from rasa_persistent_tracker.record.recent import RecentRecords
 from rasa_persistent_tracker.record.trackers import Records
 from rasa_persistent_tracker.security.codec import Codec
 from rasa_persistent_tracker.security.crypto import build_protected
+from rasa_persistent_tracker.security.erasure import PURPOSE as ERASURE
+from rasa_persistent_tracker.security.erasure import ErasureIds
 from rasa_persistent_tracker.security.serde import JsonSerializer
 from rasa_persistent_tracker.startup import check_encryption, rasa_store_keys, rasa_store_warning
 
@@ -171,6 +173,10 @@ def assemble(config: StoreConfig, hot: HotState, log: SQLEventLog,
                        "unbound legacy values are believed although a key is configured. "
                        "Run rotate-keys, then turn it off (docs/security.md).")
     log.bind_rows(codec.rebind_row, codec.row_text)
+    # Tombstones of erased conversations, named by a keyed digest of the id.
+    erasure_ids = ErasureIds(protected.keyring.derived(ERASURE) if protected else ())
+    log.bind_erasure(erasure_ids)
+    hot.bind_erasure(erasure_ids)
     async_log = AsyncEventLog(log, config.sql_workers)
 
     entries = Entries(codec)

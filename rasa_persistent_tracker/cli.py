@@ -21,6 +21,13 @@
 * ``export [--since T] [--until T] [--conversation ID] [--output FILE|-]
   [--to-broker] [--cursor FILE]`` streams the log as JSON lines or to the
   endpoints file's event broker (see ``admin/exporting.py``).
+* ``erase ID... [--dry-run]`` removes every trace of these conversations and
+  leaves a tombstone so nothing brings them back (``admin/erasing.py``).
+  Exit 1 if an id had nothing stored (the others are still erased).
+* ``purge --inactive-for DURATION [--dry-run] [--batch N]`` erases every
+  conversation without an event for DURATION (``90d``, ``12h``, ``30m``),
+  batch by batch; safe from cron while the bot runs, and run again after an
+  interruption.
 
 Relative embedded paths in the endpoints file are read from that file's
 folder, as ``rasa run`` started there reads them.
@@ -38,6 +45,7 @@ from typing import Optional, Sequence
 
 from rasa_persistent_tracker.admin import commands
 from rasa_persistent_tracker.admin.endpoints_file import load_endpoint_backends
+from rasa_persistent_tracker.admin.erasing import parse_duration
 from rasa_persistent_tracker.errors import ConfigError, PersistentTrackerError
 from rasa_persistent_tracker.security.keys import new_key_entry
 
@@ -160,8 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the bot's domain (default: domain.yml beside --endpoints)")
     doctor_cmd.add_argument("--strict", action="store_true",
                             help="warnings count as unhealthy too")
+    erase_cmd = commands.add_parser(
+        "erase", help="remove every trace of conversations (right to erasure)",
+        description="Removes each conversation's hot record, outbox entries, quarantined "
+                    "copies, log rows and snapshot, and leaves a tombstone (named by a "
+                    "digest of the id, never the id) so that no save or delivery made "
+                    "before the erasure, in any process, brings it back. Prints what was "
+                    "removed, per place. The sender's next message starts a new "
+                    "conversation. Exit 1 if an id had nothing stored.")
+    erase_cmd.add_argument("conversation_ids", nargs="+", metavar="ID",
+                           help="conversation (sender) ids")
+    erase_cmd.add_argument("--dry-run", action="store_true",
+                           help="print what would be removed; remove nothing")
+    purge_cmd = commands.add_parser(
+        "purge", help="erase every conversation inactive for longer than a duration",
+        description="Erases, as 'erase' does, every conversation whose newest event is "
+                    "older than --inactive-for, in batches in id order. Safe to run from "
+                    "cron while the bot serves traffic: a conversation active again is "
+                    "skipped. Interrupted, run it again to finish.")
+    purge_cmd.add_argument("--inactive-for", required=True, metavar="DURATION",
+                           help="e.g. 90d, 12h or 30m")
+    purge_cmd.add_argument("--dry-run", action="store_true",
+                           help="print what would be erased; remove nothing")
+    purge_cmd.add_argument("--batch", type=_positive, default=200, metavar="N",
+                           help="conversations per batch (default: 200)")
     for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd, import_cmd, export_cmd,
-                doctor_cmd):
+                doctor_cmd, erase_cmd, purge_cmd):
         sub.add_argument("--endpoints", default="endpoints.yml",
                          help="Rasa endpoints file with the tracker_store block "
                               "(default: endpoints.yml)")
@@ -182,18 +214,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "new-key":
             print(new_key_entry(args.id or f"k{int(time.time())}"))
             return commands.EXIT_OK
+        if args.command == "purge":  # before opening any storage: a typo fails fast
+            parse_duration(args.inactive_for)
         backends = load_endpoint_backends(args.endpoints, must_exist=args.command != "import")
         runner = {"rotate-keys": commands.run_rotate, "inspect": commands.run_inspect,
                   "quarantine": commands.run_quarantine, "import": commands.run_import,
-                  "export": commands.run_export, "doctor": commands.run_doctor}[args.command]
+                  "export": commands.run_export, "doctor": commands.run_doctor,
+                  "erase": commands.run_erase, "purge": commands.run_purge}[args.command]
         return asyncio.run(runner(backends, args))
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
         return commands.EXIT_CONFIG
     except PersistentTrackerError as exc:
         print(f"Error: {exc}", file=sys.stderr)
-        if args.command == "rotate-keys":
-            print("Completed batches are kept; run rotate-keys again to continue.",
+        if args.command in ("rotate-keys", "purge"):
+            print(f"Completed batches are kept; run {args.command} again to continue.",
                   file=sys.stderr)
         return commands.EXIT_FAILED
     except KeyboardInterrupt:

@@ -67,6 +67,18 @@ HOT_STATE_OUTAGES = Counter(
 DIRECT_SAVES = Counter(
     "rpt_direct_saves_total",
     "Turns saved straight to the SQL log because the hot state was unreachable.")
+ERASURES = Counter(
+    "rpt_erasures_total",
+    "Conversations erased by the erase and purge commands (counted in the process "
+    "that ran them), by command.", ["command"])
+PURGED = Counter(
+    "rpt_purged_conversations_total",
+    "Conversations erased by purge for inactivity (counted in the process that ran it).")
+ERASED_WRITES = Counter(
+    "rpt_erased_writes_refused_total",
+    "Late writes of erased conversations refused by their tombstone, by kind: save "
+    "(a turn from a tracker read before the erasure), delivery (outbox rows queued "
+    "before it).", ["kind"])
 
 _OUTBOXES: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
@@ -95,6 +107,10 @@ for _label in QUARANTINE_REASONS:  # every series exists from the start, at 0
     QUARANTINES.labels(_label)
 for _label in RECOVERY_KINDS:
     RECOVERIES.labels(_label)
+for _label in ("erase", "purge"):
+    ERASURES.labels(_label)
+for _label in ("save", "delivery"):
+    ERASED_WRITES.labels(_label)
 
 
 def quarantine_reason(detail: str) -> str:

@@ -20,6 +20,7 @@ from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     HotStateBusy,
 )
+from rasa_persistent_tracker.hot.protocol import Erased
 from rasa_persistent_tracker.log import direct, lifecycle
 from rasa_persistent_tracker.record import window
 from rasa_persistent_tracker.record.turns import TurnEncoder
@@ -164,6 +165,8 @@ class PersistentTrackerStore(TrackerStore):
                 # A record restored from SQL lost the race to a newer write of
                 # another process: read that one instead.
                 continue
+            except Erased:  # erased while its record was being restored from SQL
+                return None
         raise HotStateBusy(f"Conversation '{self._ids(sender_id)}' changed during each of "
                            f"{_RESTORE_RACES} restores of its hot record.")
 
@@ -249,6 +252,9 @@ class PersistentTrackerStore(TrackerStore):
                 down, the turn is saved straight to SQL: ``direct``.)
             HotStateBusy: no pooled Redis connection came free in time; nothing
                 was written.
+
+        A tracker read before its conversation was erased (``erase``/``purge``)
+        is not saved: the turn is dropped with a WARNING, nothing is written.
         """
         sender_id = tracker.sender_id
         base = await self._base_of(tracker)
@@ -258,7 +264,14 @@ class PersistentTrackerStore(TrackerStore):
             return
         rows, state, built, payload, remembered = await self._committer.encode_turn(
             sender_id, base, self.domain.slots)
-        version, queued, rows = await self._committer.commit_turn(sender_id, base, payload, rows)
+        try:
+            version, queued, rows = await self._committer.commit_turn(sender_id, base, payload,
+                                                                      rows)
+        except Erased:  # never resurrect; Rasa saves after every turn, so no error
+            metrics.ERASED_WRITES.labels("save").inc()
+            logger.warning("Conversation '%s' was erased after this tracker was read: its "
+                           "turn is not saved.", self._ids(sender_id))
+            return
         self._recent.put(sender_id, remembered)
         self._records.mark(tracker, version, base.next_seq + len(base.new), built.forms,
                            built.previous if state is tracker else None)

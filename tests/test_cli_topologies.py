@@ -13,6 +13,7 @@ from typing import Any, List
 
 import pytest
 import yaml
+from rasa.shared.core.events import ActionExecuted
 from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker import PersistentTrackerStore, cli
@@ -121,5 +122,32 @@ async def test_import_into_cluster_and_sentinel(topology, domain, tmp_path, caps
             assert [e.as_dict() for e in got.events] == [e.as_dict() for e in full.events]
             assert (await store.retrieve(full.sender_id)).current_slot_values() == \
                 full.current_slot_values()
+    finally:
+        await store.close()
+
+
+async def test_erase_on_cluster_and_sentinel(topology, capsys):
+    """``erase`` finds a conversation's keys on whatever node holds them, and
+    its tombstone shares the record's slot (the commit script reads both)."""
+    await written(topology)
+    gone = [IDS[0], IDS[-1]]
+    assert await run_cli("erase", "--endpoints", topology.endpoints, *gone) == 0
+    out = capsys.readouterr().out
+    assert "erase: erased 2 conversation(s)" in out, out
+    client = topology.servers.client()
+    try:
+        names = list(client.scan_iter(match=f"{topology.prefix}:*"))
+    finally:
+        client.close()
+    assert not [n for n in names for cid in gone if f"{{{cid}}}".encode() in n]
+    assert len([n for n in names if n.startswith(f"{topology.prefix}:e:".encode())]) == 2
+    store = topology.store()
+    try:
+        assert await store.retrieve(gone[0]) is None
+        assert await store.retrieve(IDS[1]) is not None
+        fresh = DialogueStateTracker(gone[0], store.domain.slots)
+        fresh.update(ActionExecuted("action_listen"))
+        await store.save(fresh)  # the next message starts a new conversation
+        assert len((await store.retrieve(gone[0])).events) == 1
     finally:
         await store.close()

@@ -21,7 +21,7 @@ from rasa_persistent_tracker.config import parse_config
 from rasa_persistent_tracker.errors import ConcurrentSaveError
 from rasa_persistent_tracker.hot.embedded import SQLiteHotState
 from rasa_persistent_tracker.hot.entry_header import make_header
-from rasa_persistent_tracker.hot.protocol import HotState, RecordMissing, payload_digest
+from rasa_persistent_tracker.hot.protocol import Erased, HotState, RecordMissing, payload_digest
 from rasa_persistent_tracker.hot.redis_keys import KeyNames
 from rasa_persistent_tracker.hot.redis_state import RedisHotState
 from tests.conftest import real_urls
@@ -185,6 +185,72 @@ async def test_a_commit_expecting_its_record_refuses_a_lost_one(backend):
     assert (loaded.payload, loaded.outbox_seq) == (None, 0)
     assert await hot.commit("there", None, "r1", DAY, None) == 1
     assert await hot.commit("there", 1, "r2", DAY, None, expect_record=True) == 2
+
+
+# ------------------------------------------------------------- erasure
+
+async def test_erase_leaves_a_tombstone_that_refuses_late_commits(backend):
+    hot = backend.hot
+    for version in range(3):
+        await hot.commit("+4917011", version, f"r{version}", DAY, entry(version + 1))
+    await hot.commit("other", None, "o1", DAY, entry(1))
+    removed = await hot.erase("+4917011", 1, DAY)
+    assert (removed.floor, removed.record, removed.outbox_entries) == (3, True, 3)
+    loaded = await hot.load("+4917011")
+    assert (loaded.payload, loaded.outbox_seq) == (None, 0)
+    assert await entries_of(hot, "+4917011") == []
+    assert await hot.tombstone("+4917011") == 3 and await hot.tombstone("other") is None
+    # A tracker read before the erasure: refused, nothing written.
+    for expected, expect_record in ((3, True), (2, False), (1, True)):
+        with pytest.raises(Erased):
+            await hot.commit("+4917011", expected, "late", DAY, entry(9), expect_record)
+    # A record restored from SQL data read before the erasure: refused too.
+    with pytest.raises(Erased):
+        await hot.commit("+4917011", 0, "restored", DAY, None, restoring=True)
+    assert (await hot.load("+4917011")).payload is None
+    # A new conversation under the id counts on from the floor.
+    assert await hot.commit("+4917011", None, "new-1", DAY, entry(1)) == 4
+    with pytest.raises(ConcurrentSaveError):
+        await hot.commit("+4917011", 3, "late", DAY, entry(9), expect_record=True)
+    assert (await hot.load("other")).payload == "o1"
+    # A floor given from elsewhere (the SQL snapshot's version) is kept.
+    assert (await hot.erase("+4917011", 10, DAY)).floor == 10
+    assert await hot.commit("+4917011", 0, "newer", DAY, None) == 11
+    assert await hot.commit("restored", 0, "r", DAY, None, restoring=True) == 1
+
+
+async def test_an_erase_conditional_on_a_version_skips_a_changed_record(backend):
+    hot = backend.hot
+    await hot.commit("cond", None, "r1", DAY, None)
+    assert (await hot.erase("cond", 0, DAY, only_at_version=0)).floor is None
+    await hot.commit("cond", 1, "r2", DAY, None)
+    assert (await hot.erase("cond", 0, DAY, only_at_version=1)).floor is None
+    assert (await hot.load("cond")).payload == "r2" and await hot.tombstone("cond") is None
+    assert (await hot.erase("cond", 0, DAY, only_at_version=2)).floor == 2
+    assert (await hot.erase("never", 0, DAY, only_at_version=0)).floor == 0
+
+
+async def test_tombstone_keys_never_name_the_conversation(backend):
+    if backend.kind == "embedded":
+        conn = sqlite3.connect(backend._path)
+        await backend.hot.erase("+4917012", 0, DAY)
+        names = [r[0] for r in conn.execute("SELECT name FROM rpt_erased")]
+        conn.close()
+    else:
+        await backend.hot.erase("+4917012", 0, DAY)
+        client = backend._sync_client()
+        names = [k.decode() for k in client.scan_iter(match=f"{backend.prefix}:*")]
+        client.close()
+    assert len(names) == 1 and "4917012" not in names[0]
+
+
+def test_a_tombstone_key_is_in_its_records_cluster_slot():
+    from redis.crc import key_slot
+    names = KeyNames("rpt")
+    for i in range(3000):
+        cid = ["+49170%d" % i, "}odd{%d" % i, "user-%d@example.org" % i, "ü%d" % i][i % 4]
+        tombstone = names.tombstone(cid, uuid.uuid5(uuid.NAMESPACE_OID, cid).hex)
+        assert key_slot(tombstone.encode()) == key_slot(names.record(cid).encode()), cid
 
 
 # ------------------------------------------------------------- atomicity

@@ -9,7 +9,7 @@ import sys
 from typing import Any, AsyncIterator
 
 from rasa_persistent_tracker import logids
-from rasa_persistent_tracker.admin import doctor, exporting, importer
+from rasa_persistent_tracker.admin import doctor, erasing, exporting, importer
 from rasa_persistent_tracker.admin.endpoints_file import tracker_store_block
 from rasa_persistent_tracker.admin.inspection import inspect_conversation
 from rasa_persistent_tracker.admin.quarantine import QuarantineAdmin
@@ -68,9 +68,7 @@ async def run_rotate(backends: Backends, args: argparse.Namespace) -> int:
 async def run_inspect(backends: Backends, args: argparse.Namespace) -> int:
     raw = _raw_access(backends)
     try:
-        cid = args.conversation_id
-        if cid.startswith(logids.PREFIX):  # as a hashed log line names it
-            cid = await logids.resolve(backends.ids, cid, _conversation_ids(backends)) or cid
+        cid = await _resolved(backends, args.conversation_id)
         found = await inspect_conversation(backends, raw, cid, args.show_values)
     finally:
         await _close(backends, raw)
@@ -212,6 +210,55 @@ async def _event_broker(endpoints_path: str) -> Any:
         await broker.close()
         raise ConfigError(f"The event broker of '{endpoints_path}' is not ready.")
     return broker
+
+
+async def run_erase(backends: Backends, args: argparse.Namespace) -> int:
+    raw = _raw_access(backends)
+    totals = erasing.Totals()
+    try:
+        ids = [await _resolved(backends, cid) for cid in args.conversation_ids]
+        eraser = erasing.Eraser(backends, raw)
+        for start in range(0, len(ids), 100):
+            erasures = await eraser.erase_batch(ids[start:start + 100], args.dry_run)
+            for erasure in erasures:
+                print(erasure.line(args.dry_run), flush=True)
+            totals.add(erasures)
+    finally:
+        await _close(backends, raw)
+    print(totals.summary("erase", args.dry_run))
+    return EXIT_FAILED if totals.missing else EXIT_OK
+
+
+async def run_purge(backends: Backends, args: argparse.Namespace) -> int:
+    inactive_for = erasing.parse_duration(args.inactive_for)
+    raw = _raw_access(backends)
+    tty = sys.stdout.isatty()
+    running = erasing.Totals()
+
+    def report(erasures: list) -> None:
+        running.add(erasures)
+        for erasure in erasures:
+            if tty:  # a progress line on a terminal; a plain line per conversation else
+                print(f"\r{running.erased} erased, {running.skipped} skipped", end="",
+                      flush=True)
+            else:
+                print(erasure.line(args.dry_run), flush=True)
+    try:
+        totals = await erasing.Eraser(backends, raw).purge(inactive_for, args.batch,
+                                                           args.dry_run, report)
+    finally:
+        await _close(backends, raw)
+    if tty:
+        print()
+    print(totals.summary(f"purge (inactive for {args.inactive_for})", args.dry_run))
+    return EXIT_OK
+
+
+async def _resolved(backends: Backends, cid: str) -> str:
+    """The conversation id, also when given as a hashed log line names it (``h:...``)."""
+    if cid.startswith(logids.PREFIX):
+        return await logids.resolve(backends.ids, cid, _conversation_ids(backends)) or cid
+    return cid
 
 
 async def _conversation_ids(backends: Backends) -> AsyncIterator[str]:

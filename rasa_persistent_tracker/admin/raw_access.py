@@ -7,7 +7,7 @@ import pathlib
 import re
 import sqlite3
 import time
-from typing import Any, AsyncIterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from rasa_persistent_tracker.config import StoreConfig
 from rasa_persistent_tracker.hot.redis_keys import KeyNames, key_tag, tag_id
@@ -51,6 +51,10 @@ class RawHotAccess:
             with conn:
                 return conn.execute(sql, args).fetchall()
 
+    def _copies_pattern(self, cid: str) -> str:
+        literal = re.sub(r"([\\*?\[\]])", r"\\\1", key_tag(cid))  # SCAN glob syntax
+        return f"{self._config.key_prefix}:q:{{{literal}}}:*"
+
     async def ttl(self, cid: str) -> Optional[float]:
         """Seconds the record has left; None if gone, ``record_exp`` if unknown."""
         if self._redis is not None:
@@ -62,13 +66,51 @@ class RawHotAccess:
 
     async def quarantined(self, cid: str) -> List[str]:
         if self._redis is not None:
-            literal = re.sub(r"([\\*?\[\]])", r"\\\1", key_tag(cid))  # SCAN glob syntax
-            pattern = f"{self._config.key_prefix}:q:{{{literal}}}:*"
+            pattern = self._copies_pattern(cid)
             return sorted([k.decode() if isinstance(k, bytes) else k
                            async for k in self._redis.scan_iter(match=pattern, count=1000)])
         rows = self._sqlite("SELECT id FROM rpt_quarantine WHERE conversation_id=? AND "
                             "expires_at>? ORDER BY id", (cid, time.time()))
         return [f"{self._config.embedded_path}#rpt_quarantine/{r[0]}" for r in rows]
+
+    async def copies_of(self, cids: Sequence[str]) -> Dict[str, List[Any]]:
+        """Conversation -> where its quarantine copies are (expired ones too:
+        erasing leaves none behind). One SCAN for many ids."""
+        wanted = set(cids)
+        found: Dict[str, List[Any]] = {}
+        if self._redis is None:
+            for start in range(0, len(cids), 400):
+                chunk = list(cids[start:start + 400])
+                for row_id, cid in self._sqlite(
+                        f"SELECT id, conversation_id FROM rpt_quarantine WHERE conversation_id "
+                        f"IN ({','.join('?' * len(chunk))}) ORDER BY id", tuple(chunk)):
+                    found.setdefault(cid, []).append(row_id)
+            return found
+        head = f"{self._config.key_prefix}:q:{{"
+        # One conversation: its own pattern, so SCAN returns only its keys.
+        pattern = self._copies_pattern(cids[0]) if len(wanted) == 1 else head + "*"
+        async for key in self._redis.scan_iter(match=pattern, count=1000):
+            name = key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
+            tag, sep, _ = name[len(head):].rpartition("}:")
+            cid = tag_id(tag)
+            if sep and cid in wanted:
+                found.setdefault(cid, []).append(name)
+        return found
+
+    async def delete_copies(self, refs: Sequence[Any]) -> int:
+        """Delete quarantine copies ``copies_of`` named."""
+        if not refs:
+            return 0
+        if self._redis is None:
+            deleted = 0
+            for start in range(0, len(refs), 400):
+                chunk = tuple(refs[start:start + 400])
+                deleted += len(self._sqlite(
+                    f"DELETE FROM rpt_quarantine WHERE id IN ({','.join('?' * len(chunk))}) "
+                    f"RETURNING id", chunk, write=True))
+            return deleted
+        # One key per call: the copies of many conversations span cluster slots.
+        return sum([int(await self._redis.delete(ref)) for ref in refs])
 
     async def copies(self) -> AsyncIterator[Copy]:
         """Every quarantine copy (values that are not UTF-8 are left out)."""

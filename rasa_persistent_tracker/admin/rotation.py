@@ -23,7 +23,7 @@ from rasa_persistent_tracker.errors import (
     EncryptionKeyMissing,
 )
 from rasa_persistent_tracker.hot.entry_header import body_of
-from rasa_persistent_tracker.hot.protocol import UnusableValue
+from rasa_persistent_tracker.hot.protocol import Erased, UnusableValue
 from rasa_persistent_tracker.log.tables import EVENTS, SNAPSHOTS
 from rasa_persistent_tracker.security import rekey
 from rasa_persistent_tracker.security.crypto import HOT, MAC_PREFIX, PREFIX, SNAPSHOT, key_id_of
@@ -185,6 +185,8 @@ async def _rotate_record(backends: Backends, primary: str, cid: str, report: Rot
             await backends.hot.commit(cid, entry.version, new, ttl, None)
         except ConcurrentSaveError:
             continue  # a turn saved meanwhile (with the keys it has): look again
+        except Erased:
+            return  # erased meanwhile: nothing left to re-encrypt
         except UnusableValue as exc:
             report.unreadable_value(phase, f"Hot record of '{backends.ids(cid)}'", exc)
             return

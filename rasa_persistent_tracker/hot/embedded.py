@@ -2,7 +2,8 @@
 
 The default when no Redis is configured (the demo runs on it). Same contract as
 ``RedisHotState``: versioned records with a sliding expiry, an outbox written in
-the same transaction, quarantine for unreadable values. Expired rows count as
+the same transaction, quarantine for unreadable values, tombstones of erased
+conversations (``rpt_erased``, named by a digest of the id). Expired rows count as
 absent; a commit at most every ``PURGE_INTERVAL`` seconds deletes up to
 ``PURGE_LIMIT`` expired records and quarantined copies, so the file does not
 grow forever and no commit pays for a large purge. Calls run on a worker thread; one connection
@@ -18,7 +19,16 @@ from typing import Any, AsyncIterator, Callable, List, Optional, TypeVar
 from rasa_persistent_tracker.errors import ConcurrentSaveError, HotStateUnavailable
 from rasa_persistent_tracker.files import private_file
 from rasa_persistent_tracker.hot.entry_header import entry_seq
-from rasa_persistent_tracker.hot.protocol import HotEntry, Pending, RecordMissing, payload_digest
+from rasa_persistent_tracker.hot.protocol import (
+    Erased,
+    HotEntry,
+    Pending,
+    RecordMissing,
+    Removed,
+    payload_digest,
+    read_before_erasure,
+)
+from rasa_persistent_tracker.security.erasure import ErasureIds
 
 T = TypeVar("T")
 
@@ -33,6 +43,8 @@ CREATE INDEX IF NOT EXISTS ix_rpt_outbox_conversation ON rpt_outbox (conversatio
 CREATE TABLE IF NOT EXISTS rpt_quarantine (
   id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL,
   payload BLOB, created_at REAL NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rpt_erased (
+  name TEXT PRIMARY KEY, floor INTEGER NOT NULL, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_rpt_hot_expires ON rpt_hot (expires_at);
 CREATE INDEX IF NOT EXISTS ix_rpt_quarantine_expires ON rpt_quarantine (expires_at);
 """
@@ -49,6 +61,7 @@ class SQLiteHotState:
         self._clock = clock
         self._lock = threading.Lock()
         self._next_purge = 0.0
+        self._digests: Callable[[str], List[str]] = ErasureIds()
         try:
             private_file(path)
             self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30,
@@ -69,6 +82,18 @@ class SQLiteHotState:
                 except sqlite3.OperationalError as exc:
                     raise HotStateUnavailable(f"Embedded hot state at {self.path}: {exc}") from exc
         return await asyncio.get_running_loop().run_in_executor(None, locked)
+
+    def bind_erasure(self, digests: Callable[[str], List[str]]) -> None:
+        self._digests = digests
+
+    def _floor(self, cid: str) -> Optional[int]:
+        names = self._digests(cid)
+        if not names:
+            return None
+        row = self._conn.execute(
+            f"SELECT MAX(floor) FROM rpt_erased WHERE expires_at>? AND name IN "
+            f"({','.join('?' * len(names))})", (self._clock(), *names)).fetchone()
+        return None if row[0] is None else int(row[0])
 
     def _row(self, cid: str) -> Optional[tuple]:
         return self._conn.execute(
@@ -103,7 +128,7 @@ class SQLiteHotState:
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
                      payload: str, ttl: float, outbox_entry: Optional[str],
-                     expect_record: bool = False) -> int:
+                     expect_record: bool = False, restoring: bool = False) -> int:
         def commit() -> int:
             now = self._clock()
             self._conn.execute("BEGIN IMMEDIATE")
@@ -112,10 +137,16 @@ class SQLiteHotState:
                 current = row[0] if row else 0
                 if expected_version is not None and row and current != expected_version:
                     raise ConcurrentSaveError(conversation_id, expected_version, current)
+                floor = None if row else self._floor(conversation_id)
+                if floor is not None and read_before_erasure(floor, expected_version,
+                                                             expect_record, restoring):
+                    raise Erased(conversation_id, floor)
                 if expected_version is not None and not row:
                     if expect_record:
                         raise RecordMissing(conversation_id)
                     current = expected_version
+                if floor is not None:  # an erased id counts on from the floor
+                    current = max(current, floor)
                 new = int(current) + 1
                 self._conn.execute(
                     "INSERT INTO rpt_hot VALUES (?,?,?,?) ON CONFLICT(conversation_id) DO UPDATE "
@@ -138,7 +169,7 @@ class SQLiteHotState:
 
     def _purge(self, now: float) -> None:
         """Delete up to ``PURGE_LIMIT`` expired records and quarantined copies."""
-        for table in ("rpt_hot", "rpt_quarantine"):
+        for table in ("rpt_hot", "rpt_quarantine", "rpt_erased"):
             self._conn.execute(
                 f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
                 f"WHERE expires_at<=? LIMIT ?)", (now, PURGE_LIMIT))
@@ -213,6 +244,40 @@ class SQLiteHotState:
         await self._run(lambda: self._conn.execute(
             "UPDATE rpt_hot SET expires_at=? WHERE conversation_id=?",
             (self._clock() + ttl, conversation_id)))
+
+    async def erase(self, conversation_id: str, floor: int, ttl: float,
+                    only_at_version: Optional[int] = None) -> Removed:
+        def erase() -> Removed:
+            now = self._clock()
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Expired rows too: erasing means no byte is left, not "absent".
+                row = self._conn.execute("SELECT version, expires_at FROM rpt_hot WHERE "
+                                         "conversation_id=?", (conversation_id,)).fetchone()
+                live = row is not None and row[1] > now
+                version = row[0] if live and isinstance(row[0], int) else 0
+                if only_at_version is not None and (version != only_at_version
+                                                    or (only_at_version == 0 and live)):
+                    self._conn.execute("ROLLBACK")
+                    return Removed(floor=None)
+                top = max(floor, version, self._floor(conversation_id) or 0)
+                self._conn.executemany(
+                    "INSERT INTO rpt_erased VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                    "floor=excluded.floor, expires_at=excluded.expires_at",
+                    [(name, top, now + ttl) for name in self._digests(conversation_id)])
+                self._conn.execute("DELETE FROM rpt_hot WHERE conversation_id=?",
+                                   (conversation_id,))
+                entries = self._conn.execute("DELETE FROM rpt_outbox WHERE conversation_id=?",
+                                             (conversation_id,)).rowcount
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            return Removed(floor=top, record=live, outbox_entries=entries)
+        return await self._run(erase)
+
+    async def tombstone(self, conversation_id: str) -> Optional[int]:
+        return await self._run(self._floor, conversation_id)
 
     async def _ids(self, sql: str) -> AsyncIterator[str]:
         for (cid,) in await self._run(lambda: self._conn.execute(sql, (self._clock(),)).fetchall()):

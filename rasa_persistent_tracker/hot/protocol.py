@@ -8,7 +8,7 @@ against every backend. Of an outbox entry a backend reads only the header
 """
 import dataclasses
 import hashlib
-from typing import AsyncIterator, List, Optional, Protocol
+from typing import AsyncIterator, Callable, List, Optional, Protocol
 
 
 class UnusableValue(Exception):
@@ -25,6 +25,44 @@ class RecordMissing(Exception):
 
     Internal to the package: the store re-logs what it can and commits again.
     """
+
+
+class Erased(Exception):
+    """A commit would bring back an erased conversation: its record is gone
+    and its tombstone says the tracker in hand was read before the erasure
+    (or the commit expected the record). Nothing was written.
+
+    Internal to the package: the store drops the save with a warning.
+    """
+
+    def __init__(self, conversation_id: str, floor: int) -> None:
+        super().__init__(conversation_id)
+        self.conversation_id = conversation_id
+        self.floor = floor
+
+
+def read_before_erasure(floor: int, expected_version: Optional[int], expect_record: bool,
+                        restoring: bool) -> bool:
+    """Whether a commit onto a missing record with a tombstone at ``floor``
+    comes from before the erasure (the rule ``redis_scripts.COMMIT`` spells
+    in Lua): it expected the record, or was read at a version at or below
+    the floor, or restores a record from SQL data at or below it."""
+    expected = expected_version or 0
+    return expect_record or 0 < expected <= floor or (restoring and expected <= floor)
+
+
+@dataclasses.dataclass
+class Removed:
+    """What ``HotState.erase`` removed of one conversation.
+
+    ``floor``: the version the tombstone holds (every version the erased
+    conversation had is at or below it); None when the erase was skipped
+    because the record's version was not ``only_at_version``.
+    """
+
+    floor: Optional[int]
+    record: bool = False
+    outbox_entries: int = 0
 
 
 @dataclasses.dataclass
@@ -73,11 +111,15 @@ class HotState(Protocol):
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
                      payload: str, ttl: float, outbox_entry: Optional[str],
-                     expect_record: bool = False) -> int:
+                     expect_record: bool = False, restoring: bool = False) -> int:
         """Write ``payload`` if the stored version is ``expected_version`` (None:
         any) and append ``outbox_entry``, atomically. Returns the new version.
         A missing record counts as ``expected_version`` unless ``expect_record``.
-        Raises ConcurrentSaveError, RecordMissing, HotStateUnavailable."""
+        A missing record with a tombstone (``erase``): refused with Erased if
+        ``expect_record``, or ``expected_version`` is at or below its floor
+        (for a record ``restoring`` from SQL, also 0: its data was read
+        before the erasure), else the new record's version starts above it.
+        Raises ConcurrentSaveError, RecordMissing, Erased, HotStateUnavailable."""
 
     async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:
         """Move the current value aside under a quarantine key; return its name."""
@@ -94,6 +136,19 @@ class HotState(Protocol):
 
     async def touch(self, conversation_id: str, ttl: float) -> None:
         """Refresh the record's TTL."""
+
+    async def erase(self, conversation_id: str, floor: int, ttl: float,
+                    only_at_version: Optional[int] = None) -> Removed:
+        """Atomically: write the tombstone (kept ``ttl`` seconds, floor at least
+        ``floor`` and the record's version), delete the record and the outbox.
+        With ``only_at_version``, do nothing unless the record's version is
+        that (0: no record). Quarantined copies are not touched."""
+
+    async def tombstone(self, conversation_id: str) -> Optional[int]:
+        """The floor of the conversation's tombstone; None if there is none."""
+
+    def bind_erasure(self, digests: Callable[[str], List[str]]) -> None:
+        """How tombstones are named (``security.erasure.ErasureIds``)."""
 
     def conversations(self) -> AsyncIterator[str]:
         """Ids of all conversations with a record (SCAN, never KEYS)."""

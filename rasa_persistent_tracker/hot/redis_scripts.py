@@ -22,12 +22,16 @@ if t ~= 'hash' then return {t, false, false, seq, 0} end
 return {t, r[1], r[2], seq, 0}
 """
 
-# KEYS: record, outbox, a fresh quarantine key. ARGV: expected version ('' any),
-# payload, record TTL ms, outbox entry ('' none), outbox TTL ms, save token,
-# '1' if a missing record must not count as the expected version.
+# KEYS: record, outbox, a fresh quarantine key, then the conversation's
+# tombstone keys (one per key the tombstone may be named under).
+# ARGV: expected version ('' any), payload, record TTL ms, outbox entry ('' none),
+# outbox TTL ms, save token, '1' if a missing record must not count as the
+# expected version, '1' if the payload is a record restored from SQL.
 # Returns {new version, 'ok'|'applied', outbox moved aside 0|1}, {-1, stored
 # version} on a version conflict, {-2|-3, reason} for an unusable record,
-# {-4, 'missing'} for a missing record that was expected.
+# {-4, 'missing'} for a missing record that was expected, {-5, floor} for a
+# missing record whose tombstone refuses this commit (the conversation was
+# erased after the tracker was read).
 # 'applied': this token's save is already in (a retry whose first reply was lost).
 COMMIT = """
 local t = redis.call('TYPE', KEYS[1])['ok']
@@ -40,12 +44,29 @@ if t == 'hash' then
   cur = tonumber(redis.call('HGET', KEYS[1], 'v'))
   if cur == nil then return {-3, 'version'} end
 end
+local floor = nil
+if t == 'none' then
+  for i = 4, #KEYS do
+    local f = tonumber(redis.call('GET', KEYS[i]) or '')
+    if f and (floor == nil or f > floor) then floor = f end
+  end
+end
 if ARGV[1] ~= '' then
   local expected = tonumber(ARGV[1])
   if t == 'hash' and cur ~= expected then return {-1, cur} end
+  -- Erased: a tracker read before the erasure (its record expected, or its
+  -- version at or below the floor) never brings the conversation back.
+  -- A record restored from SQL at or below the floor was read before it.
+  if floor and (ARGV[7] == '1' or (expected > 0 and expected <= floor)
+                or (ARGV[8] == '1' and expected <= floor)) then
+    return {-5, floor}
+  end
   if t == 'none' and ARGV[7] == '1' then return {-4, 'missing'} end
   if t == 'none' then cur = expected end
 end
+-- A new conversation under an erased one's id counts on from the floor, so
+-- no version of it equals one a tracker of the erased conversation holds.
+if floor and cur < floor then cur = floor end
 -- An outbox of the wrong type is moved aside (kept, like any unreadable
 -- value) so this and every later save can queue its rows.
 local moved = 0
@@ -66,6 +87,41 @@ return {new, 'ok', moved}
 """
 
 LOAD = LOAD.replace("<SEQ>", LUA_SEQ)
+
+# KEYS: record, outbox, then the tombstone keys. ARGV: floor (at least),
+# tombstone TTL ms, version the record must have ('' any; '0' none).
+# Returns {floor, record removed 0|1, outbox entries removed}, or {-1, version}
+# when the record is not at the required version (nothing changed).
+ERASE = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+local v = 0
+if t == 'hash' then v = tonumber(redis.call('HGET', KEYS[1], 'v') or '') or 0 end
+if ARGV[3] ~= '' and (v ~= tonumber(ARGV[3]) or (ARGV[3] == '0' and t ~= 'none')) then
+  return {-1, v}
+end
+local floor = math.max(tonumber(ARGV[1]), v)
+for i = 3, #KEYS do
+  local f = tonumber(redis.call('GET', KEYS[i]) or '')
+  if f and f > floor then floor = f end
+end
+for i = 3, #KEYS do
+  redis.call('SET', KEYS[i], floor, 'PX', ARGV[2])
+end
+local entries = 0
+if redis.call('TYPE', KEYS[2])['ok'] == 'list' then entries = redis.call('LLEN', KEYS[2]) end
+local removed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+return {floor, removed, entries}
+"""
+
+TOMBSTONE = """
+local floor = nil
+for i = 1, #KEYS do
+  local f = tonumber(redis.call('GET', KEYS[i]) or '')
+  if f and (floor == nil or f > floor) then floor = f end
+end
+return floor
+"""
 
 QUARANTINE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end

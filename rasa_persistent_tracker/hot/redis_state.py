@@ -10,19 +10,29 @@ cluster slot:
   ``record_exp``, refreshed on every save;
 * ``<prefix>:o:{id}`` list, the outbox: log rows written atomically with the
   record and removed once they are in SQL;
-* ``<prefix>:q:{id}:<ms>`` quarantined copies of unreadable values.
+* ``<prefix>:q:{id}:<ms>`` quarantined copies of unreadable values;
+* ``<prefix>:e:{<digest>}`` an erased conversation's tombstone (its version
+  floor), named by a digest of the id but in the same slot (``redis_keys``).
 """
 import asyncio
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Callable, List, Optional
+from typing import AsyncIterator, Callable, List, Optional, Sequence
 
 from rasa_persistent_tracker.errors import ConcurrentSaveError
 from rasa_persistent_tracker.hot import redis_scripts as scripts
-from rasa_persistent_tracker.hot.protocol import HotEntry, Pending, RecordMissing, UnusableValue
+from rasa_persistent_tracker.hot.protocol import (
+    Erased,
+    HotEntry,
+    Pending,
+    RecordMissing,
+    Removed,
+    UnusableValue,
+)
 from rasa_persistent_tracker.hot.redis_calls import Disconnected, RedisCaller
 from rasa_persistent_tracker.hot.redis_keys import KeyNames
+from rasa_persistent_tracker.security.erasure import ErasureIds
 
 # The logger's name from before the layer packages: logging configs keep working.
 logger = logging.getLogger("rasa_persistent_tracker.hot_state")
@@ -60,6 +70,14 @@ class RedisHotState:
         self._description = description
         self._clients: dict = {}
         self._redis = RedisCaller(self._client, description, busy_wait)
+        self._digests: Callable[[str], List[str]] = ErasureIds()
+
+    def bind_erasure(self, digests: Callable[[str], List[str]]) -> None:
+        self._digests = digests
+
+    def _tombstones(self, conversation_id: str) -> List[str]:
+        return [self._names.tombstone(conversation_id, d)
+                for d in self._digests(conversation_id)]
 
     def __repr__(self) -> str:
         return f"RedisHotState({self._description}, prefix={self._prefix!r})"
@@ -105,16 +123,17 @@ class RedisHotState:
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
                      payload: str, ttl: float, outbox_entry: Optional[str],
-                     expect_record: bool = False) -> int:
+                     expect_record: bool = False, restoring: bool = False) -> int:
         # A commit whose connection broke (pooled connections of a restarted
         # Redis fail on first use) is retried on a fresh one. The token makes
         # that safe: if the first attempt ran and only its reply was lost, the
         # script finds its token on the record and reports it as applied.
         token = uuid.uuid4().hex
-        keys = self._keys(conversation_id) + [self._quarantine_key(conversation_id)]
+        keys = (self._keys(conversation_id) + [self._quarantine_key(conversation_id)]
+                + self._tombstones(conversation_id))
         args = ("" if expected_version is None else expected_version, payload,
                 max(1, int(ttl * 1000)), outbox_entry or "", self._outbox_ttl_ms, token,
-                "1" if expect_record else "")
+                "1" if expect_record else "", "1" if restoring else "")
         for delay in COMMIT_RETRY_DELAYS + (None,):
             try:
                 result = await self._call(scripts.COMMIT, keys, *args)
@@ -133,6 +152,8 @@ class RedisHotState:
             raise ConcurrentSaveError(conversation_id, expected_version or 0, int(result[1]))
         if code == -4:
             raise RecordMissing(conversation_id)
+        if code == -5:
+            raise Erased(conversation_id, int(result[1]))
         raise UnusableValue(_decode(result[1]) or "unknown")
 
     async def quarantine(self, conversation_id: str, ttl: float) -> Optional[str]:
@@ -172,6 +193,23 @@ class RedisHotState:
     async def touch(self, conversation_id: str, ttl: float) -> None:
         await self._call("return redis.call('PEXPIRE', KEYS[1], ARGV[1])",
                          [self._keys(conversation_id)[0]], max(1, int(ttl * 1000)))
+
+    async def erase(self, conversation_id: str, floor: int, ttl: float,
+                    only_at_version: Optional[int] = None) -> Removed:
+        keys: Sequence[str] = self._keys(conversation_id) + self._tombstones(conversation_id)
+        result = await self._call(scripts.ERASE, list(keys), floor, max(1, int(ttl * 1000)),
+                                  "" if only_at_version is None else only_at_version)
+        if int(result[0]) < 0:
+            return Removed(floor=None)
+        return Removed(floor=int(result[0]), record=bool(int(result[1])),
+                       outbox_entries=int(result[2]))
+
+    async def tombstone(self, conversation_id: str) -> Optional[int]:
+        keys = self._tombstones(conversation_id)
+        if not keys:
+            return None
+        floor = await self._call(scripts.TOMBSTONE, keys)
+        return None if floor is None else int(floor)
 
     async def _scan(self, kind: str) -> AsyncIterator[str]:
         try:

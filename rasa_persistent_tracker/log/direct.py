@@ -26,6 +26,7 @@ from rasa_persistent_tracker.errors import (
     EventLogUnavailable,
     HotStateUnavailable,
 )
+from rasa_persistent_tracker.hot.protocol import Erased
 from rasa_persistent_tracker.log.event_log import AsyncEventLog, SQLEventLog
 from rasa_persistent_tracker.log.tables import EVENTS, SNAPSHOTS, LogRow, Snapshot
 
@@ -39,12 +40,19 @@ def commit(log: SQLEventLog, conversation_id: str, rows: List[LogRow], snapshot:
     """Append ``rows`` and replace the snapshot, atomically, if nothing was
     logged at or after the first row's number. Returns the new version.
 
+    An erased conversation (``erasure.py``): a tracker read before the
+    erasure is refused, a new one counts its versions on from the floor.
+
     Raises:
         ConcurrentSaveError: the log or snapshot is past this turn's history.
+        Erased: the conversation was erased after the tracker was read.
     """
     first = rows[0].seq
     try:
         with log.engine.begin() as conn:
+            floor = log.erasure.guard(conn, [conversation_id]).get(conversation_id)
+            if floor is not None and 0 < expected_version <= floor:
+                raise Erased(conversation_id, floor)  # read before the erasure
             current = conn.execute(
                 sa.select(SNAPSHOTS.c.next_seq, SNAPSHOTS.c.version).where(
                     SNAPSHOTS.c.conversation_id == conversation_id).with_for_update()).first()
@@ -52,7 +60,8 @@ def commit(log: SQLEventLog, conversation_id: str, rows: List[LogRow], snapshot:
                 raise ConcurrentSaveError(conversation_id, expected_version, current.version)
             conn.execute(EVENTS.insert(), [
                 {"conversation_id": conversation_id, **row.as_dict()} for row in rows])
-            version = max(expected_version, current.version if current else 0) + 1
+            version = max(expected_version, current.version if current else 0,
+                          floor or 0) + 1
             values = {"next_seq": snapshot.next_seq, "version": version,
                       "saved_at": snapshot.saved_at, "payload": snapshot.payload}
             if current is None:
@@ -114,8 +123,8 @@ async def write_through(outbox: Outbox, log: AsyncEventLog, conversation_id: str
     snapshot = Snapshot(next_seq=rows[-1].seq + 1, version=version, saved_at=time.time(),
                         payload=payload)
     try:
-        await log.run(log.sync.append, {conversation_id: [r.as_dict() for r in rows]},
-                      {conversation_id: snapshot})
+        await log.run(log.sync.deliver, {conversation_id: [r.as_dict() for r in rows]},
+                      {conversation_id: snapshot}, {conversation_id: version})
     except EventLogUnavailable as exc:
         logger.warning("Conversation '%s': event log unreachable, rows kept in the outbox "
                        "for delivery later (%s).", conversation_id, exc)

@@ -13,16 +13,18 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_errors
 
+from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.config import mask_url
 from rasa_persistent_tracker.errors import CorruptRecordError, EventLogUnavailable
 from rasa_persistent_tracker.files import private_file
 from rasa_persistent_tracker.log import bulk
 from rasa_persistent_tracker.log.bulk import sort_rows
+from rasa_persistent_tracker.log.erasure import ErasureGuard
 from rasa_persistent_tracker.log.migrations import migrate
 from rasa_persistent_tracker.log.tables import (
     EVENTS,
@@ -73,6 +75,11 @@ class SQLEventLog:
         self.engine = engine
         self._bulk = bulk.for_engine(engine, EVENTS, SNAPSHOTS)
         self.bind_rows(lambda data, _cid, _seq, _new: data, lambda data, _cid, _seq: data)
+        self.erasure = ErasureGuard()
+
+    def bind_erasure(self, digests: Callable[[str], List[str]]) -> None:
+        """How tombstones of erased conversations are named (``ErasureIds``)."""
+        self.erasure = ErasureGuard(digests)
 
     def bind_rows(self, rebind: Callable[[str, str, int, int], str],
                   text_of: Callable[[str, str, int], str]) -> None:
@@ -109,7 +116,19 @@ class SQLEventLog:
             return list(conn.execute(sa.select(SNAPSHOTS.c.payload).limit(limit)).scalars())
 
     def append(self, rows: Dict[str, Sequence[RowDict]], snapshots: Dict[str, Snapshot]) -> int:
+        """``deliver`` without the erasure check (imports, restores by an operator);
+        returns the number of rows re-sequenced."""
+        return self.deliver(rows, snapshots)[0]
+
+    def deliver(self, rows: Dict[str, Sequence[RowDict]], snapshots: Dict[str, Snapshot],
+                versions: Optional[Dict[str, int]] = None) -> Tuple[int, Set[str]]:
         """Insert rows and upsert snapshots of many conversations in one transaction.
+
+        With ``versions`` (conversation -> the hot record's version the rows
+        were read with), rows and snapshots of an erased conversation at or
+        below its tombstone's floor are refused: they were queued before the
+        erasure (``erasure.py``). Returns (rows re-sequenced, conversations
+        refused).
 
         ``rows`` maps each conversation to its rows as ``LogRow.as_dict()`` gives
         them, in sequence order.
@@ -122,7 +141,7 @@ class SQLEventLog:
         """
         for attempt in range(5):
             try:
-                repaired = self._append_once(rows, snapshots)
+                repaired, refused = self._append_once(rows, snapshots, versions)
                 break
             except sa_errors.IntegrityError:
                 # Another process delivered the same rows between our read and
@@ -134,14 +153,25 @@ class SQLEventLog:
         if repaired:
             logger.warning("Event log: %d event(s) numbered while the log was unreachable "
                            "were re-sequenced after the existing history.", repaired)
-        return repaired
+        return repaired, refused
 
-    def _append_once(self, rows: Dict[str, Sequence[RowDict]],
-                     snapshots: Dict[str, Snapshot]) -> int:
+    def _append_once(self, rows: Dict[str, Sequence[RowDict]], snapshots: Dict[str, Snapshot],
+                     versions: Optional[Dict[str, int]]) -> Tuple[int, Set[str]]:
         # A constant number of statements per batch, whatever the number of
         # conversations in it (bulk.py).
         repaired = 0
+        refused: Set[str] = set()
         with self.engine.begin() as conn:
+            if versions is not None:
+                floors = self.erasure.guard(conn, sorted(set(rows) | set(snapshots)))
+                refused = {cid for cid, floor in floors.items()
+                           if versions.get(cid, 0) <= floor}
+                if refused:
+                    metrics.ERASED_WRITES.labels("delivery").inc(len(refused))
+                    logger.warning("Event log: %d conversation(s) were erased after these "
+                                   "rows were queued; not logged.", len(refused))
+                    rows = {cid: r for cid, r in rows.items() if cid not in refused}
+                    snapshots = {cid: s for cid, s in snapshots.items() if cid not in refused}
             existing = self._bulk.existing(conn, [
                 (cid, r["seq"]) for cid, conv_rows in rows.items() for r in conv_rows])
             values: List[tuple] = []
@@ -163,7 +193,7 @@ class SQLEventLog:
                 self._bulk.upsert_snapshots(conn, [
                     (cid, s.next_seq, s.version, s.saved_at, s.payload)
                     for cid, s in sorted(snapshots.items())])
-        return repaired
+        return repaired, refused
 
     def _place(self, conn: Any, cid: str, conv_rows: Sequence[RowDict],
                existing: Dict[Any, str]) -> "tuple[List[tuple], int]":
@@ -207,6 +237,11 @@ class SQLEventLog:
             return self._rebind(row["data"], cid, row["seq"], new_seq)
         except CorruptRecordError:
             return row["data"]  # unreadable either way; a reader skips it, naming it
+
+    def erased_floor(self, conversation_id: str) -> Optional[int]:
+        """The floor of the conversation's tombstone; None if it was never erased."""
+        with self.engine.connect() as conn:
+            return self.erasure.floors(conn, [conversation_id]).get(conversation_id)
 
     def read(self, conversation_id: str, after_seq: int = 0) -> List[LogRow]:
         """All rows of one conversation with ``seq > after_seq``, in order."""

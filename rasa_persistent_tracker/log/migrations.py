@@ -84,10 +84,25 @@ def _v3_facts(conn: Connection) -> None:
     meta.create_all(conn, checkfirst=True)
 
 
+def _v4_erased(conn: Connection) -> None:
+    # Tombstones of erased conversations (issue 16): a late write of an erased
+    # conversation (a delivery or save from before the erasure) is refused.
+    meta = sa.MetaData()
+    erased = sa.Table(
+        "rpt_erased", meta,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("floor", sa.BigInteger, nullable=False),
+        sa.Column("erased_at", sa.Float, nullable=False),
+    )
+    meta.create_all(conn, checkfirst=True)
+    sa.Index("ix_rpt_erased_erased_at", erased.c.erased_at).create(conn, checkfirst=True)
+
+
 MIGRATIONS: List[Migration] = [
     Migration(1, "create rpt_events and rpt_snapshots", _v1_create_log),
     Migration(2, "indexes for querying by type, time and intent", _v2_query_indexes),
     Migration(3, "create rpt_facts", _v3_facts),
+    Migration(4, "create rpt_erased (tombstones of erased conversations)", _v4_erased),
 ]
 
 

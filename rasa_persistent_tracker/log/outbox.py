@@ -198,9 +198,11 @@ class Outbox:
     async def _deliver_taken(self, ids: List[str]) -> int:
         rows: Dict[str, List[RowDict]] = {}
         snapshots: Dict[str, Snapshot] = {}
+        versions: Dict[str, int] = {}
         unfinished: List[str] = []
         for cid in ids:
             pending = await self._hot.pending(cid, self._batch_size)
+            versions[cid] = pending.version
             self._note_oldest(cid, pending.entries)
             if not pending.complete:
                 unfinished.append(cid)
@@ -213,8 +215,15 @@ class Outbox:
                 snapshots[cid] = snapshot
         if rows:
             with metrics.timed(metrics.DELIVERY_SECONDS):
-                if await self._log.run(self._log.sync.append, rows, snapshots):
+                repaired, refused = await self._log.run(self._log.sync.deliver, rows,
+                                                        snapshots, versions)
+                if repaired:
                     self._on_resequenced()
+            # Refused rows were read before their conversation was erased (its
+            # outbox went with it): never acknowledged, which could drop a new
+            # conversation's entries under the same numbers.
+            for cid in refused:
+                rows.pop(cid)
             for cid, conv_rows in rows.items():
                 await self._hot.ack(cid, conv_rows[-1]["seq"])
         self._dirty.update(unfinished)

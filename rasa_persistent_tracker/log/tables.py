@@ -42,6 +42,16 @@ FACTS = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+# Tombstones of erased conversations (``erasure.py``): named by a digest of the
+# id (``security.erasure``), never the id; ``floor`` is at or above every
+# version the erased conversation had, so its late writes are told apart.
+ERASED = sa.Table(
+    "rpt_erased", METADATA,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("floor", sa.BigInteger, nullable=False),
+    sa.Column("erased_at", sa.Float, nullable=False),
+    sa.Index("ix_rpt_erased_erased_at", "erased_at"),
+)
 
 
 @dataclasses.dataclass

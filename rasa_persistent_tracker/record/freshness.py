@@ -9,7 +9,9 @@ behind something newer that is known, and the record is treated as stale:
   (``HotEntry.outbox_seq``, read with the record, is a clear-text header:
   only when it says so are the entries read and authenticated);
 * this process handed out or saved a later ``next_seq`` of the conversation
-  (a bounded memory: free);
+  (a bounded memory: free) - unless the conversation was erased since (its
+  tombstone's floor is at or above the version seen then): the record is
+  then a new conversation's under the same id, and the memory is dropped;
 * otherwise, on the first read of a conversation by this process, the SQL
   log's highest seq (one indexed query, once per conversation and process).
 
@@ -41,13 +43,14 @@ class Freshness:
         self._hot = hot
         self._entries = entries
         self._size = size
-        self._seen: "collections.OrderedDict[str, int]" = collections.OrderedDict()
+        # conversation -> (highest next_seq seen, the version it was seen at)
+        self._seen: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
         self._log_down_until = 0.0
 
-    def saw(self, conversation_id: str, next_seq: int) -> None:
-        """A tracker at ``next_seq`` was handed out or saved."""
-        known = self._seen.pop(conversation_id, 0)
-        self._seen[conversation_id] = max(known, next_seq)
+    def saw(self, conversation_id: str, next_seq: int, version: int = 0) -> None:
+        """A tracker at ``next_seq`` (record ``version``) was handed out or saved."""
+        known = self._seen.pop(conversation_id, (0, 0))
+        self._seen[conversation_id] = max(known, (next_seq, version))
         if len(self._seen) > self._size:
             self._seen.popitem(last=False)
 
@@ -60,8 +63,12 @@ class Freshness:
                 return f"the outbox already holds seq {queued}"
         known = self._seen.get(conversation_id)
         if known is not None:
-            if next_seq < known:
-                return f"this process already saw seq {known - 1}"
+            if next_seq < known[0]:
+                if await self._erased_since(conversation_id, known[1]):
+                    self._seen.pop(conversation_id, None)
+                    self.saw(conversation_id, next_seq)
+                    return None
+                return f"this process already saw seq {known[0] - 1}"
             return None
         if time.monotonic() < self._log_down_until:
             return None  # nothing newer is known; checked on a later first read
@@ -74,6 +81,14 @@ class Freshness:
             return f"the SQL log already holds seq {logged - 1}"
         self.saw(conversation_id, next_seq)
         return None
+
+    async def _erased_since(self, conversation_id: str, version: int) -> bool:
+        """Whether the conversation was erased after this process saw ``version``."""
+        try:
+            floor = await self._hot.tombstone(conversation_id)
+        except HotStateUnavailable:
+            return False
+        return floor is not None and floor >= version
 
     async def _outbox_top(self, conversation_id: str) -> int:
         """The highest seq of the authentic outbox entries (0: none)."""

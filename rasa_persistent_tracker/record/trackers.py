@@ -169,7 +169,7 @@ class Records:
              known: window.StoredForms, previous: Optional[window.RebuiltBase] = None) -> None:
         """Remember that ``tracker`` stands at record ``version`` / ``next_seq``."""
         last = tracker.events[-1] if tracker.events else None
-        self.fresh.saw(tracker.sender_id, next_seq)
+        self.fresh.saw(tracker.sender_id, next_seq, version)
         self._loaded.set(tracker, window.Loaded(tracker.sender_id, version, next_seq, last,
                                                 known, previous))
 

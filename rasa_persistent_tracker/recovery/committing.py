@@ -25,7 +25,7 @@ from rasa_persistent_tracker.errors import (
     HotStateUnavailable,
     PersistentTrackerError,
 )
-from rasa_persistent_tracker.hot.protocol import HotState, RecordMissing, UnusableValue
+from rasa_persistent_tracker.hot.protocol import Erased, HotState, RecordMissing, UnusableValue
 from rasa_persistent_tracker.log import direct
 from rasa_persistent_tracker.log.entries import Entries
 from rasa_persistent_tracker.log.event_log import AsyncEventLog
@@ -109,7 +109,8 @@ class TurnCommitter:
         logged again from the tracker (``unlogged_rows``) with this turn's.
         The hot state down: the turn goes straight to SQL (``direct.save``).
         An unusable stored value: quarantined, then the commit is retried once.
-        Raises ConcurrentSaveError, HotStateBusy, HotStateUnavailable."""
+        Erased after the tracker was read: refused (Erased), nothing written.
+        Raises ConcurrentSaveError, Erased, HotStateBusy, HotStateUnavailable."""
         expected, ttl = base.expected_version, self._config.record_exp
         outbox_entry = self._entries.make(sender_id, rows, time.time())
         try:
@@ -118,7 +119,9 @@ class TurnCommitter:
                                                  expect_record=bool(expected))
             except RecordMissing:
                 # Wiped while this turn ran: with the record went the outbox
-                # entries not delivered yet. Log them again from this tracker.
+                # entries not delivered yet. Log them again from this tracker -
+                # unless it was erased (a wipe took its hot tombstone too).
+                await self._refuse_if_erased(sender_id, expected)
                 rows = await self.unlogged_rows(sender_id, base, base.next_seq) + rows
                 outbox_entry = self._entries.make(sender_id, rows, time.time())
                 version = await self._hot.commit(sender_id, expected, payload, ttl, outbox_entry)
@@ -142,6 +145,14 @@ class TurnCommitter:
                 raise HotStateUnavailable(f"Conversation '{sender_id}': its hot record stays "
                                           f"unusable ({again}).") from again
         return version, True, rows
+
+    async def _refuse_if_erased(self, sender_id: str, expected: Optional[int]) -> None:
+        try:
+            floor = await self._log.run(self._log.sync.erased_floor, sender_id)
+        except EventLogUnavailable:
+            return  # cannot tell; the hot state's tombstone was gone already
+        if floor is not None and (expected or 0) <= floor:
+            raise Erased(sender_id, floor)
 
     async def unlogged_rows(self, sender_id: str, base: MergeBase,
                             next_seq: int) -> List[LogRow]:

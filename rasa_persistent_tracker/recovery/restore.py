@@ -224,7 +224,7 @@ class Recovery:
         payload, remembered = self._turns.encode(built)
         try:
             version = await self._hot.commit(sender_id, version, payload,
-                                             self._config.record_exp, None)
+                                             self._config.record_exp, None, restoring=True)
             self._records.recent.put(sender_id, remembered)
         except HotStateUnavailable as exc:  # serve SQL's state; refill on a later read
             self.suspect()
