@@ -21,6 +21,9 @@
 * ``export [--since T] [--until T] [--conversation ID] [--output FILE|-]
   [--to-broker] [--cursor FILE]`` streams the log as JSON lines or to the
   endpoints file's event broker (see ``admin/exporting.py``).
+* ``partitions [--ahead N]`` creates this month's and the next N months'
+  partitions of the PostgreSQL log (the store creates 3 ahead at start) and
+  lists every partition with its row count (see ``log/partitions.py``).
 
 Relative embedded paths in the endpoints file are read from that file's
 folder, as ``rasa run`` started there reads them.
@@ -74,6 +77,16 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _months(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 120:
+        raise argparse.ArgumentTypeError(f"must be a number of months 0..120, got {text!r}")
     return value
 
 
@@ -160,8 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the bot's domain (default: domain.yml beside --endpoints)")
     doctor_cmd.add_argument("--strict", action="store_true",
                             help="warnings count as unhealthy too")
+    partitions_cmd = commands.add_parser(
+        "partitions", help="create the log's coming monthly partitions; list them",
+        description="On PostgreSQL the log (rpt_events) is partitioned by the month each row "
+                    "was written. Lists every partition with its exact row count (a count "
+                    "reads the whole partition); with --ahead N first creates this month's "
+                    "and the next N months' partitions where missing. Rows of a month "
+                    "without a partition wait in rpt_events_default and move into the "
+                    "month's partition when it is created.")
+    partitions_cmd.add_argument("--ahead", type=_months, default=None, metavar="N",
+                                help="create partitions up to N months ahead first")
     for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd, import_cmd, export_cmd,
-                doctor_cmd):
+                doctor_cmd, partitions_cmd):
         sub.add_argument("--endpoints", default="endpoints.yml",
                          help="Rasa endpoints file with the tracker_store block "
                               "(default: endpoints.yml)")
@@ -185,7 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         backends = load_endpoint_backends(args.endpoints, must_exist=args.command != "import")
         runner = {"rotate-keys": commands.run_rotate, "inspect": commands.run_inspect,
                   "quarantine": commands.run_quarantine, "import": commands.run_import,
-                  "export": commands.run_export, "doctor": commands.run_doctor}[args.command]
+                  "export": commands.run_export, "doctor": commands.run_doctor,
+                  "partitions": commands.run_partitions}[args.command]
         return asyncio.run(runner(backends, args))
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
