@@ -144,21 +144,30 @@ def _v5_partition_by_month(conn: Connection) -> None:
     # conversation take turns and a seq already logged anywhere is refused.
     run("""CREATE OR REPLACE FUNCTION rpt_events_unique_seq() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    key integer;
+    clash record;
 BEGIN
-    -- Writers of one conversation take turns; the second then sees the
-    -- first's committed row (a volatile function reads with a new snapshot).
-    PERFORM pg_advisory_xact_lock(1380996146, hashtext(NEW.conversation_id));
-    IF EXISTS (SELECT 1 FROM rpt_events
-               WHERE conversation_id = NEW.conversation_id AND seq = NEW.seq) THEN
+    -- Writers of one conversation take turns (keys in order: no deadlock);
+    -- the second then sees the first's committed rows (a volatile function
+    -- reads with a new snapshot).
+    FOR key IN SELECT DISTINCT hashtext(conversation_id) FROM new_rows ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(1380996146, key);
+    END LOOP;
+    SELECT n.seq INTO clash FROM new_rows n
+     WHERE (SELECT count(*) FROM rpt_events e
+             WHERE e.conversation_id = n.conversation_id AND e.seq = n.seq) > 1
+     LIMIT 1;
+    IF FOUND THEN
         RAISE unique_violation USING
-            MESSAGE = 'rpt_events already holds seq ' || NEW.seq || ' of this conversation',
+            MESSAGE = 'rpt_events already holds seq ' || clash.seq || ' of this conversation',
             CONSTRAINT = 'uq_rpt_events_conversation_seq';
     END IF;
-    RETURN NEW;
+    RETURN NULL;
 END
 $$""")
-    run("CREATE TRIGGER rpt_events_unique_seq BEFORE INSERT ON rpt_events "
-        "FOR EACH ROW EXECUTE FUNCTION rpt_events_unique_seq()")
+    run("""CREATE TRIGGER rpt_events_unique_seq AFTER INSERT ON rpt_events
+REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION rpt_events_unique_seq()""")
 
 
 MIGRATIONS: List[Migration] = [

@@ -49,8 +49,10 @@ FACTS = sa.Table(
 # never the event's own timestamp, which clients set and may leave out).
 # Queries use ``EVENTS`` above on both databases: the columns they name are the
 # same. A unique index on a partitioned table must hold the partition column,
-# so the key is (conversation_id, seq, log_month) and a row trigger keeps
-# (conversation_id, seq) unique across partitions (``UNIQUE_SEQ_DDL``); ``id``
+# so the key is (conversation_id, seq, log_month) and a statement trigger
+# keeps (conversation_id, seq) unique across partitions (``UNIQUE_SEQ_DDL``:
+# one check per INSERT statement, not per row; it covers inserts through
+# ``rpt_events``, not straight into a partition); ``id``
 # stays, from the same sequence, for insertion order (export, rotation).
 # docs/partitioning.md describes the layout; ``log/partitions.py`` keeps it.
 PARTITION_COLUMN = "log_month"
@@ -65,21 +67,30 @@ UNIQUE_SEQ_TRIGGER = "rpt_events_unique_seq"
 UNIQUE_SEQ_DDL = (
     f"""CREATE OR REPLACE FUNCTION {UNIQUE_SEQ_TRIGGER}() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    key integer;
+    clash record;
 BEGIN
-    -- Writers of one conversation take turns; the second then sees the
-    -- first's committed row (a volatile function reads with a new snapshot).
-    PERFORM pg_advisory_xact_lock({SEQ_LOCK_CLASS}, hashtext(NEW.conversation_id));
-    IF EXISTS (SELECT 1 FROM rpt_events
-               WHERE conversation_id = NEW.conversation_id AND seq = NEW.seq) THEN
+    -- Writers of one conversation take turns (keys in order: no deadlock);
+    -- the second then sees the first's committed rows (a volatile function
+    -- reads with a new snapshot).
+    FOR key IN SELECT DISTINCT hashtext(conversation_id) FROM new_rows ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock({SEQ_LOCK_CLASS}, key);
+    END LOOP;
+    SELECT n.seq INTO clash FROM new_rows n
+     WHERE (SELECT count(*) FROM rpt_events e
+             WHERE e.conversation_id = n.conversation_id AND e.seq = n.seq) > 1
+     LIMIT 1;
+    IF FOUND THEN
         RAISE unique_violation USING
-            MESSAGE = 'rpt_events already holds seq ' || NEW.seq || ' of this conversation',
+            MESSAGE = 'rpt_events already holds seq ' || clash.seq || ' of this conversation',
             CONSTRAINT = 'uq_rpt_events_conversation_seq';
     END IF;
-    RETURN NEW;
+    RETURN NULL;
 END
 $$""",
-    f"""CREATE TRIGGER {UNIQUE_SEQ_TRIGGER} BEFORE INSERT ON rpt_events
-FOR EACH ROW EXECUTE FUNCTION {UNIQUE_SEQ_TRIGGER}()""",
+    f"""CREATE TRIGGER {UNIQUE_SEQ_TRIGGER} AFTER INSERT ON rpt_events
+REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {UNIQUE_SEQ_TRIGGER}()""",
 )
 
 PARTITIONED_METADATA = sa.MetaData()
