@@ -6,22 +6,30 @@ exactly the columns, types, nullability, keys and indexes declared here, on
 SQLite and PostgreSQL. A schema change is a change here plus a new migration.
 """
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import sqlalchemy as sa
+
+
+def _event_columns() -> List[sa.Column]:
+    """An event's columns (after ``id``), as both shapes of the table hold them."""
+    return [
+        sa.Column("conversation_id", sa.String(255), nullable=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("type_name", sa.String(64), nullable=False),
+        sa.Column("timestamp", sa.Float, nullable=True),
+        sa.Column("intent_name", sa.String(255), nullable=True),
+        sa.Column("action_name", sa.String(255), nullable=True),
+        sa.Column("data", sa.Text, nullable=False),
+    ]
+
 
 METADATA = sa.MetaData()
 EVENTS = sa.Table(
     "rpt_events", METADATA,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
               autoincrement=True),
-    sa.Column("conversation_id", sa.String(255), nullable=False),
-    sa.Column("seq", sa.BigInteger, nullable=False),
-    sa.Column("type_name", sa.String(64), nullable=False),
-    sa.Column("timestamp", sa.Float, nullable=True),
-    sa.Column("intent_name", sa.String(255), nullable=True),
-    sa.Column("action_name", sa.String(255), nullable=True),
-    sa.Column("data", sa.Text, nullable=False),
+    *_event_columns(),
     sa.UniqueConstraint("conversation_id", "seq", name="uq_rpt_events_conversation_seq"),
     # Analytics filter by type/intent/action over time; the unique constraint
     # already serves "one conversation in order".
@@ -99,13 +107,7 @@ PARTITIONED_EVENTS = sa.Table(
     "rpt_events", PARTITIONED_METADATA,
     sa.Column("id", sa.BigInteger, nullable=False,
               server_default=sa.text(f"nextval('{ID_SEQUENCE}'::regclass)")),
-    sa.Column("conversation_id", sa.String(255), nullable=False),
-    sa.Column("seq", sa.BigInteger, nullable=False),
-    sa.Column("type_name", sa.String(64), nullable=False),
-    sa.Column("timestamp", sa.Float, nullable=True),
-    sa.Column("intent_name", sa.String(255), nullable=True),
-    sa.Column("action_name", sa.String(255), nullable=True),
-    sa.Column("data", sa.Text, nullable=False),
+    *_event_columns(),
     sa.Column(PARTITION_COLUMN, sa.Integer, nullable=False,
               server_default=sa.text(LOG_MONTH_NOW)),
     sa.PrimaryKeyConstraint("conversation_id", "seq", PARTITION_COLUMN, name="rpt_events_pkey"),
