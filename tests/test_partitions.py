@@ -263,7 +263,7 @@ def test_a_partition_is_dropped_only_when_its_conversations_are_gone(log, engine
     assert [(r.name, r.dropped) for r in report] == [
         ("rpt_events_p202602", False), ("rpt_events_p202603", True)]
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM rpt_events_p202603")).scalar() == 1
+        assert conn.execute(sa.text("SELECT count(*) FROM rpt_events_p202603_detached")).scalar() == 1
     assert placed(engine, "snapshot") == []
     with pytest.raises(ConfigError, match="before the current month"):
         partitions.drop_partitions_before(engine, partitions.next_month(now))

@@ -169,7 +169,9 @@ def drop_partitions_before(
 
     A conversation of the partition keeps it if it has rows in any other
     partition (dropping would cut its history), a row in ``rpt_snapshots``,
-    or is named by ``live(ids)`` (e.g. those with a hot record). Writes to
+    or is named by ``live(ids)`` (e.g. those with a hot record). A detached
+    partition is renamed ``<name>_detached`` (a plain table, to archive and
+    drop), so the month's name is free again. Writes to
     the log and snapshots wait while the check and the drop run (one
     transaction), so no row of such a conversation can arrive in between;
     ``live`` runs before that, so retention must make a conversation
@@ -194,7 +196,6 @@ def drop_partitions_before(
     alive: Set[str] = set(live(sorted({i for v in ids.values() for i in v}))) if live else set()
     results: List[PartitionDrop] = []
     with engine.begin() as conn:
-        conn.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
         _maintenance(conn)
         # Writers wait (readers go on) until the drop commits.
         conn.execute(sa.text("LOCK TABLE rpt_events IN SHARE ROW EXCLUSIVE MODE"))
@@ -205,7 +206,10 @@ def drop_partitions_before(
                 results.append(PartitionDrop(name, part_month, rows, conversations, False, reason))
                 continue
             conn.execute(sa.text(f'ALTER TABLE rpt_events DETACH PARTITION "{name}"'))
-            if not detach_only:
+            if detach_only:
+                # Out of the partitions' names: the month could be made again.
+                conn.execute(sa.text(f'ALTER TABLE "{name}" RENAME TO "{name}_detached"'))
+            else:
                 conn.execute(sa.text(f'DROP TABLE "{name}"'))
             results.append(PartitionDrop(name, part_month, rows, conversations, True, ""))
     for result in results:
