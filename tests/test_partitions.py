@@ -19,7 +19,8 @@ from rasa_persistent_tracker.errors import ConcurrentSaveError, ConfigError
 from rasa_persistent_tracker.log import direct, migrations, partitions
 from rasa_persistent_tracker.log.event_log import SQLEventLog
 from rasa_persistent_tracker.log.tables import LogRow, Snapshot, metadata_for
-from tests.conftest import real_urls
+from tests.conftest import Backend, real_urls
+from tests.dialogue import run_turns
 from tests.test_schema import shape
 
 pytestmark = pytest.mark.real
@@ -297,3 +298,32 @@ async def test_cli_lists_and_creates_partitions(engine, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Created 2 partition(s)" in out  # start-up made 3 ahead already
     assert out.count(" rows") == 7 and "rpt_events_default" in out and "default" in out
+
+
+async def test_a_store_conversation_across_a_month_border(domain, tmp_path):
+    """The whole path (hot state, outbox, delivery): turns before and after
+    the month turns read back whole and in order from the partitioned log."""
+    pair = Backend("real", str(tmp_path))
+    try:
+        store = pair.make_store(domain)
+        await run_turns(store, "border", 3)
+        await store.flush()
+        engine = pair.engine()
+        with engine.connect() as conn:
+            now = partitions.current_month(conn)
+        clock_at(engine, partitions.next_month(now))  # created ahead at start
+        tracker = await run_turns(store, "border", 3)
+        await store.flush()
+        rows = placed(engine, "border")
+        assert [r[0] for r in rows] == list(range(1, len(rows) + 1))
+        assert [r[1] for r in rows] == sorted(r[1] for r in rows)
+        assert {r[1] for r in rows} == {partitions.partition_name(now), partitions.partition_name(
+            partitions.next_month(now))}
+        full = await store.retrieve_full_tracker("border")
+        assert len(full.events) == len(rows)
+        said = [e.text for e in full.events if getattr(e, "text", "").startswith("my name")]
+        assert said == [f"my name is bob {i}" for i in (0, 1, 2, 0, 1, 2)]
+        assert tracker.events[-1].as_dict() == full.events[-1].as_dict()
+        engine.dispose()
+    finally:
+        await pair.cleanup()
