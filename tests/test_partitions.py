@@ -221,14 +221,9 @@ def test_the_migration_keeps_every_row(engine, monkeypatch):
     SQLEventLog(engine).append({"c0": [row(6)]}, {})
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT max(id) FROM rpt_events")).scalar() == 201
-    with _other_schema() as declared:
+    with contextlib.contextmanager(_schema_engine)() as declared:
         metadata_for("postgresql").create_all(declared)
         assert shape(engine) == shape(declared)
-
-
-@contextlib.contextmanager
-def _other_schema() -> Iterator[sa.engine.Engine]:
-    yield from _schema_engine()
 
 
 def test_a_partition_is_dropped_only_when_its_conversations_are_gone(log, engine):
