@@ -99,8 +99,10 @@ def _v5_partition_by_month(conn: Connection) -> None:
     # PostgreSQL only: SQLite keeps one table. One transaction (the runner's):
     # writers and readers of rpt_events wait for the copy (docs/partitioning.md
     # has the time it takes); a failure leaves the old table as it was.
-    if conn.dialect.name != "postgresql":
-        return
+    if conn.dialect.name != "postgresql" or conn.execute(sa.text(
+            "SELECT relkind FROM pg_class WHERE oid = to_regclass('rpt_events')")).scalar() == "p":
+        return  # SQLite; or a table created partitioned already (tables.py)
+
     def run(statement: str) -> None:
         conn.execute(sa.text(statement))
 
