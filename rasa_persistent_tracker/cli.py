@@ -28,6 +28,9 @@
   conversation without an event for DURATION (``90d``, ``12h``, ``30m``),
   batch by batch; safe from cron while the bot runs, and run again after an
   interruption.
+* ``partitions [--ahead N]`` creates this month's and the next N months'
+  partitions of the PostgreSQL log (the store creates 3 ahead at start) and
+  lists every partition with its row count (see ``log/partitions.py``).
 
 Relative embedded paths in the endpoints file are read from that file's
 folder, as ``rasa run`` started there reads them.
@@ -82,6 +85,16 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _months(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 120:
+        raise argparse.ArgumentTypeError(f"must be a number of months 0..120, got {text!r}")
     return value
 
 
@@ -192,8 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="print what would be erased; remove nothing")
     purge_cmd.add_argument("--batch", type=_positive, default=200, metavar="N",
                            help="conversations per batch (default: 200)")
+    partitions_cmd = commands.add_parser(
+        "partitions", help="create the log's coming monthly partitions; list them",
+        description="On PostgreSQL the log (rpt_events) is partitioned by the month each row "
+                    "was written. Lists every partition with its exact row count (a count "
+                    "reads the whole partition); with --ahead N first creates this month's "
+                    "and the next N months' partitions where missing. Rows of a month "
+                    "without a partition wait in rpt_events_default and move into the "
+                    "month's partition when it is created.")
+    partitions_cmd.add_argument("--ahead", type=_months, default=None, metavar="N",
+                                help="create partitions up to N months ahead first")
     for sub in (rotate_cmd, inspect_cmd, list_cmd, restore_cmd, import_cmd, export_cmd,
-                doctor_cmd, erase_cmd, purge_cmd):
+                doctor_cmd, erase_cmd, purge_cmd, partitions_cmd):
         sub.add_argument("--endpoints", default="endpoints.yml",
                          help="Rasa endpoints file with the tracker_store block "
                               "(default: endpoints.yml)")
@@ -220,7 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runner = {"rotate-keys": commands.run_rotate, "inspect": commands.run_inspect,
                   "quarantine": commands.run_quarantine, "import": commands.run_import,
                   "export": commands.run_export, "doctor": commands.run_doctor,
-                  "erase": commands.run_erase, "purge": commands.run_purge}[args.command]
+                  "erase": commands.run_erase, "purge": commands.run_purge,
+                  "partitions": commands.run_partitions}[args.command]
         return asyncio.run(runner(backends, args))
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)

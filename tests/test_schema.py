@@ -2,7 +2,10 @@
 
 A database migrated from empty is compared, column by column (type,
 nullability), key by key and index by index, with one created straight from
-the declared tables, on SQLite and on PostgreSQL.
+the declared tables, on SQLite and on PostgreSQL. On PostgreSQL
+``rpt_events`` is partitioned: the comparison also covers the partition key,
+the default partition and the trigger that keeps (conversation_id, seq)
+unique across partitions.
 """
 import uuid
 from typing import Any, Dict, Iterator
@@ -11,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from rasa_persistent_tracker.log.migrations import VERSION_TABLE, migrate
-from rasa_persistent_tracker.log.tables import METADATA
+from rasa_persistent_tracker.log.tables import metadata_for
 from tests.conftest import real_urls
 
 
@@ -19,7 +22,7 @@ def shape(engine: sa.engine.Engine) -> Dict[str, Any]:
     """Every declared table as the database reports it."""
     inspector = sa.inspect(engine)
     found: Dict[str, Any] = {}
-    for table in METADATA.sorted_tables:
+    for table in metadata_for(engine.dialect.name).sorted_tables:
         name = table.name
         found[name] = {
             "columns": [(c["name"], str(c["type"]), c["nullable"])
@@ -31,14 +34,40 @@ def shape(engine: sa.engine.Engine) -> Dict[str, Any]:
                               for i in inspector.get_indexes(name)
                               if not i["name"].startswith("sqlite_autoindex")),
         }
+    if engine.dialect.name == "postgresql":
+        found["partitioning"] = partitioning(engine)
     return found
+
+
+def partitioning(engine: sa.engine.Engine) -> Dict[str, Any]:
+    """How PostgreSQL partitions rpt_events: key, default partition, triggers."""
+    with engine.connect() as conn:
+        return {
+            "key": conn.execute(sa.text(
+                "SELECT pg_get_partkeydef(to_regclass('rpt_events'))")).scalar(),
+            "default partition": conn.execute(sa.text(
+                "SELECT c.relname FROM pg_partitioned_table p JOIN pg_class c "
+                "ON c.oid = p.partdefid WHERE p.partrelid = to_regclass('rpt_events')")).scalar(),
+            "triggers": sorted(r[0] for r in conn.execute(sa.text(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass('rpt_events') "
+                "AND NOT tgisinternal"))),
+            "id default": conn.execute(sa.text(
+                "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = "
+                "to_regclass('rpt_events') AND adnum = (SELECT attnum FROM pg_attribute "
+                "WHERE attrelid = to_regclass('rpt_events') AND attname = 'id')")).scalar(),
+        }
 
 
 def same_shape(migrated: sa.engine.Engine, declared: sa.engine.Engine) -> None:
     migrate(migrated)
-    METADATA.create_all(declared)
+    metadata_for(declared.dialect.name).create_all(declared)
     built = shape(migrated)
     assert built["rpt_events"]["columns"] and built["rpt_events"]["indexes"]
+    if migrated.dialect.name == "postgresql":
+        assert built["partitioning"] == {
+            "key": "RANGE (log_month)", "default partition": "rpt_events_default",
+            "triggers": ["rpt_events_unique_seq"],
+            "id default": "nextval('rpt_events_id_seq'::regclass)"}
     assert built == shape(declared)
 
 
@@ -79,7 +108,7 @@ def test_migrations_build_the_declared_tables(two_databases):
 def test_the_comparison_sees_a_difference(two_databases, monkeypatch):
     """Control: a declared column that the migrations do not build fails."""
     migrated, declared = two_databases
-    events = METADATA.tables["rpt_events"]
+    events = metadata_for(migrated.dialect.name).tables["rpt_events"]
     monkeypatch.setattr(events.c.data, "nullable", True)
     with pytest.raises(AssertionError):
         same_shape(migrated, declared)

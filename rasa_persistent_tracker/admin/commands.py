@@ -18,6 +18,7 @@ from rasa_persistent_tracker.admin.rotation import primary_key_id, rotate
 from rasa_persistent_tracker.backends import Backends
 from rasa_persistent_tracker.config import mask_url
 from rasa_persistent_tracker.errors import ConfigError
+from rasa_persistent_tracker.log import partitions
 from rasa_persistent_tracker.security.keys import load_keyring
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -94,6 +95,26 @@ async def run_quarantine(backends: Backends, args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         await _release(backends, client)
+
+
+async def run_partitions(backends: Backends, args: argparse.Namespace) -> int:
+    engine = backends.log.sync.engine
+    try:
+        if args.ahead is not None:
+            created = await backends.log.run(partitions.ensure_partitions, engine, args.ahead)
+            print(f"Created {len(created)} partition(s){': ' if created else ''}"
+                  f"{', '.join(created)}.")
+        found = await backends.log.run(partitions.list_partitions, engine)
+    finally:
+        await _release(backends)
+    if not found:
+        print(f"The log at {mask_url(backends.config.sql_url)} is one table: partitions are "
+              f"made on PostgreSQL only.")
+        return EXIT_OK
+    for partition in found:
+        month = "default" if partition.month is None else str(partition.month)
+        print(f"{partition.name:<24} {month:>8} {partition.rows:>12} rows")
+    return EXIT_OK
 
 
 async def run_doctor(backends: Backends, args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.config import mask_url
 from rasa_persistent_tracker.errors import CorruptRecordError, EventLogUnavailable
 from rasa_persistent_tracker.files import private_file
-from rasa_persistent_tracker.log import bulk
+from rasa_persistent_tracker.log import bulk, partitions
 from rasa_persistent_tracker.log.bulk import sort_rows
 from rasa_persistent_tracker.log.erasure import ErasureGuard
 from rasa_persistent_tracker.log.migrations import migrate
@@ -92,7 +92,11 @@ class SQLEventLog:
         return f"SQLEventLog({mask_url(str(self.engine.url))})"
 
     def migrate(self) -> List[int]:
-        return migrate(self.engine)
+        """Apply pending migrations, then (PostgreSQL) create the coming
+        months' partitions of the log (``partitions.py``)."""
+        applied = migrate(self.engine)
+        partitions.ensure_at_start(self.engine)
+        return applied
 
     def fact(self, name: str) -> Optional[str]:
         """A recorded fact about the stored data (None: never recorded)."""

@@ -6,22 +6,30 @@ exactly the columns, types, nullability, keys and indexes declared here, on
 SQLite and PostgreSQL. A schema change is a change here plus a new migration.
 """
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import sqlalchemy as sa
+
+
+def _event_columns() -> List[sa.Column]:
+    """An event's columns (after ``id``), as both shapes of the table hold them."""
+    return [
+        sa.Column("conversation_id", sa.String(255), nullable=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("type_name", sa.String(64), nullable=False),
+        sa.Column("timestamp", sa.Float, nullable=True),
+        sa.Column("intent_name", sa.String(255), nullable=True),
+        sa.Column("action_name", sa.String(255), nullable=True),
+        sa.Column("data", sa.Text, nullable=False),
+    ]
+
 
 METADATA = sa.MetaData()
 EVENTS = sa.Table(
     "rpt_events", METADATA,
     sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
               autoincrement=True),
-    sa.Column("conversation_id", sa.String(255), nullable=False),
-    sa.Column("seq", sa.BigInteger, nullable=False),
-    sa.Column("type_name", sa.String(64), nullable=False),
-    sa.Column("timestamp", sa.Float, nullable=True),
-    sa.Column("intent_name", sa.String(255), nullable=True),
-    sa.Column("action_name", sa.String(255), nullable=True),
-    sa.Column("data", sa.Text, nullable=False),
+    *_event_columns(),
     sa.UniqueConstraint("conversation_id", "seq", name="uq_rpt_events_conversation_seq"),
     # Analytics filter by type/intent/action over time; the unique constraint
     # already serves "one conversation in order".
@@ -52,6 +60,83 @@ ERASED = sa.Table(
     sa.Column("erased_at", sa.Float, nullable=False),
     sa.Index("ix_rpt_erased_erased_at", "erased_at"),
 )
+
+# ---------------------------------------------------------------- PostgreSQL
+# On PostgreSQL ``rpt_events`` is partitioned by the month each row was
+# written to the log (``log_month``, e.g. 202611, the database clock in UTC:
+# never the event's own timestamp, which clients set and may leave out).
+# Queries use ``EVENTS`` above on both databases: the columns they name are the
+# same. A unique index on a partitioned table must hold the partition column,
+# so the key is (conversation_id, seq, log_month) and a statement trigger
+# keeps (conversation_id, seq) unique across partitions (``UNIQUE_SEQ_DDL``:
+# one check per INSERT statement, not per row; it covers inserts through
+# ``rpt_events``, not straight into a partition); ``id``
+# stays, from the same sequence, for insertion order (export, rotation).
+# docs/partitioning.md describes the layout; ``log/partitions.py`` keeps it.
+PARTITION_COLUMN = "log_month"
+DEFAULT_PARTITION = "rpt_events_default"
+ID_SEQUENCE = "rpt_events_id_seq"
+# The month a row is written in, by the database clock.
+LOG_MONTH_NOW = "(to_char((now() AT TIME ZONE 'UTC'), 'YYYYMM'))::integer"
+# Key space of the per-conversation lock that the trigger takes (two-int
+# advisory locks never collide with the migrations' one-bigint lock).
+SEQ_LOCK_CLASS = 0x52505432
+UNIQUE_SEQ_TRIGGER = "rpt_events_unique_seq"
+UNIQUE_SEQ_DDL = (
+    f"""CREATE OR REPLACE FUNCTION {UNIQUE_SEQ_TRIGGER}() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    key integer;
+    clash record;
+BEGIN
+    -- Writers of one conversation take turns (keys in order: no deadlock);
+    -- the second then sees the first's committed rows (a volatile function
+    -- reads with a new snapshot).
+    FOR key IN SELECT DISTINCT hashtext(conversation_id) FROM new_rows ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock({SEQ_LOCK_CLASS}, key);
+    END LOOP;
+    SELECT n.seq INTO clash FROM new_rows n
+     WHERE (SELECT count(*) FROM rpt_events e
+             WHERE e.conversation_id = n.conversation_id AND e.seq = n.seq) > 1
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE unique_violation USING
+            MESSAGE = 'rpt_events already holds seq ' || clash.seq || ' of this conversation',
+            CONSTRAINT = 'uq_rpt_events_conversation_seq';
+    END IF;
+    RETURN NULL;
+END
+$$""",
+    f"""CREATE TRIGGER {UNIQUE_SEQ_TRIGGER} AFTER INSERT ON rpt_events
+REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {UNIQUE_SEQ_TRIGGER}()""",
+)
+
+PARTITIONED_METADATA = sa.MetaData()
+sa.Sequence(ID_SEQUENCE, metadata=PARTITIONED_METADATA)
+PARTITIONED_EVENTS = sa.Table(
+    "rpt_events", PARTITIONED_METADATA,
+    sa.Column("id", sa.BigInteger, nullable=False,
+              server_default=sa.text(f"nextval('{ID_SEQUENCE}'::regclass)")),
+    *_event_columns(),
+    sa.Column(PARTITION_COLUMN, sa.Integer, nullable=False,
+              server_default=sa.text(LOG_MONTH_NOW)),
+    sa.PrimaryKeyConstraint("conversation_id", "seq", PARTITION_COLUMN, name="rpt_events_pkey"),
+    sa.Index("ix_rpt_events_type_time", "type_name", "timestamp"),
+    sa.Index("ix_rpt_events_intent", "intent_name"),
+    # Insertion order (export without --conversation, key rotation's batches).
+    sa.Index("ix_rpt_events_id", "id"),
+    postgresql_partition_by=f"RANGE ({PARTITION_COLUMN})",
+)
+for _statement in (f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF rpt_events DEFAULT",
+                   *UNIQUE_SEQ_DDL):
+    sa.event.listen(PARTITIONED_EVENTS, "after_create", sa.DDL(_statement))
+for _table in (SNAPSHOTS, FACTS, ERASED):
+    _table.to_metadata(PARTITIONED_METADATA)
+
+
+def metadata_for(dialect_name: str) -> sa.MetaData:
+    """The declared tables on this database: partitioned on PostgreSQL."""
+    return PARTITIONED_METADATA if dialect_name == "postgresql" else METADATA
 
 
 @dataclasses.dataclass
