@@ -206,8 +206,8 @@ async def main() -> Dict[str, Any]:
           f"({c['export_last_day']['events_per_s']:,.0f})"] for c in cells]))
     if len(cells) > 1:
         a, b = cells[0], cells[-1]
-        print(f"\nAppend at {b['events']:,} vs {a['events']:,} events: "
-              f"{a['append']['rows_per_s'] / b['append']['rows_per_s']:.2f}x slower.")
+        print(f"\nAppend throughput at {b['events']:,} events / at {a['events']:,}: "
+              f"{b['append']['rows_per_s'] / a['append']['rows_per_s']:.2f}.")
     result = {**common.run_header("log_at_scale", False, started, load), "cells": cells}
     common.write_results(result, os.path.join(common.RESULTS, "log_at_scale.json"))
     return result

@@ -35,6 +35,8 @@ EVENTS = sa.Table(
     # already serves "one conversation in order".
     sa.Index("ix_rpt_events_type_time", "type_name", "timestamp"),
     sa.Index("ix_rpt_events_intent", "intent_name"),
+    # Export by time (--since / --until) pages in (timestamp, id) order.
+    sa.Index("ix_rpt_events_time", "timestamp", "id"),
 )
 SNAPSHOTS = sa.Table(
     "rpt_snapshots", METADATA,
@@ -125,6 +127,7 @@ PARTITIONED_EVENTS = sa.Table(
     sa.Index("ix_rpt_events_intent", "intent_name"),
     # Insertion order (export without --conversation, key rotation's batches).
     sa.Index("ix_rpt_events_id", "id"),
+    sa.Index("ix_rpt_events_time", "timestamp", "id"),
     postgresql_partition_by=f"RANGE ({PARTITION_COLUMN})",
 )
 for _statement in (f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF rpt_events DEFAULT",
