@@ -15,7 +15,9 @@ Then, in the same run, as subprocesses on the same data:
   line per event), reading Rasa's ``SQLTrackerStore``.
 
 Each is timed (wall clock) and its peak resident memory read from
-``/usr/bin/time``; the events written are counted. Prints a markdown table
+``/usr/bin/time``; the events written are counted. Then retention on the same
+log: ``rasa-persistent-tracker purge --inactive-for 30d`` (conversations end
+evenly over the last 60 days, so about half of them go), timed the same way. Prints a markdown table
 and writes ``results/export_at_scale.json``. It is a benchmark, not a test.
 
     .venv/bin/python benchmarks/export_at_scale.py [--events N] [--events-per-conversation K]
@@ -55,7 +57,8 @@ def fill(servers: common.Servers, total: int, per_conversation: int) -> Dict[str
     template = filling.Template(per_conversation)
     ids = [f"conv-{c:07d}" for c in range(max(1, total // len(template)))]
     started = time.perf_counter()
-    raw = sa.create_engine(servers.db_url, poolclass=sa.pool.NullPool).raw_connection()
+    # On the schema URL: the log's uniqueness trigger names rpt_events unqualified.
+    raw = sa.create_engine(servers.ours_sql_url, poolclass=sa.pool.NullPool).raw_connection()
     try:
         written = filling.copy_conversations(raw, [
             ("rpt.rpt_events (conversation_id, seq, type_name, timestamp, intent_name, "
@@ -118,6 +121,13 @@ def timed(command: List[str], cwd: str) -> Dict[str, Any]:
             "stdout_tail": proc.stdout[-500:]}
 
 
+def count_log(servers: common.Servers) -> Dict[str, int]:
+    """Conversations and events in this store's log."""
+    (conversations, events), = servers.execute(
+        "SELECT count(DISTINCT conversation_id), count(*) FROM rpt.rpt_events")
+    return {"conversations": conversations, "events": events}
+
+
 def count_lines(path: str) -> int:
     with open(path, "rb") as handle:
         return sum(1 for _ in handle)
@@ -146,6 +156,16 @@ async def main() -> Dict[str, Any]:
         runs["rasa export"] = timed(
             [os.path.join(BIN, "rasa"), "export", "--endpoints", rasa_yml], workdir)
         runs["rasa export"]["events"] = count_lines(os.path.join(workdir, "rasa-export.jsonl"))
+        print("rasa export done", flush=True)
+        # Retention on the same log: the conversations whose last event is
+        # older than 30 days (about half of them: they end evenly over 60).
+        purge = count_log(servers)
+        purge.update(timed([os.path.join(BIN, "rasa-persistent-tracker"), "purge",
+                            "--endpoints", ours_yml, "--inactive-for", "30d", "--batch", "500"],
+                           workdir))
+        after = count_log(servers)
+        purge["erased_conversations"] = purge["conversations"] - after["conversations"]
+        purge["removed_events"] = purge["events"] - after["events"]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         servers.cleanup()
@@ -155,11 +175,17 @@ async def main() -> Dict[str, Any]:
         ["command", "events written", "wall s", "events/s", "peak RSS MB"],
         [[name, f"{r['events']:,}", fmt(r["wall_s"], 1), f"{r['events'] / r['wall_s']:,.0f}",
           fmt(r["peak_rss_mb"], 0)] for name, r in runs.items()]))
+    print(f"\n### purge --inactive-for 30d on that log (rpt_events, ours)\n")
+    print(common.markdown_table(
+        ["conversations erased", "events removed", "wall s", "events removed/s", "peak RSS MB"],
+        [[f"{purge['erased_conversations']:,} of {purge['conversations']:,}",
+          f"{purge['removed_events']:,}", fmt(purge["wall_s"], 1),
+          f"{purge['removed_events'] / purge['wall_s']:,.0f}", fmt(purge["peak_rss_mb"], 0)]]))
     ours, theirs = runs["rasa-persistent-tracker export"], runs["rasa export"]
     print(f"\nThroughput ratio: {(ours['events'] / ours['wall_s']) / (theirs['events'] / theirs['wall_s']):.1f}x "
           f"rasa export; peak memory {ours['peak_rss_mb']:.0f} MB vs {theirs['peak_rss_mb']:.0f} MB.")
     result = {**common.run_header("export_at_scale", False, started, load),
-              "fill": filled, "runs": runs}
+              "fill": filled, "runs": runs, "purge": purge}
     common.write_results(result, os.path.join(common.RESULTS, "export_at_scale.json"))
     return result
 

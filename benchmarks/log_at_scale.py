@@ -62,7 +62,9 @@ class Log:
         self.appended: Dict[str, int] = {}  # conversation -> rows appended by `append`
 
     def raw(self) -> Any:
-        return sa.create_engine(self.servers.db_url, poolclass=sa.pool.NullPool).raw_connection()
+        # The schema URL: the log's uniqueness trigger names rpt_events unqualified.
+        return sa.create_engine(self.servers.ours_sql_url,
+                                poolclass=sa.pool.NullPool).raw_connection()
 
     def grow(self, target: int) -> float:
         """Fill to about ``target`` events; return the seconds it took."""
