@@ -25,6 +25,7 @@ conversation's length (docs/contract.md states the bound). A record without
 base holds the whole session raw. ``replay`` reads records back (schema 1 too).
 """
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from rasa.shared.core.constants import ACTION_SESSION_START_NAME
@@ -88,7 +89,13 @@ class RebuiltBase:
 
 
 def _loop_dict(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
-    return dataclasses.asdict(tracker.active_loop) if tracker.active_loop else None
+    # Shallow: the record is serialised, and read back from its text, before
+    # anything keeps it (``Codec.encode_record``); ``dataclasses.asdict``
+    # deep-copied the trigger message on every save.
+    loop = tracker.active_loop
+    if not loop:
+        return None
+    return {field.name: getattr(loop, field.name) for field in dataclasses.fields(loop)}
 
 
 def slack(max_history: int) -> int:
@@ -112,15 +119,30 @@ def session_start(events: Sequence[Event]) -> int:
     return 0
 
 
+@functools.lru_cache(maxsize=None)
+def _kind(cls: type) -> str:
+    """``reset``, ``action``, ``user`` or ``other``: what ``_reusable_base``
+    asks of an event, once per event class (``isinstance`` on Rasa's abstract
+    ``Event`` classes goes through ``ABCMeta`` each time, and this runs over
+    the window on every save)."""
+    if issubclass(cls, _RESETTING):
+        return "reset"
+    if issubclass(cls, ActionExecuted):
+        return "action"
+    return "user" if issubclass(cls, UserUttered) else "other"
+
+
 def _reusable_base(events: List[Event], previous: Optional[RebuiltBase],
                    max_history: int) -> Optional[RebuiltBase]:
     if previous is None or not previous.base:
         return None
-    window = events[previous.length:]
-    if any(isinstance(e, _RESETTING) or _is_action(e, ACTION_SESSION_START_NAME)
-           for e in window):
-        return None  # undone or restarted: what the base must hold changes
-    users = sum(isinstance(e, UserUttered) for e in window)
+    users = 0
+    for event in events[previous.length:]:
+        kind = _kind(type(event))
+        if kind == "reset" or (kind == "action"
+                               and event.action_name == ACTION_SESSION_START_NAME):
+            return None  # undone or restarted: what the base must hold changes
+        users += kind == "user"
     if users > RAW_USER_MESSAGES + slack(max_history):
         return None
     return previous

@@ -83,15 +83,16 @@ class Codec:
         """
         event_jsons = [text if text is not None else self._plain.dumps(event)
                  for event, text in zip(record["events"], event_texts, strict=True)]
-        skip = ("events", "base") if base_json is not None else ("events",)
-        head = self._plain.dumps({k: v for k, v in record.items() if k not in skip})
+        if base_json is None:  # a new base: serialised once, read back once
+            base_json = self._plain.dumps(record["base"])
+            base = self._plain.loads(base_json)
+        else:
+            base = record["base"]
+        head = self._plain.dumps({k: v for k, v in record.items() if k not in ("events", "base")})
         decoded = self._plain.loads(head)
         decoded["events"] = record["events"]
-        if base_json is not None:
-            decoded["base"] = record["base"]
-            head = f'{{"base":{base_json},{head[1:]}'
-        else:
-            base_json = self._plain.dumps(decoded["base"])
+        decoded["base"] = base
+        head = f'{{"base":{base_json},{head[1:]}'
         payload = self._seal_record(f'{{"events":[{",".join(event_jsons)}],{head[1:]}', crypto.HOT,
                                     record["sender_id"])
         return Encoded(payload, decoded, event_jsons, base_json)
