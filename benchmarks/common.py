@@ -218,6 +218,14 @@ class Servers:
         value = self.redis.memory_usage(key, samples=0)
         return int(value) if value is not None else None
 
+    def conversation_usage(self, prefix: str, sender_id: str) -> Optional[int]:
+        """MEMORY USAGE summed over every key one conversation holds under
+        ``prefix`` (its keys carry the hash tag ``{sender_id}``); None if none."""
+        sizes = [self.memory_usage(key) for key in self.redis.scan_iter(
+            match=f"{prefix}:*{{{sender_id}}}*", count=1000)]
+        sizes = [s for s in sizes if s is not None]
+        return sum(sizes) if sizes else None
+
     def delete_prefix(self, prefix: str) -> int:
         deleted = 0
         batch = []

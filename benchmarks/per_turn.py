@@ -306,7 +306,8 @@ def print_report(cells: List[Cell], lengths: List[int], summary: Dict[str, Any])
             for s in stores]
     print(common.markdown_table(header, rows))
 
-    print("\n### Redis memory per conversation (MEMORY USAGE of the tracker key), bytes\n")
+    print("\n### Redis memory per conversation, bytes (MEMORY USAGE: Rasa's tracker key; ours: "
+          "every key of the conversation, after delivery)\n")
     rows = []
     for s in ("RedisTrackerStore", "ours", "ours+encryption"):
         if any((s, n) in by for n in lengths):
@@ -422,7 +423,10 @@ async def main(args: argparse.Namespace) -> Dict[str, Any]:
                 await finish_ours([c for c in cells if c.store == name], stores[name], servers)
         for cell in cells:
             key = redis_key(cell.store, stores[cell.store], cell.sid)
-            if key:
+            if cell.store in OURS:  # after delivery: every key the conversation holds
+                cell.redis_bytes = servers.conversation_usage(
+                    stores[cell.store].config.key_prefix, cell.sid)
+            elif key:
                 cell.redis_bytes = servers.memory_usage(key)
             if cell.store in OURS:
                 cell.extra["hot_record"] = record_shape(stores[cell.store], servers, key)
