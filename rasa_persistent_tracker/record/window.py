@@ -87,6 +87,29 @@ class RebuiltBase:
     text: Optional[str] = None
     slot_events: Optional[List[Event]] = None
 
+    def stored_forms(self) -> "StoredForms":
+        """``base_forms`` of this base, made when a compaction first asks."""
+        forms = self.__dict__.get("_forms")
+        if forms is None:
+            forms = self.__dict__["_forms"] = (base_forms(self.base, self.slot_events)
+                                               if self.slot_events is not None else {})
+        return forms
+
+
+def base_forms(base: Dict[str, Any], events: Sequence[Event]) -> "StoredForms":
+    """The stored forms of a base's events (head, summary, applied; ``events``
+    parsed from them, in order), so a compaction that keeps them does not
+    serialise them again. User messages are left out: a rebuilt tracker holds
+    its own copy of each (``EntitiesAdded`` edits the latest in place), which
+    must be serialised as it is now."""
+    if not base or "head" not in base:
+        return {}
+    dicts = base["head"] + base["summary"] + base["applied"]
+    if len(dicts) != len(events):
+        return {}
+    return {id(e): (e, d, None) for e, d in zip(events, dicts)
+            if not isinstance(e, UserUttered)}
+
 
 def _loop_dict(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
     # Shallow: the record is serialised, and read back from its text, before
@@ -153,6 +176,13 @@ def _compact(tracker: DialogueStateTracker, events: List[Event], slot_list: List
              as_dict: Callable[[Event], Dict[str, Any]]) -> Tuple[Dict[str, Any], int, bool]:
     """A new base, the index where the raw window begins, and whether the
     tracker lacks history the base should hold (see ``Built.short``)."""
+    reused = previous.stored_forms() if previous is not None else {}
+    if reused:
+        encode_fresh = as_dict
+
+        def as_dict(event: Event) -> Dict[str, Any]:  # noqa: F811 - the base's forms first
+            hit = reused.get(id(event))
+            return hit[1] if hit is not None and hit[0] is event else encode_fresh(event)
     start = session_start(events)
     floor = previous.length if previous is not None and previous.base else 0
     if start >= floor:
