@@ -66,3 +66,45 @@ async def test_schema_1_records_resume_and_are_rewritten(make_store, backend, ca
         assert again.active_loop == tracker.active_loop
         assert again.latest_message.text == "hello"
     assert "unreadable" not in caplog.text and "resumed" not in caplog.text
+
+
+async def test_records_without_base_checked_resume_and_gain_it(make_store, backend):
+    # Records of 0.3 (commit 5ba890a) have no "base_checked": they read as
+    # "the base accounts for none of the window" (every revert in it forces a
+    # compaction, as 0.3 did), and the next save writes the field.
+    from rasa_persistent_tracker.errors import CorruptRecordError
+    from rasa_persistent_tracker.record.replay import validate_record
+    from tests.dialogues_gen import Simulator, generate
+
+    dom = gen_domain()
+    store = make_store(domain_override=dom, max_history=3, record_cache_size=0)
+    client = backend.redis_client()
+    sim = Simulator(dom, "old")
+    key = f"{backend.prefix}:h:{{old}}"
+    for number, turn in enumerate(generate(31, 150)):
+        events = await sim.play(turn)
+        tracker = await store.retrieve("old") or store.init_tracker("old")
+        for event in events:
+            tracker.update(event)
+        await store.save(tracker)
+        record = _load(store, client.hget(key, "d").decode(), "old")
+        if number > 10 and record["base"] and record["base_checked"]:
+            break  # a record with a base that accounts for part of its window
+    assert record["base"] and 0 < record["base_checked"] <= len(record["events"])
+    expected = (await store.retrieve("old")).current_state(EventVerbosity.ALL)
+    del record["base_checked"]
+    client.hset(key, "d", store._codec.dumps_record(record))
+    tracker = await store.retrieve("old")
+    assert tracker.current_state(EventVerbosity.ALL) == expected
+    tracker.update(UserUttered("hello", {"name": "greet", "confidence": 1.0}))
+    tracker.update(ActionExecuted("action_listen"))
+    await store.save(tracker)
+    assert "base_checked" in _load(store, client.hget(key, "d").decode(), "old")
+    for bad in (-1, len(record["events"]) + 1, True, "2", 1.5):
+        with_bad = {**record, "base_checked": bad}
+        try:
+            validate_record(with_bad, "old")
+        except CorruptRecordError as exc:
+            assert "base_checked" in str(exc)
+        else:
+            raise AssertionError(f"base_checked={bad!r} was accepted")

@@ -81,6 +81,10 @@ def validate_record(record: Any, sender_id: str) -> Dict[str, Any]:
         raise CorruptRecordError("field 'state.slots' is malformed")
     if record.get("last_event") != fingerprint(events[-1]):
         raise CorruptRecordError("last event fingerprint does not match")
+    checked = record.get("base_checked", 0)  # absent before 0.4: nothing checked
+    if not isinstance(checked, int) or isinstance(checked, bool) or not 0 <= checked <= len(
+            events):
+        raise CorruptRecordError("field 'base_checked' is not a count of window events")
     return record
 
 
@@ -128,7 +132,7 @@ def rebuild_tracker(
             tracker.latest_bot_utterance = parse_event(bot) if bot else BotUttered.empty()
         previous = RebuiltBase(base if record["schema"] != 1 else {}, len(tracker.events),
                             tracker.events[0] if tracker.events else None, base_json,
-                            base_events)
+                            base_events, record.get("base_checked", 0))
         forms: StoredForms = {}
         for i, event_dict in enumerate(record["events"]):
             event = window_events[i] if window_events else None

@@ -79,13 +79,16 @@ Encoder = Callable[[Event], Tuple[str, Dict[str, Any]]]
 @dataclasses.dataclass
 class RebuiltBase:
     """The base a tracker was rebuilt from, how many events it occupies and,
-    if known, its JSON text and parsed events (head, summary, applied)."""
+    if known, its JSON text and parsed events (head, summary, applied).
+    ``checked``: how many of the raw window's first events the compaction that
+    made the base saw (a revert among them is accounted for in the base)."""
 
     base: Dict[str, Any]
     length: int
     first: Optional[Event]
     text: Optional[str] = None
     slot_events: Optional[List[Event]] = None
+    checked: int = 0
 
     def stored_forms(self) -> "StoredForms":
         """``base_forms`` of this base, made when a compaction first asks."""
@@ -160,10 +163,13 @@ def _reusable_base(events: List[Event], previous: Optional[RebuiltBase],
     if previous is None or not previous.base:
         return None
     users = 0
-    for event in events[previous.length:]:
+    # The window's first ``checked`` events were there when the base was made:
+    # a revert among them is accounted for (otherwise each fallback would
+    # compact the next turns again, until its revert leaves the window).
+    for i, event in enumerate(events[previous.length:]):
         kind = _kind(type(event))
-        if kind == "reset" or (kind == "action"
-                               and event.action_name == ACTION_SESSION_START_NAME):
+        if i >= previous.checked and (kind == "reset" or (
+                kind == "action" and event.action_name == ACTION_SESSION_START_NAME)):
             return None  # undone or restarted: what the base must hold changes
         users += kind == "user"
     if users > RAW_USER_MESSAGES + slack(max_history):
@@ -267,8 +273,9 @@ def build_record(
 
     Compaction (a new base from Rasa's applied events) runs when the raw
     window has grown ``slack(max_history)`` user turns past what it must hold,
-    or after a revert, restart or session start; in between, the previous
-    base is kept as it was.
+    or after a revert, restart or session start the base does not account for
+    yet (``RebuiltBase.checked``, the record's ``base_checked``); in between,
+    the previous base is kept as it was.
 
     Args:
         tracker: the conversation state after the turn.
@@ -294,12 +301,16 @@ def build_record(
     reused = _reusable_base(events, previous, max_history)
     short = False
     if reused is not None:
-        base, cut = reused.base, reused.length
+        base, cut, checked = reused.base, reused.length, reused.checked
     else:
         base, cut, short = _compact(tracker, events, list(slots), max_history, previous,
                                     as_dict)
+        # A base made now accounts for every event of the window; one kept as
+        # it was (too few user messages to compact) only for what it did before.
+        checked = len(events) - cut if base else 0
         if previous is not None and base is previous.base:
             reused = previous
+            checked = previous.checked
     kept_forms: StoredForms = {}
     window = []
     event_jsons: List[Optional[str]] = []
@@ -327,6 +338,7 @@ def build_record(
             "latest_message_at": last_user.timestamp if last_user else None,
         },
         "last_event": fingerprint(window[-1]) if window else None,
+        "base_checked": checked,
     }
     return Built(record, event_jsons, kept_forms, reused,
                  reused.text if reused is not None else None, short)
