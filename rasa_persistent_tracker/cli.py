@@ -26,8 +26,9 @@
   Exit 1 if an id had nothing stored (the others are still erased).
 * ``purge --inactive-for DURATION [--dry-run] [--batch N]`` erases every
   conversation without an event for DURATION (``90d``, ``12h``, ``30m``),
-  batch by batch; safe from cron while the bot runs, and run again after an
-  interruption.
+  batch by batch; on PostgreSQL a past month whose conversations all go is
+  dropped whole (its partition, ``log/retention.py``). Safe from cron while
+  the bot runs, and run again after an interruption.
 * ``partitions [--ahead N]`` creates this month's and the next N months'
   partitions of the PostgreSQL log (the store creates 3 ahead at start) and
   lists every partition with its row count (see ``log/partitions.py``).
@@ -196,13 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     purge_cmd = commands.add_parser(
         "purge", help="erase every conversation inactive for longer than a duration",
         description="Erases, as 'erase' does, every conversation whose newest event is "
-                    "older than --inactive-for, in batches in id order. Safe to run from "
+                    "older than --inactive-for, in batches in id order. On PostgreSQL a "
+                    "past month whose conversations are all inactive (and in no other "
+                    "month) goes whole: its partition is dropped. Safe to run from "
                     "cron while the bot serves traffic: a conversation active again is "
                     "skipped. Interrupted, run it again to finish.")
     purge_cmd.add_argument("--inactive-for", required=True, metavar="DURATION",
                            help="e.g. 90d, 12h or 30m")
     purge_cmd.add_argument("--dry-run", action="store_true",
-                           help="print what would be erased; remove nothing")
+                           help="print what would be erased and which months dropped; "
+                                "remove nothing")
     purge_cmd.add_argument("--batch", type=_positive, default=200, metavar="N",
                            help="conversations per batch (default: 200)")
     partitions_cmd = commands.add_parser(

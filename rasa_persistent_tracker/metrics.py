@@ -74,6 +74,10 @@ ERASURES = Counter(
 PURGED = Counter(
     "rpt_purged_conversations_total",
     "Conversations erased by purge for inactivity (counted in the process that ran it).")
+DROPPED_PARTITIONS = Counter(
+    "rpt_dropped_partitions_total",
+    "Month partitions of the PostgreSQL log dropped by purge, every conversation in them "
+    "erased (counted in the process that ran it).")
 ERASED_WRITES = Counter(
     "rpt_erased_writes_refused_total",
     "Late writes of erased conversations refused by their tombstone, by kind: save "

@@ -28,7 +28,7 @@ FAMILIES = {
     "rpt_quarantines", "rpt_recoveries", "rpt_outbox_conversations",
     "rpt_outbox_oldest_entry_age_seconds", "rpt_pool_waits", "rpt_busy",
     "rpt_hot_state_outages", "rpt_direct_saves", "rpt_erasures", "rpt_purged_conversations",
-    "rpt_erased_writes_refused",
+    "rpt_erased_writes_refused", "rpt_dropped_partitions",
 }
 
 

@@ -9,7 +9,7 @@ import sys
 from typing import Any, AsyncIterator
 
 from rasa_persistent_tracker import logids
-from rasa_persistent_tracker.admin import doctor, erasing, exporting, importer
+from rasa_persistent_tracker.admin import doctor, erasing, erasure_report, exporting, importer
 from rasa_persistent_tracker.admin.endpoints_file import tracker_store_block
 from rasa_persistent_tracker.admin.inspection import inspect_conversation
 from rasa_persistent_tracker.admin.quarantine import QuarantineAdmin
@@ -235,7 +235,7 @@ async def _event_broker(endpoints_path: str) -> Any:
 
 async def run_erase(backends: Backends, args: argparse.Namespace) -> int:
     raw = _raw_access(backends)
-    totals = erasing.Totals()
+    totals = erasure_report.Totals()
     try:
         ids = [await _resolved(backends, cid) for cid in args.conversation_ids]
         eraser = erasing.Eraser(backends, raw)
@@ -254,7 +254,7 @@ async def run_purge(backends: Backends, args: argparse.Namespace) -> int:
     inactive_for = erasing.parse_duration(args.inactive_for)
     raw = _raw_access(backends)
     tty = sys.stdout.isatty()
-    running = erasing.Totals()
+    running = erasure_report.Totals()
 
     def report(erasures: list) -> None:
         running.add(erasures)
@@ -264,9 +264,15 @@ async def run_purge(backends: Backends, args: argparse.Namespace) -> int:
                       flush=True)
             else:
                 print(erasure.line(args.dry_run), flush=True)
+
+    def report_month(month: erasure_report.MonthDrop) -> None:
+        # After a month's conversations (a progress line on a terminal).
+        after_progress = tty and bool(running.erased or running.skipped)
+        print(("\n" if after_progress else "") + month.line(args.dry_run), flush=True)
+
     try:
         totals = await erasing.Eraser(backends, raw).purge(inactive_for, args.batch,
-                                                           args.dry_run, report)
+                                                           args.dry_run, report, report_month)
     finally:
         await _close(backends, raw)
     if tty:

@@ -93,14 +93,7 @@ class ErasureGuard:
         deleted, snapshot deleted). Call in a transaction of its own."""
         ids = sorted(cid for cid in floors if loggable(cid))
         self.lock(conn, ids, exclusive=True)
-        known = self.floors(conn, ids)
-        stamp = time.time() if now is None else now
-        tombstones = [{"name": name, "floor": max(floors[cid], known.get(cid, 0)),
-                       "erased_at": stamp} for cid in ids for name in self._digests(cid)]
-        for names in _chunks([t["name"] for t in tombstones]):
-            conn.execute(ERASED.delete().where(ERASED.c.name.in_(names)))
-        if tombstones:
-            conn.execute(ERASED.insert(), tombstones)
+        self.tombstone(conn, {cid: floors[cid] for cid in ids}, now)
         removed: Dict[str, "tuple[int, bool]"] = {cid: (0, False) for cid in ids}
         for chunk in _chunks(ids):
             counts = dict(conn.execute(
@@ -112,6 +105,22 @@ class ErasureGuard:
             conn.execute(SNAPSHOTS.delete().where(SNAPSHOTS.c.conversation_id.in_(chunk)))
             removed.update({cid: (int(counts.get(cid, 0)), cid in snapped) for cid in chunk})
         return removed
+
+    def tombstone(self, conn: sa.engine.Connection, floors: Dict[str, int],
+                  now: Optional[float] = None) -> None:
+        """Write (or raise) the tombstones of the conversations ``floors``
+        names, keeping a higher floor already there. The caller excludes
+        writers of these conversations (``lock``, or a table lock on
+        ``rpt_erased``: log/retention.py)."""
+        ids = sorted(cid for cid in floors if loggable(cid))
+        known = self.floors(conn, ids)
+        stamp = time.time() if now is None else now
+        tombstones = [{"name": name, "floor": max(floors[cid], known.get(cid, 0)),
+                       "erased_at": stamp} for cid in ids for name in self._digests(cid)]
+        for names in _chunks([t["name"] for t in tombstones]):
+            conn.execute(ERASED.delete().where(ERASED.c.name.in_(names)))
+        if tombstones:
+            conn.execute(ERASED.insert(), tombstones)
 
     @staticmethod
     def forget_before(conn: sa.engine.Connection, moment: float) -> int:

@@ -11,11 +11,12 @@ rows already sit in the default partition for a month being created, they
 are moved into the new partition in the same transaction (PostgreSQL refuses
 to create a partition whose rows the default partition holds).
 
-``drop_partitions_before`` is the primitive retention (``purge``) uses: it
-drops, or only detaches, whole past partitions whose conversations are all
-gone: none has rows in another partition, a snapshot in ``rpt_snapshots``,
-or is live by the caller's check (the hot state). It drops nothing else and
-reports what it did with every candidate.
+``drop_partitions_before`` drops, or only detaches, whole past partitions
+whose conversations are all gone: none has rows in another partition, a
+snapshot in ``rpt_snapshots``, or is live by the caller's check (the hot
+state). It drops nothing else and reports what it did with every candidate.
+``purge`` erases and drops months through ``retention.py`` instead, which
+writes the month's tombstones in the dropping transaction.
 
 On SQLite the log is one table: ``is_partitioned`` is False, ``ensure``
 creates nothing, and ``list`` and ``drop`` find no partitions.
@@ -91,8 +92,8 @@ def list_partitions(engine: Engine) -> List[Partition]:
     with engine.connect() as conn:
         if not is_partitioned(conn):
             return []
-        names = _partition_names(conn)
-        found = [Partition(name, _month_in(name), conn.execute(sa.text(
+        names = partition_names(conn)
+        found = [Partition(name, month_in(name), conn.execute(sa.text(
             f'SELECT count(*) FROM "{name}"')).scalar()) for name in names]
     return sorted(found, key=lambda p: (p.month is None, p.month or 0))
 
@@ -114,8 +115,8 @@ def ensure_partitions(engine: Engine, months_ahead: int = MONTHS_AHEAD,
     with engine.begin() as conn:
         if not is_partitioned(conn):
             return created
-        _maintenance(conn)
-        existing = set(_partition_names(conn))
+        maintenance(conn)
+        existing = set(partition_names(conn))
         wanted = month if month is not None else current_month(conn)
         for _ in range(months_ahead + 1):
             name = partition_name(wanted)
@@ -189,14 +190,14 @@ def drop_partitions_before(
         if month > current_month(conn):
             raise ConfigError(f"Partitions can be dropped only before the current month "
                               f"({current_month(conn)}); got {month}.")
-        candidates = [(name, m) for name in _partition_names(conn)
-                      for m in [_month_in(name)] if m is not None and m < month]
+        candidates = [(name, m) for name in partition_names(conn)
+                      for m in [month_in(name)] if m is not None and m < month]
         ids = {name: [r[0] for r in conn.execute(sa.text(
             f'SELECT DISTINCT conversation_id FROM "{name}"'))] for name, _ in candidates}
     alive: Set[str] = set(live(sorted({i for v in ids.values() for i in v}))) if live else set()
     results: List[PartitionDrop] = []
     with engine.begin() as conn:
-        _maintenance(conn)
+        maintenance(conn)
         # Writers wait (readers go on) until the drop commits.
         conn.execute(sa.text("LOCK TABLE rpt_events IN SHARE ROW EXCLUSIVE MODE"))
         conn.execute(sa.text("LOCK TABLE rpt_snapshots IN SHARE ROW EXCLUSIVE MODE"))
@@ -237,19 +238,23 @@ def _blockers(conn: Connection, name: str, live: Set[str]) -> "tuple[int, int, s
     return rows, conversations, reason
 
 
-def _maintenance(conn: Connection) -> None:
+def maintenance(conn: Connection) -> None:
+    """Start partition maintenance in ``conn``'s transaction: a lock wait of at
+    most ``LOCK_TIMEOUT``, one maintainer at a time (across processes)."""
     conn.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:a, :b)"),
                  {"a": _MAINTENANCE_LOCK[0], "b": _MAINTENANCE_LOCK[1]})
 
 
-def _partition_names(conn: Connection) -> List[str]:
+def partition_names(conn: Connection) -> List[str]:
+    """The names of ``rpt_events``' partitions, by name."""
     return [r[0] for r in conn.execute(sa.text(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
         "WHERE i.inhparent = to_regclass('rpt_events') ORDER BY c.relname"))]
 
 
-def _month_in(name: str) -> Optional[int]:
+def month_in(name: str) -> Optional[int]:
+    """The month of a partition named ``rpt_events_pYYYYMM``; None for others."""
     match = _NAME.match(name)
     return int(match.group(1)) if match else None
 
