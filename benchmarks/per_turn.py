@@ -201,7 +201,7 @@ def record_shape(store: Any, servers: common.Servers, key: str) -> Optional[Dict
     plus the verbatim window. Decoded with the store's own codec (a private
     attribute: best effort, None if that moved)."""
     try:
-        text = servers.redis.hget(key, "d").decode("utf-8")
+        text = servers.redis.hget(key, "d")  # bytes: compressed records are binary
         cid = key.split(":h:{", 1)[1][:-1]  # <prefix>:h:{<id>}: records are bound to it
         record = store._codec.loads_record(text, cid)
         base = record["base"]

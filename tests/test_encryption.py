@@ -21,7 +21,8 @@ from rasa_persistent_tracker.config import parse_config
 from rasa_persistent_tracker.hot.redis_state import RedisHotState
 from rasa_persistent_tracker.log.event_log import SQLEventLog, make_engine
 from rasa_persistent_tracker.log.tables import EVENTS, SNAPSHOTS
-from rasa_persistent_tracker.security.crypto import is_encrypted, key_id_of
+from rasa_persistent_tracker.security.compressed import stored_bytes
+from rasa_persistent_tracker.security.crypto import BINARY_PREFIX, is_encrypted, key_id_of
 from rasa_persistent_tracker.security.keys import new_key_entry
 
 K1 = new_key_entry("k1")
@@ -104,7 +105,11 @@ def execute(backend: Any, statement: Any) -> None:
 
 
 def tamper(token: str) -> str:
-    """Change one character in the middle of a ciphertext's base64 body."""
+    """Change one character in the middle of a ciphertext's body: base64, or
+    the raw bytes of the binary form (hot records, as stored text)."""
+    if token.startswith(BINARY_PREFIX):
+        i = len(token) // 2
+        return f"{token[:i]}{'B' if token[i] == 'A' else 'A'}{token[i + 1:]}"
     head, body = token.rsplit(":", 1)
     i = len(body) // 2
     return f"{head}:{body[:i]}{'B' if body[i] == 'A' else 'A'}{body[i + 1:]}"
@@ -141,7 +146,7 @@ async def test_hot_record_and_sensitive_rows_are_encrypted(backend, domain):
     store = keyed_store(backend, domain, K1)
     await chat(store, "e1", 2)
     await store.flush()
-    payload = backend.redis_client().hget(hot_key(backend, "e1"), "d").decode()
+    payload = backend.redis_client().hget(hot_key(backend, "e1"), "d").decode("utf-8", "surrogateescape")
     assert key_id_of(payload) == "k1" and "Secret" not in payload
     rows = log_rows(backend, "e1")
     kinds = {r.type_name: key_id_of(r.data) for r in rows}
@@ -160,8 +165,8 @@ async def test_tampered_hot_record_resumes_from_snapshot(backend, domain, caplog
     await chat(store, "t1", 2)
     await store.flush()
     client = backend.redis_client()
-    tampered = tamper(client.hget(hot_key(backend, "t1"), "d").decode())
-    client.hset(hot_key(backend, "t1"), "d", tampered)
+    tampered = tamper(client.hget(hot_key(backend, "t1"), "d").decode("utf-8", "surrogateescape"))
+    client.hset(hot_key(backend, "t1"), "d", stored_bytes(tampered))
     with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
         tracker = await store.retrieve("t1")
     assert tracker.get_slot("name") == "Zed Secret1"  # the true value, from SQL
@@ -169,9 +174,9 @@ async def test_tampered_hot_record_resumes_from_snapshot(backend, domain, caplog
     assert "'t1'" in warning and "decryption failed" in warning
     assert tampered not in caplog.text and tampered[-20:] not in caplog.text
     quarantined = list(client.scan_iter(match=f"{backend.prefix}:q:{{t1}}:*"))
-    assert len(quarantined) == 1 and client.hget(quarantined[0], "d").decode() == tampered
+    assert len(quarantined) == 1 and client.hget(quarantined[0], "d").decode("utf-8", "surrogateescape") == tampered
     # The record was rebuilt, under the key, and the conversation goes on.
-    assert key_id_of(client.hget(hot_key(backend, "t1"), "d").decode()) == "k1"
+    assert key_id_of(client.hget(hot_key(backend, "t1"), "d").decode("utf-8", "surrogateescape")) == "k1"
     secret_turn(tracker, 2)
     await store.save(tracker)
     await store.flush()
@@ -186,7 +191,7 @@ async def test_tampered_hot_record_without_snapshot_never_gives_a_wrong_value(ba
     execute(backend, SNAPSHOTS.delete())
     client = backend.redis_client()
     client.hset(hot_key(backend, "t2"), "d",
-                tamper(client.hget(hot_key(backend, "t2"), "d").decode()))
+                stored_bytes(tamper(client.hget(hot_key(backend, "t2"), "d").decode("utf-8", "surrogateescape"))))
     with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
         tracker = await store.retrieve("t2")
     # Replayed from the log (true value) or a fresh session: never a wrong value.
@@ -210,7 +215,7 @@ async def test_tampered_snapshot_and_hot_record_never_give_a_wrong_value(backend
     execute(backend, SNAPSHOTS.update().values(payload=tamper(payload)))
     client = backend.redis_client()
     client.hset(hot_key(backend, "t3"), "d",
-                tamper(client.hget(hot_key(backend, "t3"), "d").decode()))
+                stored_bytes(tamper(client.hget(hot_key(backend, "t3"), "d").decode("utf-8", "surrogateescape"))))
     with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
         tracker = await store.retrieve("t3")
     assert warnings_of(caplog, "snapshot is unreadable too")
@@ -305,7 +310,7 @@ async def test_old_key_second_still_reads_and_new_writes_use_new_key(backend, do
     assert (await both.retrieve("o1")).get_slot("name") == "Zed Secret1"
     await chat(both, "o1", 1, start=2)
     await both.flush()
-    payload = backend.redis_client().hget(hot_key(backend, "o1"), "d").decode()
+    payload = backend.redis_client().hget(hot_key(backend, "o1"), "d").decode("utf-8", "surrogateescape")
     assert key_id_of(payload) == "k2"
     kids = [key_id_of(r.data) for r in log_rows(backend, "o1") if r.type_name == "user"]
     assert kids == ["k1", "k1", "k2"]
@@ -317,7 +322,7 @@ async def test_plaintext_then_encrypted_turns_all_read(backend, domain, caplog):
     plain = keyed_store(backend, domain, None)
     await chat(plain, "m1", 2)
     await plain.flush()
-    assert backend.redis_client().hget(hot_key(backend, "m1"), "d").startswith(b"{")
+    assert backend.redis_client().hget(hot_key(backend, "m1"), "d").startswith(b"rpt-z1:")
     with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
         keyed = keyed_store(backend, domain, K1, accept_plaintext=True)  # the migration switch
     assert warnings_of(caplog, "accept_plaintext is on")
@@ -380,7 +385,7 @@ async def test_key_file_works_like_the_environment(backend, domain, tmp_path):
     reader = keyed_store(backend, domain, None, encryption_key_file=str(key_file))
     assert (await reader.retrieve("f1")).get_slot("name") == "Zed Secret0"
     await chat(reader, "f1", 1, start=1)
-    payload = backend.redis_client().hget(hot_key(backend, "f1"), "d").decode()
+    payload = backend.redis_client().hget(hot_key(backend, "f1"), "d").decode("utf-8", "surrogateescape")
     assert key_id_of(payload) == "k2"
 
 
@@ -391,7 +396,7 @@ async def test_repr_and_logs_never_show_key_material(backend, domain, caplog):
         await store.flush()
         client = backend.redis_client()
         client.hset(hot_key(backend, "r1"), "d",
-                    tamper(client.hget(hot_key(backend, "r1"), "d").decode()))
+                    stored_bytes(tamper(client.hget(hot_key(backend, "r1"), "d").decode("utf-8", "surrogateescape"))))
         await store.retrieve("r1")
         await store.retrieve_full_tracker("r1")
     shown = "\n".join([repr(store), str(store.config), repr(store._codec._protected),

@@ -6,6 +6,7 @@ a stored type. Runs on both backend pairs.
 """
 import json
 import logging
+from typing import Union
 
 import pytest
 from rasa.shared.core.domain import Domain
@@ -19,7 +20,8 @@ from rasa_persistent_tracker.log.tables import EVENTS, SNAPSHOTS, LogRow
 from rasa_persistent_tracker.record.events import fingerprint
 from rasa_persistent_tracker.record.freshness import Freshness
 from rasa_persistent_tracker.security.codec import Codec
-from rasa_persistent_tracker.security.crypto import build_protected
+from rasa_persistent_tracker.security.compressed import stored_bytes
+from rasa_persistent_tracker.security.crypto import HOT, SNAPSHOT, build_protected
 from rasa_persistent_tracker.security.serde import JsonSerializer
 from test_encryption import (
     ENV,
@@ -92,20 +94,21 @@ def hot_payload(backend, cid: str) -> bytes:
     return backend.redis_client().hget(hot_key(backend, cid), "d")
 
 
-def write_back(backend, cid: str, payload: bytes) -> None:
+def write_back(backend, cid: str, payload: Union[str, bytes]) -> None:
     """The attacker's write: the old payload, under the current version."""
-    backend.redis_client().hset(hot_key(backend, cid), "d", payload)
+    backend.redis_client().hset(hot_key(backend, cid), "d", stored_bytes(payload))
 
 
-def forged_record(store, cid: str, **slots) -> str:
+def forged_record(store, cid: str, kind: str = HOT, **slots) -> str:
     """The conversation's record with other slot values, written without the key
-    (JSON plus its unkeyed checksum, as a store without a key writes it)."""
-    record = store._codec.loads_record(hot_payload(store_backend[store], cid).decode(), cid)
+    (compressed with its unkeyed checksum, as a store without a key writes a hot
+    record; JSON plus its checksum for ``kind`` snapshot or ``legacy``)."""
+    record = store._codec.loads_record(hot_payload(store_backend[store], cid), cid)
     record["state"]["slots"].update(slots)
     record["events"].append({"event": "slot", "timestamp": 1.0, "name": list(slots)[0],
                              "value": list(slots.values())[0]})
     record["last_event"] = fingerprint(record["events"][-1])
-    return Codec(JsonSerializer()).dumps_record(record)
+    return Codec(JsonSerializer()).dumps_record(record, SNAPSHOT if kind == "legacy" else kind)
 
 
 store_backend = {}
@@ -153,7 +156,7 @@ async def test_a_forged_plaintext_hot_record_is_refused(backend, domain, caplog)
     store = keyed(backend, domain)
     await chat(store, "f1", 2)
     await store.flush()
-    write_back(backend, "f1", forged_record(store, "f1", name="Mallory").encode())
+    write_back(backend, "f1", forged_record(store, "f1", name="Mallory"))
     store._recent.forget("f1")
     with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
         tracker = await store.retrieve("f1")
@@ -168,9 +171,26 @@ async def test_plaintext_is_believed_only_with_the_migration_switch(backend, dom
     store = keyed(backend, domain)
     await chat(store, "f2", 1)
     await store.flush()
-    write_back(backend, "f2", forged_record(store, "f2", name="Legacy").encode())
+    write_back(backend, "f2", forged_record(store, "f2", name="Legacy"))
     migrating = keyed(backend, domain, accept_plaintext=True)
     assert (await migrating.retrieve("f2")).get_slot("name") == "Legacy"  # the control
+
+
+@pytest.mark.parametrize("form", [HOT, "legacy"])
+async def test_a_forged_plaintext_record_of_either_format_is_refused(backend, domain, caplog,
+                                                                     form):
+    store = keyed(backend, domain)
+    await chat(store, "f3", 2)
+    await store.flush()
+    write_back(backend, "f3", forged_record(store, "f3", form, name="Mallory"))
+    store._recent.forget("f3")
+    with caplog.at_level(logging.WARNING, logger="rasa_persistent_tracker"):
+        tracker = await store.retrieve("f3")
+    assert tracker.get_slot("name") == "Zed Secret1"
+    assert any("plaintext hot refused" in w for w in warnings_of(caplog, "'f3'"))
+    write_back(backend, "f3", forged_record(store, "f3", form, name="Legacy"))
+    migrating = keyed(backend, domain, accept_plaintext=True)
+    assert (await migrating.retrieve("f3")).get_slot("name") == "Legacy"  # the control
 
 
 async def test_a_forged_or_moved_snapshot_is_refused(backend, domain, caplog):
@@ -178,12 +198,13 @@ async def test_a_forged_or_moved_snapshot_is_refused(backend, domain, caplog):
     await chat(store, "s1", 2)
     await chat(store, "s2", 3)
     await store.flush()
-    forged = forged_record(store, "s1", name="Mallory")
+    forged = forged_record(store, "s1", SNAPSHOT, name="Mallory")
     execute(backend, SNAPSHOTS.update().where(SNAPSHOTS.c.conversation_id == "s1")
             .values(payload=forged))
-    # s2's hot record (a genuine ciphertext of s2) put where s2's snapshot belongs.
+    # s2's hot record (a genuine ciphertext of s2, in the text form older
+    # versions wrote hot records in) put where s2's snapshot belongs.
     execute(backend, SNAPSHOTS.update().where(SNAPSHOTS.c.conversation_id == "s2")
-            .values(payload=hot_payload(backend, "s2").decode()))
+            .values(payload=store._codec.reseal_record(hot_payload(backend, "s2"), "s2", HOT)))
     client = backend.redis_client()
     client.delete(hot_key(backend, "s1"), hot_key(backend, "s2"))  # Redis lost
     reader = keyed(backend, domain)

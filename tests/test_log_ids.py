@@ -7,6 +7,7 @@ import pytest
 
 from rasa_persistent_tracker import ConfigError, cli
 from rasa_persistent_tracker.logids import ConversationIds, resolve
+from rasa_persistent_tracker.security.compressed import stored_bytes
 
 from test_encryption import K1, K2, chat, hot_key, keyed_store, tamper
 from test_rotation import endpoint_store, endpoints
@@ -19,8 +20,8 @@ async def faults(store, backend, cid: str) -> None:
     await chat(store, cid, 2)
     await store.flush()
     client = backend.redis_client()
-    client.hset(hot_key(backend, cid), "d", tamper(client.hget(hot_key(backend, cid), "d")
-                                                  .decode()))
+    client.hset(hot_key(backend, cid), "d", stored_bytes(tamper(
+        client.hget(hot_key(backend, cid), "d").decode("utf-8", "surrogateescape"))))
     client.rpush(f"{backend.prefix}:o:{{{cid}}}", "not an entry")
     await store.retrieve(cid)
     await store.flush()

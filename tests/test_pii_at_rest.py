@@ -280,9 +280,10 @@ async def faults_and_reads(store: TrackerStore, backend: Any, cids: List[str]) -
     conversations every way; returns the outbox as it was before delivery."""
     client = backend.redis_client()
     hot = f"{backend.prefix}:h:{{{cids[0]}}}"
-    payload = client.hget(hot, "d").decode()
+    payload = client.hget(hot, "d")  # binary (compressed, encrypted)
     i = len(payload) // 2
-    client.hset(hot, "d", payload[:i] + ("A" if payload[i] != "A" else "B") + payload[i + 1:])
+    client.hset(hot, "d", payload[:i] + (b"A" if payload[i:i + 1] != b"A" else b"B")
+                + payload[i + 1:])
     outbox = f"{backend.prefix}:o:{{{cids[1]}}}"
     entry = client.lindex(outbox, -1).decode()
     client.rpush(outbox, "x" + entry)  # an unreadable header: moved out at delivery

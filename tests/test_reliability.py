@@ -16,7 +16,9 @@ from rasa_persistent_tracker import (
     HotStateUnavailable,
     PersistentTrackerStore,
 )
-from rasa_persistent_tracker.security.codec import CHECKSUM_MARK, _checksum
+from rasa_persistent_tracker.security.codec import Codec
+from rasa_persistent_tracker.security.compressed import stored_bytes
+from rasa_persistent_tracker.security.serde import JsonSerializer
 from tests.conftest import Backend, real_urls
 from tests.servers import throwaway_postgres, throwaway_redis  # noqa: F401 (fixtures)
 
@@ -42,10 +44,12 @@ def assert_gap_free(rows):
 
 # ------------------------------------------------------------------ corruption
 
+_PLAIN = Codec(JsonSerializer())  # the codec of a store without a key
+
 def _mutate_record(payload: bytes, rng: random.Random) -> bytes:
-    """Schema-valid JSON with a wrong value, re-framed with a valid checksum."""
-    body = payload.decode().rpartition(CHECKSUM_MARK)[0]
-    record = json.loads(body)
+    """Schema-valid JSON with a wrong value, re-framed as a store without a key
+    frames it (compressed, with a valid checksum)."""
+    record = json.loads(_PLAIN.record_text(payload, "any"))
     choice = rng.randrange(9)
     if choice == 0:
         record["schema"] = 99  # a schema this code does not know
@@ -65,8 +69,7 @@ def _mutate_record(payload: bytes, rng: random.Random) -> bytes:
         record["base"] = {"slot_events": "x", "paused": 3}
     else:
         record["events"][0] = {"event": "slot", "name": "name", "value": "x", "timestamp": "t"}
-    text = json.dumps(record, separators=(",", ":"))
-    return f"{text}{CHECKSUM_MARK}{_checksum(text)}".encode()
+    return stored_bytes(_PLAIN.dumps_record(record))
 
 
 def corrupt(client, key: str, rng: random.Random) -> str:
@@ -143,10 +146,9 @@ async def test_a_record_that_only_looks_right_never_becomes_the_snapshot(make_st
         await store.save(tracker)
     client = backend.redis_client()
     key = f"{backend.prefix}:h:{{look}}"
-    record = json.loads(client.hget(key, "d").decode().rpartition(CHECKSUM_MARK)[0])
+    record = _PLAIN.loads_record(client.hget(key, "d"), "look")
     record["state"]["slots"]["name"] = "someone else"  # valid shape, valid checksum
-    text = json.dumps(record, separators=(",", ":"))
-    client.hset(key, "d", f"{text}{CHECKSUM_MARK}{_checksum(text)}")
+    client.hset(key, "d", stored_bytes(_PLAIN.dumps_record(record)))
     await store.flush()  # delivers the rows; the snapshot must not take that record
     engine = backend.engine()
     assert len(log_rows(engine, "look")) == 1 + 2 * 4

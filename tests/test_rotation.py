@@ -47,7 +47,7 @@ def key_ids(backend: Any) -> Dict[str, collections.Counter]:
     return {
         "events": collections.Counter(key_id_of(r.data) for r in log_rows(backend)),
         "snapshots": collections.Counter(key_id_of(p) for p in snapshot_payloads(backend)),
-        "hot": collections.Counter(key_id_of(client.hget(k, "d").decode())
+        "hot": collections.Counter(key_id_of(client.hget(k, "d").decode("utf-8", "surrogateescape"))
                                    for k in client.scan_iter(match=f"{backend.prefix}:h:*")),
     }
 

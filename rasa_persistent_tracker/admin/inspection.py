@@ -13,7 +13,8 @@ from rasa_persistent_tracker.admin.raw_access import RawHotAccess
 from rasa_persistent_tracker.backends import Backends
 from rasa_persistent_tracker.errors import CorruptRecordError
 from rasa_persistent_tracker.log.tables import EVENTS
-from rasa_persistent_tracker.security.crypto import key_id_of
+from rasa_persistent_tracker.security.compressed import PREFIX, stored_bytes
+from rasa_persistent_tracker.security.crypto import BINARY_PREFIX, key_id_of
 
 
 async def inspect_conversation(backends: Backends, raw: RawHotAccess, conversation_id: str,
@@ -36,6 +37,9 @@ async def inspect_conversation(backends: Backends, raw: RawHotAccess, conversati
             f"{'encrypted with key ' + repr(kid) if kid else 'plaintext'}, {expiry}")
         try:
             record = codec.loads_record(entry.payload, cid)
+            text = codec.record_text(entry.payload, cid)
+            out(f"  stored in {len(stored_bytes(entry.payload)):,} bytes "
+                f"({format_of(entry.payload)}; {len(text):,} bytes of JSON)")
             slots = dict(record["state"]["slots"])
             out(f"  next_seq {record['next_seq']}, {len(record['events'])} events kept, "
                 f"active loop {(record['state'].get('active_loop') or {}).get('name')}")
@@ -64,6 +68,13 @@ async def inspect_conversation(backends: Backends, raw: RawHotAccess, conversati
     found = found or bool(quarantined)
     out(f"  quarantined: {len(quarantined)}" + "".join(f"\n    {k}" for k in quarantined))
     return found
+
+
+def format_of(payload: str) -> str:
+    """How a hot record is stored, in words."""
+    if payload.startswith((PREFIX, BINARY_PREFIX)):
+        return "compressed"
+    return "uncompressed, rewritten compressed at the next turn"
 
 
 def _log_extent(engine: sa.engine.Engine, cid: str) -> Tuple[int, Optional[int], Optional[int]]:

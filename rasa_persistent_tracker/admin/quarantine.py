@@ -34,6 +34,7 @@ from rasa_persistent_tracker.errors import (
     EncryptionKeyMissing,
 )
 from rasa_persistent_tracker.hot.redis_keys import KeyNames, key_tag, tag_id
+from rasa_persistent_tracker.security.compressed import stored_bytes, stored_text
 from rasa_persistent_tracker.security.crypto import key_id_of
 
 _EMBEDDED_MARK = "#rpt_quarantine/"
@@ -204,10 +205,10 @@ class QuarantineAdmin:
             aside = names.quarantine(copy.conversation_id, f"{int(time.time() * 1000)}-restore")
             version = await self._redis.eval(
                 _RESTORE_RECORD, 3, hot, copy.ref, aside, ttl_ms, "1" if force else "0",
-                int(self._config.quarantine_ttl * 1000), payload)
+                int(self._config.quarantine_ttl * 1000), stored_bytes(payload))
         else:
             version = self._sqlite(lambda c: _restore_embedded(
-                c, copy, payload, force, self._config.record_exp,
+                c, copy, stored_bytes(payload), force, self._config.record_exp,
                 self._config.quarantine_ttl))
         if int(version) == -1:
             raise ConfigError(
@@ -224,8 +225,9 @@ class QuarantineAdmin:
                            else self._redis.get(copy.ref))
             return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
         row_id = int(copy.ref.rsplit(_EMBEDDED_MARK, 1)[1])
-        return self._sqlite(lambda c: c.execute(
+        value = self._sqlite(lambda c: c.execute(
             "SELECT payload FROM rpt_quarantine WHERE id=?", (row_id,)).fetchone()[0])
+        return stored_text(value) if isinstance(value, bytes) else value
 
     async def _delete(self, copy: Copy) -> None:
         if self._redis is not None:
@@ -235,7 +237,7 @@ class QuarantineAdmin:
         self._sqlite(lambda c: c.execute("DELETE FROM rpt_quarantine WHERE id=?", (row_id,)))
 
 
-def _restore_embedded(conn: sqlite3.Connection, copy: Copy, payload: str, force: bool,
+def _restore_embedded(conn: sqlite3.Connection, copy: Copy, payload: bytes, force: bool,
                       record_exp: float, quarantine_ttl: float) -> int:
     now = time.time()
     row_id = int(copy.ref.rsplit(_EMBEDDED_MARK, 1)[1])

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from rasa_persistent_tracker.config import StoreConfig
 from rasa_persistent_tracker.hot.redis_keys import KeyNames, key_tag, tag_id
+from rasa_persistent_tracker.security.compressed import BINARY_FORMS, stored_bytes, stored_text
 
 # Compare-and-set on a quarantine copy, whatever it holds: a moved hot record
 # (a hash, payload in field d) or a moved outbox entry (a string).
@@ -113,7 +114,8 @@ class RawHotAccess:
         return sum([int(await self._redis.delete(ref)) for ref in refs])
 
     async def copies(self) -> AsyncIterator[Copy]:
-        """Every quarantine copy (values that are not UTF-8 are left out)."""
+        """Every quarantine copy (values that are neither UTF-8 nor a compressed
+        record are left out)."""
         if self._redis is None:
             for row_id, cid, value in self._sqlite(
                     "SELECT id, conversation_id, payload FROM rpt_quarantine WHERE "
@@ -141,7 +143,7 @@ class RawHotAccess:
             row_id, raw = where
             return bool(self._sqlite("UPDATE rpt_quarantine SET payload=? WHERE id=? AND "
                                      "payload=? RETURNING id", (new, row_id, raw), write=True))
-        return bool(await self._redis.eval(_REPLACE_COPY, 1, where, old, new))
+        return bool(await self._redis.eval(_REPLACE_COPY, 1, where, stored_bytes(old), new))
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -150,6 +152,8 @@ class RawHotAccess:
 
 def _text(value: Any) -> Optional[str]:
     if isinstance(value, bytes):
+        if value.startswith(BINARY_FORMS):  # a compressed hot record moved aside
+            return stored_text(value)
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:

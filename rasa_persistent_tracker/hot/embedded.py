@@ -28,6 +28,7 @@ from rasa_persistent_tracker.hot.protocol import (
     payload_digest,
     read_before_erasure,
 )
+from rasa_persistent_tracker.security.compressed import Payload, stored_bytes, stored_text
 from rasa_persistent_tracker.security.erasure import ErasureIds
 
 T = TypeVar("T")
@@ -111,23 +112,20 @@ class SQLiteHotState:
             seq = self._outbox_seq(conversation_id)
             if row is None:
                 return HotEntry(outbox_seq=seq)
-            version, payload = row
+            version, stored = row
             if not isinstance(version, int):
                 return HotEntry(problem="version field unreadable", outbox_seq=seq)
-            if isinstance(payload, bytes):
-                try:
-                    payload = payload.decode("utf-8")
-                except UnicodeDecodeError:
-                    return HotEntry(version=version, problem="payload is not UTF-8", outbox_seq=seq)
+            # Any bytes (compressed records are binary): the codec judges them.
+            payload = stored_text(stored) if isinstance(stored, bytes) else stored
             if not isinstance(payload, str):
                 return HotEntry(version=version, problem="payload field missing", outbox_seq=seq)
-            if known is not None and payload_digest(payload) == known:
+            if known is not None and payload_digest(stored) == known:
                 return HotEntry(version=version, outbox_seq=seq, unchanged=True)
             return HotEntry(version=version, payload=payload, outbox_seq=seq)
         return await self._run(load)
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
-                     payload: str, ttl: float, outbox_entry: Optional[str],
+                     payload: Payload, ttl: float, outbox_entry: Optional[str],
                      expect_record: bool = False, restoring: bool = False) -> int:
         def commit() -> int:
             now = self._clock()
@@ -151,7 +149,8 @@ class SQLiteHotState:
                 self._conn.execute(
                     "INSERT INTO rpt_hot VALUES (?,?,?,?) ON CONFLICT(conversation_id) DO UPDATE "
                     "SET version=excluded.version, payload=excluded.payload, "
-                    "expires_at=excluded.expires_at", (conversation_id, new, payload, now + ttl))
+                    "expires_at=excluded.expires_at",
+                    (conversation_id, new, stored_bytes(payload), now + ttl))
                 if outbox_entry:
                     self._conn.execute(
                         "INSERT INTO rpt_outbox (conversation_id, last_seq, entry, expires_at) "
@@ -221,7 +220,7 @@ class SQLiteHotState:
                 self._conn.execute("COMMIT")
             payload = row[1] if row else None
             if isinstance(payload, bytes):
-                payload = payload.decode("utf-8", errors="replace")
+                payload = stored_text(payload)
             return Pending(entries=entries, payload=payload, version=row[0] if row else 0,
                            complete=len(entries) < limit)
         return await self._run(pending)

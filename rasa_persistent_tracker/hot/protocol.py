@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 from typing import AsyncIterator, Callable, List, Optional, Protocol
 
+from rasa_persistent_tracker.security.compressed import Payload, stored_bytes
+
 
 class UnusableValue(Exception):
     """A key holds a value the scripts cannot update in place (wrong type).
@@ -69,7 +71,8 @@ class Removed:
 class HotEntry:
     """What ``load`` found for a conversation.
 
-    ``payload`` is None when no record exists; ``problem`` names why a present
+    ``payload`` is None when no record exists (stored bytes as text:
+    ``compressed.stored_text``); ``problem`` names why a present
     value is unusable (wrong Redis type, unreadable version) and is None when fine.
     ``outbox_seq`` is the highest sequence number still waiting in the outbox
     (Redis leaves it 0 when ``unchanged``: recovery does not need it then).
@@ -85,10 +88,10 @@ class HotEntry:
     unchanged: bool = False
 
 
-def payload_digest(payload: str) -> str:
+def payload_digest(payload: Payload) -> str:
     """Content id of a stored payload: SHA-1 hex, as Redis' ``redis.sha1hex``
     computes it over the stored bytes (a content id, not a security check)."""
-    return hashlib.sha1(payload.encode("utf-8")).hexdigest()
+    return hashlib.sha1(stored_bytes(payload)).hexdigest()
 
 
 @dataclasses.dataclass
@@ -110,10 +113,11 @@ class HotState(Protocol):
         Raises HotStateUnavailable."""
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
-                     payload: str, ttl: float, outbox_entry: Optional[str],
+                     payload: Payload, ttl: float, outbox_entry: Optional[str],
                      expect_record: bool = False, restoring: bool = False) -> int:
-        """Write ``payload`` if the stored version is ``expected_version`` (None:
-        any) and append ``outbox_entry``, atomically. Returns the new version.
+        """Write ``payload`` (stored as ``compressed.stored_bytes``) if the
+        stored version is ``expected_version`` (None: any) and append
+        ``outbox_entry``, atomically. Returns the new version.
         A missing record counts as ``expected_version`` unless ``expect_record``.
         A missing record with a tombstone (``erase``): refused with Erased if
         ``expect_record``, or ``expected_version`` is at or below its floor

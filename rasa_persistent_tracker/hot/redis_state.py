@@ -32,6 +32,7 @@ from rasa_persistent_tracker.hot.protocol import (
 )
 from rasa_persistent_tracker.hot.redis_calls import Disconnected, RedisCaller
 from rasa_persistent_tracker.hot.redis_keys import KeyNames
+from rasa_persistent_tracker.security.compressed import Payload, stored_bytes, stored_text
 from rasa_persistent_tracker.security.erasure import ErasureIds
 
 # The logger's name from before the layer packages: logging configs keep working.
@@ -114,15 +115,12 @@ class RedisHotState:
         if payload is None:
             return HotEntry(version=int(text), problem="payload field missing",
                             outbox_seq=outbox_seq)
-        try:
-            body = payload.decode("utf-8") if isinstance(payload, bytes) else str(payload)
-        except UnicodeDecodeError:
-            return HotEntry(version=int(text), problem="payload is not UTF-8",
-                            outbox_seq=outbox_seq)
+        # Any bytes: compressed records are binary; the codec judges them.
+        body = stored_text(payload) if isinstance(payload, bytes) else str(payload)
         return HotEntry(version=int(text), payload=body, outbox_seq=outbox_seq)
 
     async def commit(self, conversation_id: str, expected_version: Optional[int],
-                     payload: str, ttl: float, outbox_entry: Optional[str],
+                     payload: Payload, ttl: float, outbox_entry: Optional[str],
                      expect_record: bool = False, restoring: bool = False) -> int:
         # A commit whose connection broke (pooled connections of a restarted
         # Redis fail on first use) is retried on a fresh one. The token makes
@@ -131,7 +129,8 @@ class RedisHotState:
         token = uuid.uuid4().hex
         keys = (self._keys(conversation_id) + [self._quarantine_key(conversation_id)]
                 + self._tombstones(conversation_id))
-        args = ("" if expected_version is None else expected_version, payload,
+        args = ("" if expected_version is None else expected_version,
+                stored_bytes(payload),
                 max(1, int(ttl * 1000)), outbox_entry or "", self._outbox_ttl_ms, token,
                 "1" if expect_record else "", "1" if restoring else "")
         for delay in COMMIT_RETRY_DELAYS + (None,):
@@ -182,7 +181,7 @@ class RedisHotState:
         text_version = _decode(version)
         return Pending(
             entries=texts,
-            payload=_decode(payload),
+            payload=stored_text(payload) if isinstance(payload, bytes) else _decode(payload),
             version=int(text_version) if text_version and text_version.isdigit() else 0,
             complete=len(texts) < limit,
         )

@@ -75,8 +75,9 @@ class TurnEncoder:
             tracker, slots, self._max_history, next_seq,
             lambda event: self._event(tracker.sender_id, event), forms, previous)
 
-    def encode(self, built: window.Built) -> Tuple[str, Remembered]:
-        """The payload of a built record, and the record as it reads back.
+    def encode(self, built: window.Built) -> Tuple[bytes, Remembered]:
+        """The payload of a built record (its stored bytes), and the record as
+        it reads back.
 
         Raises:
             SlotValueError: a slot value cannot be stored (names the slot).

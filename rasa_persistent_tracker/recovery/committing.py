@@ -69,7 +69,7 @@ class TurnCommitter:
         self._suspect = suspect
 
     async def encode_turn(self, sender_id: str, base: MergeBase, slots: Iterable[Slot]
-                          ) -> Tuple[List[LogRow], DialogueStateTracker, window.Built, str,
+                          ) -> Tuple[List[LogRow], DialogueStateTracker, window.Built, bytes,
                                      Remembered]:
         """The turn's log rows, the tracker the record is built from, the
         record and its payload. Raises SlotValueError (nothing written)."""
@@ -99,7 +99,7 @@ class TurnCommitter:
             getattr(e, "action_name", None) in names for e in new
             if isinstance(e, ActionExecuted))
 
-    async def commit_turn(self, sender_id: str, base: MergeBase, payload: str,
+    async def commit_turn(self, sender_id: str, base: MergeBase, payload: bytes,
                           rows: List[LogRow]) -> Tuple[int, bool, List[LogRow]]:
         """Commit a turn's record and its rows' outbox entry: (new version,
         whether the entry is queued in the outbox rather than written to SQL

@@ -3,28 +3,34 @@
 Values are text from a serialiser (``serde.py``); with a key, every stored
 value is sealed by ``crypto.EncryptedSerializer`` (``rpt-enc:2:<key id>:...``,
 or authenticated only as ``rpt-mac:2:...``), bound to where it belongs.
-Readers dispatch on the prefix, so plaintext and several key ids coexist;
-the codec decides which forms are believed (``accept_plaintext``).
+Hot records are compressed first (``compressed.py``: ``rpt-z1:``, or with a
+key ``rpt-enc:3:``); snapshots, which SQL stores as text, are not.
+Readers dispatch on the prefix, so plaintext, older formats and several key
+ids coexist; the codec decides which forms are believed (``accept_plaintext``).
 """
 import hashlib
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from rasa_persistent_tracker.errors import CorruptRecordError, EncryptionKeyMissing
-from rasa_persistent_tracker.security import crypto
+from rasa_persistent_tracker.security import compressed, crypto
+from rasa_persistent_tracker.security.compressed import Payload
 from rasa_persistent_tracker.security.serde import Serializer
 
 CHECKSUM_MARK = "\n#"
 
 
 def _checksum(text: str) -> str:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=10).hexdigest()
+    # surrogateescape: a payload read back from garbage bytes must fail the
+    # comparison, not raise UnicodeEncodeError.
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=10).hexdigest()
 
 
 class Encoded(NamedTuple):
-    """A hot record's payload, the record exactly as ``Codec.loads_record``
-    reads it back, and the JSON texts of its events and base."""
+    """A hot record's payload (its stored bytes), the record exactly as
+    ``Codec.loads_record`` reads it back, and the JSON texts of its events
+    and base."""
 
-    payload: str
+    payload: bytes
     record: Dict[str, Any]
     event_jsons: List[str]
     base_json: str
@@ -33,9 +39,10 @@ class Encoded(NamedTuple):
 class Codec:
     """What the store encodes with, and the policy on what it believes.
 
-    Without a key: hot records and snapshots are JSON plus a checksum (any
-    flipped bit is detected), log rows and outbox entries plain JSON. With a
-    key, every stored value is sealed (``crypto``) and bound to its kind,
+    Without a key: hot records are compressed JSON with a checksum, snapshots
+    JSON plus a checksum (any flipped bit is detected), log rows and outbox
+    entries plain JSON. With a key, every stored value is sealed (``crypto``;
+    hot records compressed, then encrypted) and bound to its kind,
     conversation and (log rows) seq: hot records, snapshots and outbox entries
     encrypted whole; log rows encrypted if ``is_sensitive``, else
     authenticated. Plaintext, and legacy unbound log rows and outbox entries,
@@ -57,6 +64,7 @@ class Codec:
         self._protected = protected
         self._is_sensitive = is_sensitive
         self.accept_plaintext = accept_plaintext
+        self._deflater = compressed.Deflater()
 
     @property
     def encrypting(self) -> bool:
@@ -66,9 +74,13 @@ class Codec:
 
     def dumps_record(self, record: Any, kind: str = crypto.HOT) -> str:
         """Serialise a hot record (or a snapshot: ``kind``), bound to its
-        ``sender_id``."""
-        return self._seal_record(self._plain.dumps(record), kind,
-                                 record.get("sender_id") if isinstance(record, dict) else None)
+        ``sender_id``. A hot record's binary form comes as ``compressed.stored_text``."""
+        cid = record.get("sender_id") if isinstance(record, dict) else None
+        if kind == crypto.HOT and isinstance(record, dict) and "base" in record:
+            head = self._plain.dumps({k: v for k, v in record.items() if k != "base"})
+            return compressed.stored_text(self._pack(self._plain.dumps(record["base"]),
+                                                     f",{head[1:]}", cid))
+        return self._seal_record(self._plain.dumps(record), kind, cid)
 
     def encode_record(self, record: Dict[str, Any], event_texts: List[Optional[str]],
                       base_json: Optional[str] = None) -> "Encoded":
@@ -92,17 +104,39 @@ class Codec:
         decoded = self._plain.loads(head)
         decoded["events"] = record["events"]
         decoded["base"] = base
-        head = f'{{"base":{base_json},{head[1:]}'
-        payload = self._seal_record(f'{{"events":[{",".join(event_jsons)}],{head[1:]}', crypto.HOT,
-                                    record["sender_id"])
+        payload = self._pack(base_json, f',"events":[{",".join(event_jsons)}],{head[1:]}',
+                             record["sender_id"])
         return Encoded(payload, decoded, event_jsons, base_json)
+
+    def _pack(self, base_json: str, rest: str, conversation_id: Optional[str]) -> bytes:
+        """The stored form of the hot record ``{"base":<base_json><rest>``."""
+        stream = self._deflater.deflate(base_json, rest)
+        if self._protected is not None:
+            return self._protected.seal_bytes(stream, crypto.HOT, conversation_id)
+        return compressed.seal_plain(stream)
 
     def _seal_record(self, text: str, kind: str, conversation_id: Optional[str]) -> str:
         if self._protected is not None:
             return self._protected.seal(text, kind, conversation_id)
         return f"{text}{CHECKSUM_MARK}{_checksum(text)}"
 
-    def _open_record(self, text: str, conversation_id: str, kind: str) -> str:
+    def _open_record(self, payload: Payload, conversation_id: str, kind: str) -> str:
+        if compressed.is_compressed(payload):
+            self._plaintext_allowed(kind)
+            return compressed.open_plain(payload)
+        if payload.startswith(crypto.BINARY_PREFIX if isinstance(payload, str)
+                              else crypto.BINARY_PREFIX.encode("ascii")):
+            if self._protected is None:
+                self._key_missing()
+            return compressed.inflate(self._protected.open_bytes(
+                compressed.stored_bytes(payload), kind, conversation_id))
+        if isinstance(payload, bytes):
+            try:
+                text = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptRecordError("payload is neither a record nor ciphertext") from None
+        else:
+            text = payload
         if text[:1] in ("{", "["):
             self._plaintext_allowed(kind)
             body, mark, digest = text.rpartition(CHECKSUM_MARK)
@@ -112,18 +146,24 @@ class Codec:
         # Legacy records name their conversation inside (replay.validate_record).
         return self._open(text, kind, conversation_id, None, legacy=True)
 
-    def loads_record(self, text: str, conversation_id: str, kind: str = crypto.HOT) -> Any:
-        """Read a record ``dumps_record`` wrote for this conversation and kind.
-        Raises CorruptRecordError."""
-        return self._plain.loads(self._open_record(text, conversation_id, kind))
+    def loads_record(self, payload: Payload, conversation_id: str,
+                     kind: str = crypto.HOT) -> Any:
+        """Read a record ``dumps_record`` or ``encode_record`` wrote for this
+        conversation and kind (older formats too). Raises CorruptRecordError."""
+        return self._plain.loads(self._open_record(payload, conversation_id, kind))
 
-    def reseal_record(self, text: str, conversation_id: str, kind: str) -> str:
-        """A hot record's payload as a value of another ``kind`` (the snapshot).
-        Raises CorruptRecordError if it does not open as a hot record."""
-        if self._protected is None:
-            return text
-        return self._protected.seal(self._open_record(text, conversation_id, crypto.HOT),
-                                    kind, conversation_id)
+    def record_text(self, payload: Payload, conversation_id: str,
+                    kind: str = crypto.HOT) -> str:
+        """The JSON text of a record ``loads_record`` reads. Raises CorruptRecordError."""
+        return self._open_record(payload, conversation_id, kind)
+
+    def reseal_record(self, payload: Payload, conversation_id: str, kind: str) -> str:
+        """A hot record's payload as a value of another ``kind`` (the snapshot),
+        as text. Raises CorruptRecordError if it does not open as a hot record."""
+        if self._protected is None and isinstance(payload, str) and payload[:1] in ("{", "["):
+            return payload  # JSON with its checksum already, as snapshots are
+        return self._seal_record(self._open_record(payload, conversation_id, crypto.HOT),
+                                 kind, conversation_id)
 
     # ------------------------------------------------------------- events
 
@@ -189,6 +229,8 @@ class Codec:
         (quarantine copies). Raises CorruptRecordError."""
         if self._protected is None or crypto.key_id_of(text) is None:
             return text
+        if text.startswith(crypto.BINARY_PREFIX):  # a hot record moved aside: its JSON
+            return self._open_record(text, conversation_id, crypto.HOT)
         return self._protected.open(text, kind, conversation_id, extra, legacy=True)
 
     # --------------------------------------------------------------------
@@ -198,6 +240,13 @@ class Codec:
             raise CorruptRecordError(f"plaintext {kind} refused: an encryption key is "
                                      f"configured (accept_plaintext is off)")
 
+    @staticmethod
+    def _key_missing() -> None:
+        raise EncryptionKeyMissing(
+            "stored data is encrypted, but no encryption key is configured: give this "
+            "process the keys it was written with (RPT_ENCRYPTION_KEYS or "
+            "'encryption_key_file'); nothing was changed")
+
     def _open(self, text: str, kind: str, conversation_id: str, extra: Any,
               legacy: bool = False) -> str:
         if text[:1] in ("{", "["):
@@ -205,10 +254,7 @@ class Codec:
             return text
         if self._protected is None:
             if crypto.is_ciphertext(text):
-                raise EncryptionKeyMissing(
-                    "stored data is encrypted, but no encryption key is configured: give this "
-                    "process the keys it was written with (RPT_ENCRYPTION_KEYS or "
-                    "'encryption_key_file'); nothing was changed")
+                self._key_missing()
             clear = crypto.strip_mac(text)  # without a key nothing is verified
             if clear is None:
                 raise CorruptRecordError("payload is neither JSON nor readable ciphertext")

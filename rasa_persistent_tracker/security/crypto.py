@@ -6,7 +6,10 @@ key id:
 
 * ``rpt-enc:2:<key id>:<base64url(nonce ‖ ciphertext ‖ tag)>`` (encrypted);
 * ``rpt-mac:2:<key id>:<base64url(tag)>:<JSON text>`` (authenticated only:
-  log rows the config does not call sensitive stay readable in SQL).
+  log rows the config does not call sensitive stay readable in SQL);
+* ``rpt-enc:3:<key id>:<nonce ‖ ciphertext ‖ tag>``, raw bytes: hot records,
+  whose content is compressed bytes (``compressed.py``), so base64 would
+  only add a third. Only where binary values can be stored (the hot state).
 
 Both authenticate, besides the text, the format version, the key id and a
 *binding*: the kind of value (hot record, snapshot, log row, outbox entry,
@@ -38,6 +41,8 @@ from rasa_persistent_tracker.security.keys import KEY_ID, Keyring, load_keyring
 from rasa_persistent_tracker.security.serde import JsonSerializer, Serializer
 
 PREFIX = "rpt-enc:2:"
+BINARY_PREFIX = "rpt-enc:3:"
+_BINARY_PREFIX = BINARY_PREFIX.encode("ascii")
 MAC_PREFIX = "rpt-mac:2:"
 LEGACY_PREFIX = "rpt-enc:1:"
 _CIPHERTEXT_MARK = "rpt-enc:"
@@ -51,9 +56,11 @@ _PLAIN_EVENT_TYPES = frozenset({
 _PLAIN_SLOTS = frozenset({"requested_slot"})
 
 
-def binding(kid: str, kind: str, conversation_id: Optional[str], extra: Any) -> bytes:
-    """The associated data of a v2 value: version, key id, kind, conversation, extra."""
-    return json.dumps([2, kid, kind, conversation_id, extra], separators=(",", ":")).encode()
+def binding(kid: str, kind: str, conversation_id: Optional[str], extra: Any,
+            version: int = 2) -> bytes:
+    """The associated data of a v2/v3 value: version, key id, kind, conversation, extra."""
+    return json.dumps([version, kid, kind, conversation_id, extra],
+                      separators=(",", ":")).encode()
 
 
 def _b64(raw: bytes) -> str:
@@ -79,9 +86,38 @@ class EncryptedSerializer:
         """Encrypt ``text`` bound to (kind, conversation, extra)."""
         kid = self.keyring.primary
         nonce = os.urandom(12)
+        # surrogateescape: a quarantine copy of binary bytes is sealed as it was.
         sealed = self.keyring.cipher(kid).encrypt(
-            nonce, text.encode("utf-8"), binding(kid, kind, conversation_id, extra))
+            nonce, text.encode("utf-8", "surrogateescape"),
+            binding(kid, kind, conversation_id, extra))
         return f"{PREFIX}{kid}:{_b64(nonce + sealed)}"
+
+    def seal_bytes(self, data: bytes, kind: str, conversation_id: Optional[str]) -> bytes:
+        """Encrypt ``data`` bound to (kind, conversation): the binary form."""
+        kid = self.keyring.primary
+        nonce = os.urandom(12)
+        sealed = self.keyring.cipher(kid).encrypt(
+            nonce, data, binding(kid, kind, conversation_id, None, 3))
+        return b"".join((_BINARY_PREFIX, kid.encode("ascii"), b":", nonce, sealed))
+
+    def open_bytes(self, data: bytes, kind: str, conversation_id: Optional[str]) -> bytes:
+        """The bytes ``seal_bytes`` sealed. Raises CorruptRecordError (tampered,
+        moved, truncated, unknown key id) or EncryptionKeyMissing."""
+        head, colon, blob = data[len(_BINARY_PREFIX):].partition(b":")
+        kid = head.decode("ascii", "replace")
+        if not colon or self.keyring.cipher(kid) is None:
+            if colon and KEY_ID.match(kid):
+                raise EncryptionKeyMissing(
+                    f"stored data is encrypted with key id '{kid}', which this process was "
+                    f"not given (configured: {', '.join(self.keyring.ids)}); nothing was "
+                    f"changed")
+            raise CorruptRecordError("ciphertext names no valid key id")
+        try:
+            return self.keyring.cipher(kid).decrypt(
+                blob[:12], blob[12:], binding(kid, kind, conversation_id, None, 3))
+        except (InvalidTag, ValueError):
+            raise CorruptRecordError("decryption failed (tampered or moved data, or wrong "
+                                     "key)") from None
 
     def mac(self, text: str, kind: str, conversation_id: Optional[str],
             extra: Any = None) -> str:
@@ -132,7 +168,7 @@ class EncryptedSerializer:
         try:
             blob = _unb64(body)
             plain = self.keyring.cipher(kid).decrypt(blob[:12], blob[12:], aad)
-            return plain.decode("utf-8", errors="strict")
+            return plain.decode("utf-8", "surrogateescape")
         except (InvalidTag, binascii.Error, ValueError, UnicodeEncodeError):
             raise CorruptRecordError("decryption failed (tampered or moved data, or wrong "
                                      "key)") from None
@@ -145,7 +181,7 @@ def is_ciphertext(text: str) -> bool:
 
 def key_id_of(text: str) -> Optional[str]:
     """The key id a payload was encrypted or authenticated with (None: plaintext)."""
-    for prefix in (PREFIX, MAC_PREFIX, LEGACY_PREFIX):
+    for prefix in (PREFIX, MAC_PREFIX, LEGACY_PREFIX, BINARY_PREFIX):
         if text.startswith(prefix):
             return text[len(prefix):].partition(":")[0]
     return None
@@ -153,7 +189,7 @@ def key_id_of(text: str) -> Optional[str]:
 
 def is_encrypted(text: str) -> bool:
     """True for ciphertext; False for plaintext and authenticated-only text."""
-    return text.startswith((PREFIX, LEGACY_PREFIX))
+    return text.startswith((PREFIX, LEGACY_PREFIX, BINARY_PREFIX))
 
 
 def strip_mac(text: str) -> Optional[str]:

@@ -28,7 +28,8 @@ def label(value: str) -> str:
 
 def current(value: str, primary: str) -> bool:
     """True if ``value`` is in the current format under ``primary``."""
-    return value.startswith((f"{crypto.PREFIX}{primary}:", f"{crypto.MAC_PREFIX}{primary}:"))
+    return value.startswith((f"{crypto.PREFIX}{primary}:", f"{crypto.MAC_PREFIX}{primary}:",
+                             f"{crypto.BINARY_PREFIX}{primary}:"))
 
 
 def event(codec: Codec, primary: str, cid: str, seq: int, data: str) -> Optional[str]:
@@ -62,7 +63,8 @@ def quarantine_copy(codec: Codec, primary: str, cid: str, value: str) -> Optiona
             return None if current(value, primary) else codec.seal_quarantine(clear, cid)
         except CorruptRecordError:
             pass
-    if value.startswith((crypto.PREFIX, crypto.LEGACY_PREFIX, crypto.MAC_PREFIX)):
+    if value.startswith((crypto.PREFIX, crypto.LEGACY_PREFIX, crypto.MAC_PREFIX,
+                         crypto.BINARY_PREFIX)):
         return codec.seal_quarantine(codec.unwrap(value, crypto.HOT, cid), cid)
     match = _ENTRY.match(value)
     if match is None:

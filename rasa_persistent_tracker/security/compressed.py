@@ -1,0 +1,170 @@
+"""The compressed hot record (issue 17): its stored form and the payload's bytes.
+
+A hot record's JSON text is stored deflated (raw deflate, a fixed preset
+dictionary of the words every Rasa record repeats):
+
+* ``rpt-z1:<digest><deflate>`` without a key, where ``digest`` is 10 raw
+  bytes of BLAKE2b over the deflate bytes, so any flipped bit is detected
+  before anything is inflated;
+* with a key, the deflate bytes are encrypted (``crypto``'s binary form
+  ``rpt-enc:3:``; the AEAD covers them). Compression comes before
+  encryption, so a record's stored length says something about how
+  repetitive its content is (docs/security.md).
+
+The deflate stream is the record's text ``{"base":<base>,"events":[...],...}``
+in two segments: the base (its ``{"base":...`` prefix), compressed once per
+base and remembered (``Deflater``), and the rest, compressed on every save
+with the base as its preset dictionary. A reader inflates the whole stream
+at once; the inflated size is capped (``MAX_RECORD_BYTES``).
+
+Payloads are text in the hot layers; compressed ones are binary. Stored
+bytes and payload text convert with UTF-8 and ``surrogateescape``
+(``stored_bytes`` / ``stored_text``): every byte string round-trips, and
+JSON payloads read as before. The save path hands bytes straight to the hot
+state, so nothing converts on a turn.
+"""
+import collections
+import hashlib
+import threading
+import zlib
+from typing import Tuple, Union
+
+from rasa_persistent_tracker.errors import CorruptRecordError
+from rasa_persistent_tracker.security.crypto import BINARY_PREFIX
+
+PREFIX = "rpt-z1:"
+PREFIX_BYTES = PREFIX.encode("ascii")
+# How stored bytes of a binary hot record begin: plain, or encrypted.
+BINARY_FORMS = (PREFIX_BYTES, BINARY_PREFIX.encode("ascii"))
+_DIGEST = 10
+# Inflating more than this is refused as corrupt (a "zip bomb" must not take
+# the process's memory); a real hot record is tens of KB.
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+# The base changes about once every slack(max_history) turns: compress it hard.
+# The rest is compressed on every save: level 3 is zlib's fastest strategy that
+# still finds most repeats (measured on benchmark records: levels 4-6 save
+# another 3-4% for 40-80 us more per save).
+BASE_LEVEL = 9
+REST_LEVEL = 3
+# Bases remembered with their compressed segment (per process, any conversation).
+BASE_CACHE_SIZE = 64
+_WINDOW = 32768  # deflate's window: the most of a preset dictionary it uses
+
+# Words every record repeats (event keys, Rasa's NLU and response shapes),
+# so the first event of each kind compresses like the later ones. Part of
+# the ``rpt-z1`` format: changing it needs a new format version.
+DICTIONARY = (
+    b'{"event":"session_started","timestamp":1,"metadata":{}}'
+    b'{"event":"slot","timestamp":1,"name":"","value":null}'
+    b'{"event":"bot","timestamp":1,"metadata":{"utter_action":"utter_"},"text":"",'
+    b'"data":{"elements":null,"quick_replies":null,"buttons":null,"attachment":null,'
+    b'"image":null,"custom":null}}'
+    b'{"event":"user","timestamp":1,"text":"","parse_data":{"intent":{"name":"",'
+    b'"confidence":0.9},"entities":[{"entity":"","start":0,"end":0,"value":"",'
+    b'"confidence_entity":0.9,"extractor":"DIETClassifier","processors":'
+    b'["EntitySynonymMapper"]}],"text":"","message_id":"","metadata":{},"intent_ranking":'
+    b'[{"name":"","confidence":0.1},{"name":"","confidence":0.0}],"response_selector":'
+    b'{"all_retrieval_intents":[],"default":{"response":{"id":null,"responses":null,'
+    b'"response_templates":null,"confidence":0.0,"intent_response_key":null,'
+    b'"utter_action":"utter_None","template_name":"utter_None"},"ranking":[]}}},'
+    b'"input_channel":"","message_id":"","metadata":{}}'
+    b'{"event":"active_loop","timestamp":1,"name":null}'
+    b'{"event":"action","timestamp":1,"metadata":{"model_id":""},"name":"action_listen",'
+    b'"policy":"RulePolicy","confidence":1.0,"action_text":null,"hide_rule_turn":false}'
+    b'{"event":"action","timestamp":1,"name":"action_session_start","policy":null,'
+    b'"confidence":null,"action_text":null,"hide_rule_turn":false}'
+    b'{"base":{"loops":[],"head":[],"summary":[],"applied":[],"latest_bot":null},'
+    b'"events":[],"schema":2,"sender_id":"","next_seq":1,"state":{"slots":{},'
+    b'"active_loop":null,"latest_action":{"action_name":"action_listen"},'
+    b'"followup_action":null,"paused":false,"latest_message_at":null},"last_event":""}'
+)
+
+Payload = Union[str, bytes]
+
+
+def stored_bytes(payload: Payload) -> bytes:
+    """The bytes a payload is stored as (``bytes`` are stored as they are)."""
+    if isinstance(payload, bytes):
+        return payload
+    return payload.encode("utf-8", "surrogateescape")
+
+
+def stored_text(raw: bytes) -> str:
+    """A stored payload as text; ``stored_bytes`` gives back ``raw`` exactly."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def is_compressed(payload: Payload) -> bool:
+    """Whether ``payload`` is an unencrypted compressed record."""
+    return payload.startswith(PREFIX_BYTES if isinstance(payload, bytes) else PREFIX)
+
+
+class Deflater:
+    """Deflates record texts, remembering the compressed segment of recent bases.
+
+    Thread-safe (stores may be shared by event loops in several threads).
+    """
+
+    def __init__(self, size: int = BASE_CACHE_SIZE) -> None:
+        self._size = size
+        self._bases: "collections.OrderedDict[str, Tuple[bytes, bytes]]" = \
+            collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def deflate(self, base_json: str, rest: str) -> bytes:
+        """The deflate stream of ``'{"base":' + base_json + rest``."""
+        with self._lock:
+            hit = self._bases.get(base_json)
+            if hit is not None:
+                self._bases.move_to_end(base_json)
+        if hit is None:
+            head = f'{{"base":{base_json}'.encode("utf-8")
+            squeezer = zlib.compressobj(BASE_LEVEL, zlib.DEFLATED, -15, 9,
+                                        zlib.Z_DEFAULT_STRATEGY, DICTIONARY)
+            # A sync flush ends the segment on a byte boundary: the rest's
+            # segment continues the same stream.
+            segment = squeezer.compress(head) + squeezer.flush(zlib.Z_SYNC_FLUSH)
+            hit = (segment, (DICTIONARY + head)[-_WINDOW:])
+            with self._lock:
+                self._bases[base_json] = hit
+                while len(self._bases) > self._size:
+                    self._bases.popitem(last=False)
+        segment, context = hit
+        squeezer = zlib.compressobj(REST_LEVEL, zlib.DEFLATED, -15, 8,
+                                    zlib.Z_DEFAULT_STRATEGY, context)
+        return segment + squeezer.compress(rest.encode("utf-8")) + squeezer.flush()
+
+
+def seal_plain(stream: bytes) -> bytes:
+    """The unencrypted stored form of a deflate stream."""
+    return PREFIX_BYTES + hashlib.blake2b(stream, digest_size=_DIGEST).digest() + stream
+
+
+def open_plain(payload: Payload) -> str:
+    """The record text of an unencrypted compressed payload. Raises
+    CorruptRecordError (any changed byte, truncation, a bomb)."""
+    data = stored_bytes(payload)
+    start = len(PREFIX_BYTES)
+    digest, stream = data[start:start + _DIGEST], data[start + _DIGEST:]
+    if hashlib.blake2b(stream, digest_size=_DIGEST).digest() != digest:
+        raise CorruptRecordError("compressed record checksum does not match")
+    return inflate(stream)
+
+
+def inflate(stream: bytes) -> str:
+    """Record text from a deflate stream ``Deflater`` wrote. Raises
+    CorruptRecordError: not a complete stream, too large, not UTF-8."""
+    inflater = zlib.decompressobj(-15, zdict=DICTIONARY)
+    try:
+        raw = inflater.decompress(stream, MAX_RECORD_BYTES)
+    except zlib.error:
+        raise CorruptRecordError("compressed record does not inflate") from None
+    if inflater.unconsumed_tail:
+        raise CorruptRecordError(f"compressed record inflates to more than "
+                                 f"{MAX_RECORD_BYTES} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise CorruptRecordError("compressed record is truncated or has trailing data")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptRecordError("compressed record is not UTF-8 text") from None
