@@ -165,7 +165,7 @@ def assemble(config: StoreConfig, hot: HotState, log: SQLEventLog,
         raise EventLogUnavailable(f"Cannot read the SQL event log at {mask_url(config.sql_url)}: "
                                   f"{driver_message(exc, config.sql_url)}") from exc
     codec = Codec(JsonSerializer(), protected, is_sensitive,
-                  accept_plaintext=config.accept_plaintext)
+                  accept_plaintext=config.accept_plaintext, compress=config.compress_records)
     ids = ConversationIds(config.log_conversation_ids,
                           protected.keyring.derived(PURPOSE) if protected else ())
     if codec.encrypting and config.accept_plaintext:

@@ -85,6 +85,7 @@ class StoreConfig:
     sensitive_slots: Tuple[str, ...] = ()
     encrypt_user_text: Optional[bool] = None
     accept_plaintext: bool = False
+    compress_records: bool = True
     log_conversation_ids: str = "clear"
     metrics_port: Optional[int] = None
     metrics_address: str = "0.0.0.0"
@@ -277,7 +278,7 @@ def parse_config(
             if key == "metrics_port" and values[key] > 65535:
                 raise ConfigError(f"Config key 'metrics_port' must be a TCP port "
                                   f"(1-65535), got {_show(value)}.")
-        elif key in ("encrypt_user_text", "sync_log", "accept_plaintext"):
+        elif key in ("encrypt_user_text", "sync_log", "accept_plaintext", "compress_records"):
             values[key] = _boolean(key, value)
         elif key in ("sensitive_slots", "sync_actions"):
             if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):

@@ -94,9 +94,9 @@ async def _resume_and_rewrite(make_store, backend, caplog, entries, written=None
 
 
 async def test_records_without_base_checked_resume_and_gain_it(make_store, backend):
-    # Records of 0.3 (commit 5ba890a) have no "base_checked": they read as
+    # Records of commit 5ba890a and before have no "base_checked": they read as
     # "the base accounts for none of the window" (every revert in it forces a
-    # compaction, as 0.3 did), and the next save writes the field.
+    # compaction, as that code did), and the next save writes the field.
     from rasa_persistent_tracker.errors import CorruptRecordError
     from rasa_persistent_tracker.record.replay import validate_record
     from tests.dialogues_gen import Simulator, generate

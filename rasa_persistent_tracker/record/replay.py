@@ -81,7 +81,7 @@ def validate_record(record: Any, sender_id: str) -> Dict[str, Any]:
         raise CorruptRecordError("field 'state.slots' is malformed")
     if record.get("last_event") != fingerprint(events[-1]):
         raise CorruptRecordError("last event fingerprint does not match")
-    checked = record.get("base_checked", 0)  # absent before 0.4: nothing checked
+    checked = record.get("base_checked", 0)  # absent in older records: nothing checked
     if not isinstance(checked, int) or isinstance(checked, bool) or not 0 <= checked <= len(
             events):
         raise CorruptRecordError("field 'base_checked' is not a count of window events")

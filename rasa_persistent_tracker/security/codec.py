@@ -30,7 +30,7 @@ class Encoded(NamedTuple):
     ``Codec.loads_record`` reads it back, and the JSON texts of its events
     and base."""
 
-    payload: bytes
+    payload: Payload
     record: Dict[str, Any]
     event_jsons: List[str]
     base_json: str
@@ -55,15 +55,20 @@ class Codec:
         protected: ``crypto.EncryptedSerializer``; None: no encryption.
         is_sensitive: decides per event dict whether its log row is encrypted.
         accept_plaintext: with a key, still believe plaintext and legacy values.
+        compress: write hot records compressed (``rpt-z1`` / ``rpt-enc:3``);
+            False writes the text forms of the releases before compression (JSON
+            plus checksum, ``rpt-enc:2``), which they read: for a rolling upgrade. Both are
+            read either way.
     """
 
     def __init__(self, plain: Serializer, protected: Any = None,
                  is_sensitive: Callable[[Dict[str, Any]], bool] = lambda _: True,
-                 accept_plaintext: bool = False) -> None:
+                 accept_plaintext: bool = False, compress: bool = True) -> None:
         self._plain = plain
         self._protected = protected
         self._is_sensitive = is_sensitive
         self.accept_plaintext = accept_plaintext
+        self._compress = compress
         self._deflater = compressed.Deflater()
 
     @property
@@ -78,8 +83,8 @@ class Codec:
         cid = record.get("sender_id") if isinstance(record, dict) else None
         if kind == crypto.HOT and isinstance(record, dict) and "base" in record:
             head = self._plain.dumps({k: v for k, v in record.items() if k != "base"})
-            return compressed.stored_text(self._pack(self._plain.dumps(record["base"]),
-                                                     f",{head[1:]}", cid))
+            packed = self._pack(self._plain.dumps(record["base"]), f",{head[1:]}", cid)
+            return packed if isinstance(packed, str) else compressed.stored_text(packed)
         return self._seal_record(self._plain.dumps(record), kind, cid)
 
     def encode_record(self, record: Dict[str, Any], event_texts: List[Optional[str]],
@@ -108,8 +113,11 @@ class Codec:
                              record["sender_id"])
         return Encoded(payload, decoded, event_jsons, base_json)
 
-    def _pack(self, base_json: str, rest: str, conversation_id: Optional[str]) -> bytes:
-        """The stored form of the hot record ``{"base":<base_json><rest>``."""
+    def _pack(self, base_json: str, rest: str, conversation_id: Optional[str]) -> Payload:
+        """The stored form of the hot record ``{"base":<base_json><rest>``
+        (bytes; text if compression is off)."""
+        if not self._compress:
+            return self._seal_record(f'{{"base":{base_json}{rest}', crypto.HOT, conversation_id)
         stream = self._deflater.deflate(base_json, rest)
         if self._protected is not None:
             return self._protected.seal_bytes(stream, crypto.HOT, conversation_id)
