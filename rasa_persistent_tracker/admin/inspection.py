@@ -13,6 +13,7 @@ from rasa_persistent_tracker.admin.raw_access import RawHotAccess
 from rasa_persistent_tracker.backends import Backends
 from rasa_persistent_tracker.errors import CorruptRecordError
 from rasa_persistent_tracker.log.tables import EVENTS
+from rasa_persistent_tracker.record.replay import validate_record
 from rasa_persistent_tracker.security.compressed import PREFIX, stored_bytes
 from rasa_persistent_tracker.security.crypto import BINARY_PREFIX, key_id_of
 
@@ -36,7 +37,7 @@ async def inspect_conversation(backends: Backends, raw: RawHotAccess, conversati
         out(f"  hot record: version {entry.version}, "
             f"{'encrypted with key ' + repr(kid) if kid else 'plaintext'}, {expiry}")
         try:
-            record = codec.loads_record(entry.payload, cid)
+            record = validate_record(codec.loads_record(entry.payload, cid), cid)
             text = codec.record_text(entry.payload, cid)
             out(f"  stored in {len(stored_bytes(entry.payload)):,} bytes "
                 f"({format_of(entry.payload)}; {len(text):,} bytes of JSON)")
@@ -49,7 +50,7 @@ async def inspect_conversation(backends: Backends, raw: RawHotAccess, conversati
             else:
                 out(f"  slots set: {', '.join(sorted(slots)) or 'none'} "
                     f"(values hidden; --show-values prints them)")
-        except (CorruptRecordError, KeyError, TypeError, AttributeError) as exc:
+        except (CorruptRecordError, KeyError, TypeError, ValueError, AttributeError) as exc:
             out(f"  record cannot be read: {exc}")
     engine = log.sync.engine
     count, first, last = await log.run(_log_extent, engine, cid)

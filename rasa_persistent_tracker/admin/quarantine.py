@@ -133,7 +133,7 @@ class QuarantineAdmin:
         text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
         kind = kind_of(self._backends.codec, cid, text, kind_name == "hash") if text \
             else UNKNOWN
-        return Copy(key, cid, kind, _stamp_time(stamp), len(text or ""),
+        return Copy(key, cid, kind, _stamp_time(stamp), len(stored_bytes(text or "")),
                     key_id_of(text) if text else None,
                     check(self._backends, cid, kind, text) if text else "empty")
 
@@ -149,7 +149,7 @@ class QuarantineAdmin:
                 else str(payload)
             kind = kind_of(self._backends.codec, cid, text, False)
             copies.append(Copy(f"{self._config.embedded_path}{_EMBEDDED_MARK}{row_id}", cid,
-                               kind, created, len(text), key_id_of(text),
+                               kind, created, len(stored_bytes(text)), key_id_of(text),
                                check(self._backends, cid, kind, text)))
         return copies
 

@@ -117,7 +117,9 @@ class SQLEventLog:
     def sample_snapshot_payloads(self, limit: int) -> List[str]:
         """Up to ``limit`` snapshot payloads, any order (start-up checks)."""
         with self.engine.connect() as conn:
-            return list(conn.execute(sa.select(SNAPSHOTS.c.payload).limit(limit)).scalars())
+            payloads = conn.execute(sa.select(SNAPSHOTS.c.payload).limit(limit)).scalars()
+            # A BLOB (SQLite keeps what is written, a forged one too) as text.
+            return [_snapshot_text(p) for p in payloads]
 
     def append(self, rows: Dict[str, Sequence[RowDict]], snapshots: Dict[str, Snapshot]) -> int:
         """``deliver`` without the erasure check (imports, restores by an operator);
@@ -278,11 +280,21 @@ class SQLEventLog:
             row = conn.execute(sa.select(
                 SNAPSHOTS.c.next_seq, SNAPSHOTS.c.version, SNAPSHOTS.c.saved_at,
                 SNAPSHOTS.c.payload).where(SNAPSHOTS.c.conversation_id == conversation_id)).first()
-        return Snapshot(*row) if row else None
+        if row is None:
+            return None
+        payload = row[3]
+        return Snapshot(row[0], row[1], row[2], _snapshot_text(payload))
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
+
+
+def _snapshot_text(payload: Any) -> Any:
+    """A snapshot payload as text: a BLOB (SQLite keeps whatever was written
+    into the column, a forged value too) with its bytes kept exactly
+    (``security.compressed.stored_text``), so readers refuse it as corrupt."""
+    return payload.decode("utf-8", "surrogateescape") if isinstance(payload, bytes) else payload
 
 
 _UNAVAILABLE = (sa_errors.OperationalError, sa_errors.InterfaceError,

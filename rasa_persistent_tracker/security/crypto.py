@@ -106,7 +106,7 @@ class EncryptedSerializer:
         head, colon, blob = data[len(_BINARY_PREFIX):].partition(b":")
         kid = head.decode("ascii", "replace")
         if not colon or self.keyring.cipher(kid) is None:
-            if colon and KEY_ID.match(kid):
+            if colon and KEY_ID.fullmatch(kid):
                 raise EncryptionKeyMissing(
                     f"stored data is encrypted with key id '{kid}', which this process was "
                     f"not given (configured: {', '.join(self.keyring.ids)}); nothing was "
@@ -144,7 +144,7 @@ class EncryptedSerializer:
             raise CorruptRecordError("payload is neither JSON nor ciphertext")
         kid, _, body = text[len(version):].partition(":")
         if self.keyring.cipher(kid) is None:
-            if KEY_ID.match(kid):  # a key this process lacks: configuration, not corruption
+            if KEY_ID.fullmatch(kid):  # a key this process lacks: configuration, not corruption
                 raise EncryptionKeyMissing(
                     f"stored data is encrypted with key id '{kid}', which this process was not "
                     f"given (configured: {', '.join(self.keyring.ids)}); nothing was changed")

@@ -23,7 +23,8 @@ from rasa_persistent_tracker.errors import ConfigError
 
 _CHECK_MESSAGE = b"rasa_persistent_tracker key check v1"
 # A key id: what value prefixes and errors name.
-KEY_ID = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
+# \Z, not $: "$" also matches before a final newline ("k1\n" is no key id).
+KEY_ID = re.compile(r"[A-Za-z0-9_\-]{1,32}\Z")
 
 
 class Keyring:
@@ -71,7 +72,7 @@ def parse_keys(text: str, source: str) -> Keyring:
     entries = [e.strip() for e in re.split(r"[,\n]", text)]
     for position, entry in enumerate((e for e in entries if e and not e.startswith("#")), 1):
         kid, sep, material = entry.partition(":")
-        if not sep or not KEY_ID.match(kid):
+        if not sep or not KEY_ID.fullmatch(kid):
             raise ConfigError(f"Encryption key #{position} in {source} must look like "
                               f"'<key id>:<base64 key>' with a key id of letters, digits, "
                               f"'_' or '-'.")
@@ -94,7 +95,7 @@ def parse_keys(text: str, source: str) -> Keyring:
 
 def new_key_entry(kid: str) -> str:
     """A fresh ``kid:base64key`` entry."""
-    if not KEY_ID.match(kid):
+    if not KEY_ID.fullmatch(kid):
         raise ConfigError(f"Key id {kid!r} must be 1-32 letters, digits, '_' or '-'.")
     return f"{kid}:{base64.urlsafe_b64encode(os.urandom(32)).decode('ascii')}"
 
