@@ -25,6 +25,7 @@ from rasa_persistent_tracker.security.codec import Codec
 from rasa_persistent_tracker.security.compressed import stored_bytes, stored_text
 from rasa_persistent_tracker.security.keys import parse_keys
 from rasa_persistent_tracker.security.serde import JsonSerializer
+from tests.conftest import open_backend
 from tests.test_encryption import (
     ENV,
     K1,
@@ -672,12 +673,18 @@ async def test_quarantine_list_reports_the_bytes_of_binary_copies(
     assert f", {len(payload)} bytes," in capsys.readouterr().out
 
 
+@pytest.fixture(params=["fake"])
+async def sqlite_backend(request, tmp_path):
+    """fakeredis + SQLite only: PostgreSQL's text columns cannot hold raw bytes."""
+    async for pair in open_backend(request, tmp_path):
+        yield pair
+
+
 async def test_a_binary_value_in_the_sqlite_snapshot_column_is_not_a_raw_error(
-        backend, domain, caplog):
+        sqlite_backend, domain, caplog):
     # SQLite columns take any type: a hot record's raw bytes written into the
     # snapshot table (as a BLOB) must be refused like any unreadable snapshot.
-    if backend.kind != "fake":
-        pytest.skip("PostgreSQL text columns cannot hold raw bytes")
+    backend = sqlite_backend
     store = keyed_store(backend, domain, K1)
     await chat(store, "bl", 2)
     await store.flush()
@@ -691,12 +698,11 @@ async def test_a_binary_value_in_the_sqlite_snapshot_column_is_not_a_raw_error(
 
 
 async def test_a_blob_snapshot_in_sqlite_does_not_stop_an_unkeyed_store(
-        backend, domain):
+        sqlite_backend, domain):
     # Found by this review: the start-up check samples snapshot payloads and
     # a BLOB came back as bytes; bytes.startswith(str) raised a raw TypeError
     # out of the store's constructor.
-    if backend.kind != "fake":
-        pytest.skip("PostgreSQL text columns cannot hold raw bytes")
+    backend = sqlite_backend
     store = backend.make_store(domain)
     await chat(store, "bs", 2)
     await store.flush()

@@ -134,10 +134,9 @@ class _LosesReplies:
         return await self.inner.eval(script, numkeys, *rest)
 
 
+@pytest.mark.parametrize("backend", ["fake"], indirect=True)  # faults go into fakeredis
 @pytest.mark.parametrize("applied", [True, False], ids=["reply-lost", "never-sent"])
 async def test_commit_retried_after_a_broken_connection_applies_once(make_store, backend, applied):
-    if backend.kind != "fake":
-        pytest.skip("the fault is injected into the client")
     store = make_store()
     await run_turns(store, "bob", 1)
     inner = fakeredis.aioredis.FakeRedis(server=backend.server)
@@ -156,10 +155,9 @@ async def test_commit_retried_after_a_broken_connection_applies_once(make_store,
     assert [e.as_dict().get("text") for e in again.events].count("my name is bob 7") == 1
 
 
+@pytest.mark.parametrize("backend", ["fake"], indirect=True)  # faults go into fakeredis
 async def test_commit_error_names_the_underlying_cause(make_store, backend, caplog,
                                                       monkeypatch):
-    if backend.kind != "fake":
-        pytest.skip("the fault is injected into the client")
     store = make_store()
     await run_turns(store, "carol", 1)
     inner = fakeredis.aioredis.FakeRedis(server=backend.server)

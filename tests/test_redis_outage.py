@@ -46,11 +46,10 @@ def _outage(store, backend):
     return client
 
 
+@pytest.mark.parametrize("backend", ["fake"], indirect=True)  # faults go into fakeredis
 @pytest.mark.parametrize("sync_log", [True, False], ids=["sync_log", "write-behind"])
 async def test_turns_during_an_outage_go_to_sql_and_older_redis_never_wins(
         make_store, backend, sync_log):
-    if backend.kind != "fake":
-        pytest.skip("the outage is injected into the client")
     store = make_store(sync_log=sync_log)
     await run_turns(store, "u", 3)
     await store.flush()
@@ -72,9 +71,8 @@ async def test_turns_during_an_outage_go_to_sql_and_older_redis_never_wins(
     assert (await store.retrieve("u")).get_slot("name") == "bob 6"
 
 
+@pytest.mark.parametrize("backend", ["fake"], indirect=True)  # faults go into fakeredis
 async def test_racing_saves_during_an_outage_are_refused_in_sql(make_store, backend):
-    if backend.kind != "fake":
-        pytest.skip("the outage is injected into the client")
     store = make_store(sync_log=True)
     await run_turns(store, "r", 2)
     _outage(store, backend)
@@ -134,9 +132,8 @@ class _DiesAfterCommit(_Down):
         return await super().eval(script, *args)
 
 
+@pytest.mark.parametrize("backend", ["fake"], indirect=True)  # faults go into fakeredis
 async def test_write_through_survives_redis_failing_right_after_the_commit(make_store, backend):
-    if backend.kind != "fake":
-        pytest.skip("the fault is injected into the client")
     store = make_store(sync_log=True)
     await run_turns(store, "w", 2)
     client = _DiesAfterCommit(fakeredis.aioredis.FakeRedis(server=backend.server),
@@ -152,10 +149,9 @@ async def test_write_through_survives_redis_failing_right_after_the_commit(make_
     assert (await store.retrieve("w")).get_slot("name") == "bob 5"
 
 
+@pytest.mark.parametrize("backend", ["fake"], indirect=True)  # faults go into fakeredis
 async def test_write_through_when_a_restarted_redis_hands_back_an_empty_outbox(
         make_store, backend):
-    if backend.kind != "fake":
-        pytest.skip("the fault is injected into the client")
     store = make_store(sync_log=True)
     await run_turns(store, "e", 2)
     inner = fakeredis.aioredis.FakeRedis(server=backend.server)
