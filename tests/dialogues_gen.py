@@ -357,3 +357,18 @@ class Simulator:
         self._act("action_extract_slots")
         self._act("utter_chitchat", [BotUttered("reminded")])
         self._act("action_listen")
+
+
+async def play_through(store: Any, sender_id: str, seed: int, turns: int) -> Any:
+    """The first ``turns`` turns of dialogue ``seed`` through ``store`` as Rasa's
+    processor takes them (retrieve, append the turn's events, save); the
+    tracker last saved."""
+    sim = Simulator(store.domain, sender_id)
+    tracker = None
+    for turn in generate(seed)[:turns]:
+        events = await sim.play(turn)
+        tracker = await store.retrieve(sender_id) or store.init_tracker(sender_id)
+        for event in events:
+            tracker.update(event)
+        await store.save(tracker)
+    return tracker

@@ -21,7 +21,7 @@ import pytest
 
 from rasa_persistent_tracker.security.keys import new_key_entry
 from tests.conftest import IN_CI, Backend, open_backend
-from tests.dialogues_gen import DOMAIN_YAML, domain as gen_domain, generate, Simulator
+from tests.dialogues_gen import DOMAIN_YAML, domain as gen_domain, play_through
 
 REPO = Path(__file__).resolve().parent.parent
 OLD = "5ba890a"  # the last commit that wrote uncompressed hot records
@@ -94,18 +94,6 @@ def run_old(old: str, pair: Backend, sender: str, keys: str) -> Dict[str, Any]:
     return {"result": json.loads(done.stdout.strip().splitlines()[-1]), "log": done.stderr}
 
 
-async def play(store, sender: str, seed: int, turns: int):
-    sim = Simulator(store.domain, sender)
-    tracker = None
-    for turn in generate(seed, 150)[:turns]:
-        events = await sim.play(turn)
-        tracker = await store.retrieve(sender) or store.init_tracker(sender)
-        for event in events:
-            tracker.update(event)
-        await store.save(tracker)
-    return tracker
-
-
 def quarantined(pair: Backend, sender: str) -> int:
     return len(list(pair.redis_client().scan_iter(match=f"{pair.prefix}:q:{{{sender}}}*")))
 
@@ -121,7 +109,7 @@ async def test_an_older_process_reads_what_compress_records_false_writes(
     dom = gen_domain()
     store = real.make_store(dom, environ=environ, max_history=5, record_cache_size=0,
                             compress_records=compress)
-    await play(store, "rolling", seed=77, turns=25)
+    await play_through(store, "rolling", seed=77, turns=25)
     await store.flush()
     payload = real.redis_client().hget(f"{real.prefix}:h:{{rolling}}", "d")
     assert payload.startswith(b"rpt-z1:" if compress and not keyed else

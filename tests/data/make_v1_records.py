@@ -13,7 +13,7 @@ import tempfile
 from rasa.shared.core.trackers import EventVerbosity
 
 from tests.conftest import Backend
-from tests.dialogues_gen import Simulator, domain, generate
+from tests.dialogues_gen import domain, play_through
 
 
 async def main(path: str) -> None:
@@ -23,13 +23,7 @@ async def main(path: str) -> None:
         pair = Backend("fake", tempfile.mkdtemp())
         store = pair.make_store(dom, max_history=3, record_cache_size=0)
         sender = f"upgrade-{seed}"
-        sim = Simulator(dom, sender)
-        for turn in generate(seed, 150)[:turns]:
-            events = await sim.play(turn)
-            tracker = await store.retrieve(sender) or store.init_tracker(sender)
-            for event in events:
-                tracker.update(event)
-            await store.save(tracker)
+        await play_through(store, sender, seed, turns)
         await store.flush()
         got = await store.retrieve(sender)
         raw = pair.redis_client().hgetall(f"{pair.prefix}:h:{{{sender}}}")

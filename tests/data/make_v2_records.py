@@ -15,7 +15,7 @@ from rasa.shared.core.trackers import EventVerbosity
 
 from rasa_persistent_tracker.security.keys import new_key_entry
 from tests.conftest import Backend
-from tests.dialogues_gen import Simulator, domain, generate
+from tests.dialogues_gen import domain, play_through
 
 ENV = "RPT_ENCRYPTION_KEYS"
 
@@ -29,13 +29,7 @@ async def main(path: str) -> None:
         store = pair.make_store(dom, environ={ENV: keys} if keys else None, max_history=3,
                                 record_cache_size=0)
         sender = f"upgrade-v2-{seed}"
-        sim = Simulator(dom, sender)
-        for turn in generate(seed, 150)[:turns]:
-            events = await sim.play(turn)
-            tracker = await store.retrieve(sender) or store.init_tracker(sender)
-            for event in events:
-                tracker.update(event)
-            await store.save(tracker)
+        await play_through(store, sender, seed, turns)
         await store.flush()
         got = await store.retrieve(sender)
         raw = pair.redis_client().hgetall(f"{pair.prefix}:h:{{{sender}}}")
