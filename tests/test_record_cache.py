@@ -12,7 +12,13 @@ import decimal
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from rasa.shared.core.events import ActionExecuted, EntitiesAdded, SlotSet, UserUttered
+from rasa.shared.core.events import (
+    ActionExecuted,
+    DefinePrevUserUtteredFeaturization,
+    EntitiesAdded,
+    SlotSet,
+    UserUttered,
+)
 from rasa.shared.core.trackers import EventVerbosity
 
 from rasa_persistent_tracker import PersistentTrackerStore
@@ -89,15 +95,25 @@ async def test_editing_a_handed_out_tracker_leaves_the_memory_alone(make_store):
     tracker.update(UserUttered("a small one", {"name": "inform", "confidence": 1.0},
                                [{"entity": "size", "value": "small", "start": 2, "end": 7}]))
     await store.save(tracker)
-    tracker = await store.retrieve("u5")
-    tracker.update(ActionExecuted("action_listen"))
-    before = list(tracker.latest_message.entities)
-    assert len(before) == 1
-    # TED adds the entities it recognises in place, to the latest message.
-    tracker.update(EntitiesAdded([{"entity": "size", "value": "large", "start": 0, "end": 5}]))
-    assert len(tracker.latest_message.entities) == len(before) + 1
-    again = await store.retrieve("u5")  # the first tracker was never saved
-    assert again.latest_message.entities == before
+    # Retrieves after the first rebuild reuse the events it parsed: each
+    # edit below must stay in its own tracker, on every one of them.
+    for _ in range(3):
+        tracker = await store.retrieve("u5")
+        tracker.update(ActionExecuted("action_listen"))
+        before = list(tracker.latest_message.entities)
+        assert len(before) == 1
+        flag = tracker.latest_message.use_text_for_featurization
+        assert flag is not True
+        # TED adds the entities it recognises in place, to the latest message,
+        # and a policy marks how it was featurised.
+        tracker.update(EntitiesAdded([{"entity": "size", "value": "large", "start": 0, "end": 5}]))
+        tracker.update(DefinePrevUserUtteredFeaturization(True))
+        assert len(tracker.latest_message.entities) == len(before) + 1
+        assert tracker.latest_message.use_text_for_featurization is True
+        again = await store.retrieve("u5")  # that tracker was never saved
+        assert again.latest_message.entities == before
+        assert again.latest_message.parse_data["entities"] == before
+        assert again.latest_message.use_text_for_featurization is flag
 
 
 async def test_log_delivery_waits_for_more_turns(make_store, backend):

@@ -3,7 +3,7 @@ import hashlib
 import json
 from typing import Any, Dict, Optional
 
-from rasa.shared.core.events import Event
+from rasa.shared.core.events import Event, UserUttered
 from rasa.shared.exceptions import RasaException
 from rasa.shared.utils.common import all_subclasses
 
@@ -13,6 +13,9 @@ from rasa_persistent_tracker.security.serde import encode_extra
 EVENT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RasaException)
 
 _EVENT_TYPES: Dict[str, type] = {}
+# Event class -> whether it is a user message (``own_copy``; isinstance on
+# Rasa's ABC-based events costs more than the rest of the copy).
+_USER_TYPES: Dict[type, bool] = {}
 
 
 def parse_event(event_dict: Dict[str, Any]) -> Optional[Event]:
@@ -30,6 +33,36 @@ def parse_event(event_dict: Dict[str, Any]) -> Optional[Event]:
     if cls is None:
         return Event.from_parameters(event_dict)
     return cls._from_parameters(event_dict)
+
+
+def own_copy(event: Event) -> Event:
+    """``event`` as one tracker may own it while others hold the original.
+
+    Rasa treats stored events as immutable except the latest user message,
+    which it edits in place: ``EntitiesAdded`` appends to its entity list (the
+    same list as its ``parse_data["entities"]``) and
+    ``DefinePrevUserUtteredFeaturization`` sets ``use_text_for_featurization``.
+    A user message therefore gets a shallow copy with its own entity list and
+    ``parse_data`` dict (keeping the two shared, as parsing makes them); every
+    other event is returned as it is. The copy reads exactly like a message
+    parsed again from its stored form, at a fraction of the cost.
+    """
+    cls = type(event)
+    user = _USER_TYPES.get(cls)
+    if user is None:
+        user = _USER_TYPES[cls] = issubclass(cls, UserUttered)
+    if not user:
+        return event
+    copied = object.__new__(type(event))
+    copied.__dict__.update(event.__dict__)
+    entities = list(event.entities) if event.entities is not None else None
+    copied.entities = entities
+    if isinstance(event.parse_data, dict):
+        parse_data = dict(event.parse_data)
+        if event.parse_data.get("entities") is event.entities:
+            parse_data["entities"] = entities
+        copied.parse_data = parse_data
+    return copied
 
 
 def _canonical(value: Any) -> Any:

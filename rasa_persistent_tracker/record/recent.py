@@ -11,27 +11,21 @@ the trackers rebuilt from an entry (see ``Remembered``).
 import collections
 import dataclasses
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Tuple
-
-
-def shareable(events: Iterable[Any]) -> List[Optional[Any]]:
-    """Window events later rebuilds may reuse as they are: all but user messages."""
-    return [None if getattr(e, "type_name", None) == "user" else e for e in events]
+from typing import Any, Dict, List, Optional
 
 
 @dataclasses.dataclass
 class Remembered:
     """A hot record as written: its payload digest, its decoded form, the
     JSON texts of its events and base (reused when the next record is written)
-    and, once a retrieve parsed them, the base's slot events and the window's
-    events other than user messages (``replay.rebuild_tracker``).
+    and, once a retrieve parsed them, the base's events and the window's
+    events (``replay.rebuild_tracker``; None where not parsed yet).
 
-    What trackers rebuilt from an entry get is shared with it, as stored
-    events are immutable. Rasa's one in-place edit of a stored event is
-    ``EntitiesAdded`` appending to the latest user message's entity list, so
-    ``replayable()`` gives each rebuild its own copy of user messages' entity
-    lists (code that edits other parts of events in place needs
-    ``record_cache_size: 0``).
+    The parsed events are never handed out: each rebuilt tracker gets
+    ``events.own_copy`` of them, the event itself except for user messages,
+    which Rasa edits in place (``EntitiesAdded``). Code that edits other
+    events in place, or a user message's nested values, needs
+    ``record_cache_size: 0``.
     """
 
     digest: str
@@ -40,28 +34,12 @@ class Remembered:
     base_json: Optional[str] = None
     base_events: Optional[List[Any]] = None
     window_events: Optional[List[Any]] = None
-    users: Tuple[int, ...] = ()
 
     @classmethod
     def of(cls, digest: str, record: Dict[str, Any], event_jsons: List[str],
            base_json: Optional[str] = None, base_events: Optional[List[Any]] = None,
            window_events: Optional[List[Any]] = None) -> "Remembered":
-        users = tuple(i for i, event in enumerate(record["events"])
-                      if event.get("event") == "user")
-        return cls(digest, record, event_jsons, base_json, base_events, window_events, users)
-
-    def replayable(self) -> Dict[str, Any]:
-        """The record to rebuild a tracker from (see the class docstring)."""
-        if not self.users:
-            return self.record
-        events = list(self.record["events"])
-        for i in self.users:
-            event = events[i]
-            parse_data = event.get("parse_data")
-            if isinstance(parse_data, dict) and isinstance(parse_data.get("entities"), list):
-                events[i] = {**event, "parse_data": {
-                    **parse_data, "entities": list(parse_data["entities"])}}
-        return {**self.record, "events": events}
+        return cls(digest, record, event_jsons, base_json, base_events, window_events)
 
 
 class RecentRecords:

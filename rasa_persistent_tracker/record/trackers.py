@@ -24,7 +24,7 @@ from rasa_persistent_tracker.hot.protocol import payload_digest
 from rasa_persistent_tracker.logids import ConversationIds
 from rasa_persistent_tracker.record import replay, window
 from rasa_persistent_tracker.record.freshness import Freshness
-from rasa_persistent_tracker.record.recent import RecentRecords, Remembered, shareable
+from rasa_persistent_tracker.record.recent import RecentRecords, Remembered
 from rasa_persistent_tracker.security.codec import Codec
 from rasa_persistent_tracker.security.crypto import HOT, SNAPSHOT
 
@@ -107,16 +107,16 @@ class Records:
         """
         record = replay.validate_record(self._codec.loads_record(payload, sender_id, kind),
                                         sender_id)
-        tracker, known, previous = replay.rebuild_tracker(
+        tracker, known, previous, _ = replay.rebuild_tracker(
             record, self.domain.slots, self.max_event_history)
         return record, tracker, known, previous
 
     def rebuild_remembered(self, sender_id: str, remembered: Remembered) -> Optional[Decoded]:
         """``decode`` for the record this process remembers; None (and the
         memory forgotten) if it does not replay, which would be a bug."""
-        record = remembered.replayable()
+        record = remembered.record
         try:
-            tracker, known, previous = replay.rebuild_tracker(
+            tracker, known, previous, parsed = replay.rebuild_tracker(
                 record, self.domain.slots, self.max_event_history, remembered.event_jsons,
                 remembered.base_json, remembered.base_events, remembered.window_events)
         except CorruptRecordError as exc:
@@ -125,7 +125,7 @@ class Records:
             self.recent.forget(sender_id)
             return None
         remembered.base_events = previous.slot_events
-        remembered.window_events = shareable(stored[0] for stored in known.values())
+        remembered.window_events = parsed
         return record, tracker, known, previous
 
     def snapshot_payload(self, sender_id: str, payload: str, next_seq: int) -> Optional[str]:

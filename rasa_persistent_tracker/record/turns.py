@@ -111,16 +111,20 @@ class TurnEncoder:
 
     def _remembered(self, built: window.Built, encoded: Encoded) -> Remembered:
         """The record as it reads back, for the per-process memory."""
-        # Events this store parsed from a remembered record stay shareable; the
-        # caller's own new events are parsed from their stored form next time.
+        # Window events parsed for the remembered record carry over, found by
+        # their stored form (the dict the new record keeps); the caller's own
+        # new events are parsed from their stored form next time.
         before = self._recent.get(built.record["sender_id"])
-        parsed = {id(e) for e in (before.window_events or ()) if e is not None} if before else ()
+        parsed = None
+        if before is not None and before.window_events is not None and len(
+                built.forms) == len(encoded.event_jsons):
+            by_form = {id(d): e for d, e in zip(before.record["events"], before.window_events)
+                       if e is not None}
+            parsed = [by_form.get(id(d)) for _, d, _ in built.forms.values()]
         return Remembered.of(
             payload_digest(encoded.payload), encoded.record, encoded.event_jsons,
             encoded.base_json,
-            built.previous.slot_events if built.previous is not None else None,
-            [e if id(e) in parsed else None for e, _, _ in built.forms.values()]
-            if parsed and len(built.forms) == len(encoded.event_jsons) else None)
+            built.previous.slot_events if built.previous is not None else None, parsed)
 
 
 def _column(name: str, value: Optional[str]) -> Optional[str]:
