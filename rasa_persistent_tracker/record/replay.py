@@ -122,8 +122,8 @@ def rebuild_tracker(
     tracker = DialogueStateTracker(record["sender_id"], slot_list, max_event_history)
     base = record["base"]
     try:
-        if base_events is None:
-            base_events = _base_events(record)
+        if base_events is None or None in base_events:
+            base_events = _base_events(record, base_events)
         if base and record["schema"] != 1:
             # stamped like the record's first event, not with the time of reading
             for event in applied.markers(base["loops"], record["events"][0].get("timestamp")):
@@ -170,8 +170,10 @@ def _apply(tracker: DialogueStateTracker, event: Event) -> None:
     event.apply_to(tracker)
 
 
-def _base_events(record: Dict[str, Any]) -> List[Event]:
-    """The events a record's base replays (after the loop markers).
+def _base_events(record: Dict[str, Any],
+                 known: Optional[List[Optional[Event]]] = None) -> List[Event]:
+    """The events a record's base replays (after the loop markers); ``known``
+    (schema 2): those parsed before, aligned with them, None where not.
 
     Schema 1 kept the active loop as fields; they become the events a
     schema-2 summary uses (the trigger message as a user message, then the
@@ -182,7 +184,9 @@ def _base_events(record: Dict[str, Any]) -> List[Event]:
         return []
     if record["schema"] != 1:
         dicts = base["head"] + base["summary"] + base["applied"]
-        out = [parse_event(d) for d in dicts]
+        if known is None or len(known) != len(dicts):
+            known = [None] * len(dicts)
+        out = [parse_event(d) if e is None else e for d, e in zip(dicts, known)]
         if any(e is None for e in out):
             raise CorruptRecordError("base holds an unknown event type")
         return out

@@ -111,20 +111,34 @@ class TurnEncoder:
 
     def _remembered(self, built: window.Built, encoded: Encoded) -> Remembered:
         """The record as it reads back, for the per-process memory."""
-        # Window events parsed for the remembered record carry over, found by
-        # their stored form (the dict the new record keeps); the caller's own
-        # new events are parsed from their stored form next time.
+        # Events parsed for the remembered record carry over, found by their
+        # stored form (the dict the new record keeps, in its window or in a
+        # new base); the caller's own new events, and a new base's summary,
+        # are parsed from their stored form next time.
         before = self._recent.get(built.record["sender_id"])
-        parsed = None
-        if before is not None and before.window_events is not None and len(
-                built.forms) == len(encoded.event_jsons):
-            by_form = {id(d): e for d, e in zip(before.record["events"], before.window_events)
-                       if e is not None}
-            parsed = [by_form.get(id(d)) for _, d, _ in built.forms.values()]
+        window = base = None
+        if built.previous is not None:
+            base = built.previous.slot_events
+        if before is not None:
+            by_form = _parsed_by_form(before)
+            if len(built.forms) == len(encoded.event_jsons):
+                window = [by_form.get(id(d)) for _, d, _ in built.forms.values()]
+            if base is None and built.record["base"].get("head") is not None:
+                new = built.record["base"]
+                base = [by_form.get(id(d)) for d in new["head"] + new["summary"] + new["applied"]]
         return Remembered.of(
             payload_digest(encoded.payload), encoded.record, encoded.event_jsons,
-            encoded.base_json,
-            built.previous.slot_events if built.previous is not None else None, parsed)
+            encoded.base_json, base, window)
+
+
+def _parsed_by_form(remembered: Remembered) -> Dict[int, Any]:
+    """``id(stored dict) -> parsed event`` for the events of a remembered
+    record parsed so far (window and base; their dicts are alive in it)."""
+    pairs = list(zip(remembered.record["events"], remembered.window_events or ()))
+    base = remembered.record["base"]
+    if remembered.base_events is not None and base.get("head") is not None:
+        pairs += zip(base["head"] + base["summary"] + base["applied"], remembered.base_events)
+    return {id(d): e for d, e in pairs if e is not None}
 
 
 def _column(name: str, value: Optional[str]) -> Optional[str]:
