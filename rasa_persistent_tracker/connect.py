@@ -15,9 +15,9 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 
-from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.config import StoreConfig, mask_url
 from rasa_persistent_tracker.errors import ConfigError, StorageUnavailable
+from rasa_persistent_tracker.redis_client import CountingPool, PooledRedis
 
 
 def _hosts(netloc: str, default_port: int) -> Tuple[Dict[str, Any], List[Tuple[str, int]]]:
@@ -42,13 +42,6 @@ def _tls(config: StoreConfig) -> Dict[str, Any]:
                               ("ssl_ca_certs", config.ssl_ca_certs)) if v}
 
 
-class _OwningRedis(aioredis.Redis):
-    """A client that closes the pool it was given when it is closed."""
-
-    async def close(self, close_connection_pool: Optional[bool] = None) -> None:
-        await super().close(close_connection_pool=True)
-
-
 class _SentinelMaster(aioredis.Redis):
     """Master client of a Sentinel set whose ``close`` releases every connection.
 
@@ -60,16 +53,6 @@ class _SentinelMaster(aioredis.Redis):
         await super().close(close_connection_pool=True)
         for sentinel in self.connection_pool.sentinel_manager.sentinels:
             await sentinel.close()
-
-
-class _CountingPool(aioredis.BlockingConnectionPool):
-    """A blocking pool that counts the calls that have to wait (the metric
-    ``rpt_pool_waits_total``): its queue of free slots is empty when asked."""
-
-    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        if self.pool.empty():
-            metrics.POOL_WAITS.inc()
-        return await super().get_connection(*args, **kwargs)
 
 
 def redis_client_factory(config: StoreConfig) -> Callable[[], Any]:
@@ -84,10 +67,10 @@ def redis_client_factory(config: StoreConfig) -> Callable[[], Any]:
         def standalone_client() -> Any:
             # A blocking pool: with more turns in flight than connections, a
             # turn waits for a free connection instead of failing.
-            pool = _CountingPool.from_url(
+            pool = CountingPool.from_url(
                 url, max_connections=config.redis_max_connections,
                 timeout=max(config.redis_socket_timeout, 1.0), **common, **tls)
-            return _OwningRedis(connection_pool=pool)
+            return PooledRedis(connection_pool=pool)
         return standalone_client
     if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
         from redis.asyncio.sentinel import Sentinel

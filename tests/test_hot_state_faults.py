@@ -10,6 +10,7 @@ import fakeredis
 import pytest
 import sqlalchemy as sa
 from redis import exceptions as redis_errors
+from rasa.shared.core.events import UserUttered
 from redis.crc import key_slot
 
 from rasa_persistent_tracker import HotStateBusy, HotStateUnavailable, PersistentTrackerStore
@@ -202,4 +203,42 @@ async def test_save_after_a_redis_restart_uses_a_fresh_connection(throwaway_redi
             texts = [e.as_dict().get("text") for e in again.events]
             assert texts.count(f"my name is bob {50 + i}") == 1
     finally:
+        await store.close()
+
+
+@pytest.mark.servers
+async def test_scripts_run_by_sha_and_survive_a_script_flush(throwaway_redis, domain, tmp_path):
+    """The hot state's scripts go as EVALSHA on idle connections
+    (redis_client.py); a Redis that forgot them (restart, SCRIPT FLUSH)
+    gets them again with EVAL, and no turn notices."""
+    store = PersistentTrackerStore(domain, host=throwaway_redis.url,
+                                   sql_url=f"sqlite:///{tmp_path}/f.db",
+                                   key_prefix=f"t{uuid.uuid4().hex[:8]}", environ={})
+    client = throwaway_redis.client()
+
+    async def turns(numbers):
+        for i in numbers:
+            tracker = await store.get_or_create_tracker("s")
+            turn(tracker, i)
+            await store.save(tracker)
+    try:
+        await turns(range(3))
+        client.config_resetstat()
+        await turns(range(3, 6))
+        stats = client.info("commandstats")
+        by_sha = stats.get("cmdstat_evalsha", {}).get("calls", 0)
+        by_text = stats.get("cmdstat_eval", {}).get("calls", 0)
+        assert by_sha >= 6 and by_text == 0, stats
+        client.script_flush()
+        await turns(range(6, 8))
+        assert client.info("commandstats")["cmdstat_eval"]["calls"] >= 1  # loaded again
+        await store.flush()
+        seqs = logged_seqs(store, "s")
+        assert seqs == list(range(1, len(seqs) + 1))
+        full = await store.retrieve_full_tracker("s")
+        assert [e.text for e in full.events if isinstance(e, UserUttered)] == [
+            f"my name is bob {i}" for i in range(8)]  # every turn, once
+        assert (await store.retrieve("s")).get_slot("name") == "bob 7"
+    finally:
+        client.close()
         await store.close()

@@ -18,6 +18,7 @@ from redis import exceptions as redis_errors
 
 from rasa_persistent_tracker import metrics
 from rasa_persistent_tracker.errors import HotStateBusy, HotStateUnavailable
+from rasa_persistent_tracker.redis_client import PooledRedis
 
 # Raised when the connection itself failed: the call may not have run.
 TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError,
@@ -55,7 +56,10 @@ class RedisCaller:
         delay = 0.01
         while True:
             try:
-                return await self._client().eval(script, len(keys), *keys, *args)
+                client = self._client()
+                if isinstance(client, PooledRedis):  # not wrappers (tests), Sentinel, Cluster
+                    return await client.run_script(script, len(keys), *keys, *args)
+                return await client.eval(script, len(keys), *keys, *args)
             except Exception as exc:  # every driver error is translated below
                 if not _exhausted(exc):
                     raise self.translate(exc) from exc
