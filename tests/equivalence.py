@@ -67,20 +67,27 @@ _cache_event_classes()
 _EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def _since_last_user(tracker: DialogueStateTracker) -> List[Dict[str, Any]]:
+def _since_last_user(tracker: DialogueStateTracker) -> Optional[List[Dict[str, Any]]]:
     """The events since the last user message, as the action server gets them
-    (rasa_sdk's ``slots_to_validate`` reads the trailing slot events)."""
-    events = tracker.current_state(EventVerbosity.ALL)["events"]
-    starts = [i for i, e in enumerate(events) if e["event"] == "session_started"]
-    events = events[starts[-1]:] if starts else events  # the contract: this session
+    (rasa_sdk's ``slots_to_validate`` reads the trailing slot events).
+
+    ``current_state(EventVerbosity.ALL)["events"]`` is ``e.as_dict()`` of every
+    event; only the events after the session's last user message are read,
+    so only those are serialised (the same dicts, without serialising the
+    whole history of the reference on every turn)."""
+    events = list(tracker.events)
     for i in range(len(events) - 1, -1, -1):
-        if events[i]["event"] == "user":
+        kind = events[i].type_name  # what as_dict() puts under "event"
+        if kind == "session_started":  # the contract: this session
+            return None
+        if kind == "user":
+            user = events[i].as_dict()
             # A user message parsed from its stored form shares its entity list
             # with parse_data, so EntitiesAdded shows there after any store's
             # round trip (Rasa's own stores too); latest_message has the entities.
-            first = {**events[i], "parse_data": {
-                k: v for k, v in events[i]["parse_data"].items() if k != "entities"}}
-            return [first] + events[i + 1:]
+            first = {**user, "parse_data": {
+                k: v for k, v in user["parse_data"].items() if k != "entities"}}
+            return [first] + [e.as_dict() for e in events[i + 1:]]
     return None  # no user message in reach: compared as "absent"
 
 
@@ -110,15 +117,32 @@ def _bot(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
     return bot.as_dict()
 
 
+class _AppliedOnce:
+    """The two things ``handle_reminder``'s checks read from a tracker, with
+    ``applied_events()`` (a walk over the whole history) computed once and
+    shared by every reminder name instead of once per check."""
+
+    def __init__(self, tracker: DialogueStateTracker) -> None:
+        self.events = tracker.events
+        self._applied = tracker.applied_events()
+
+    def applied_events(self) -> List[Any]:
+        return list(self._applied)
+
+
 def _reminders(tracker: DialogueStateTracker) -> Dict[str, bool]:
-    """``handle_reminder``'s decision (True: cancel) for each reminder name."""
+    """``handle_reminder``'s decision (True: cancel) for each reminder name and
+    ``kill_on_user_message``. Both of Rasa's checks read only the reminder's
+    name, so each is run once per name and combined for both flags exactly as
+    ``handle_reminder`` combines them."""
+    view = _AppliedOnce(tracker)
     out = {}
     for name in REMINDER_NAMES:
+        reminder = ReminderScheduled("remind", _EPOCH, name=name)
+        after = MessageProcessor._has_message_after_reminder(view, reminder)
+        valid = MessageProcessor._is_reminder_still_valid(view, reminder)
         for kill in (False, True):
-            reminder = ReminderScheduled("remind", _EPOCH, name=name, kill_on_user_message=kill)
-            out[f"{name}/{kill}"] = bool(
-                kill and MessageProcessor._has_message_after_reminder(tracker, reminder)
-                or not MessageProcessor._is_reminder_still_valid(tracker, reminder))
+            out[f"{name}/{kill}"] = bool(kill and after or not valid)
     return out
 
 
@@ -126,6 +150,7 @@ def snapshot(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
     """Everything the contract promises, read from ``tracker``."""
     state = tracker.current_state(EventVerbosity.NONE)
     last_user = tracker.get_last_event_for(UserUttered)
+    since_last_user = _since_last_user(tracker)
     out = {
         **_states(tracker, domain),
         "slots": tracker.current_slot_values(),
@@ -138,18 +163,28 @@ def snapshot(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
         "latest_bot_utterance": _bot(tracker),
         "latest_event_time": state["latest_event_time"],
         "latest_input_channel": next(
-            (e["input_channel"] for e in reversed(_since_last_user(tracker) or [])
+            (e["input_channel"] for e in reversed(since_last_user or [])
              if e["event"] == "user"), None),
-        "events_since_last_user": _since_last_user(tracker),
+        "events_since_last_user": since_last_user,
         "reminders": _reminders(tracker),
     }
     return out
 
 
+def _copies(tracker: DialogueStateTracker, count: int) -> List[DialogueStateTracker]:
+    """``count`` independent deep copies of ``tracker``: pickled once, loaded
+    ``count`` times. Neither the tracker nor its events and slots define
+    ``__deepcopy__`` or custom pickling, so this rebuilds the same object
+    graph (shared objects stay shared) as ``copy.deepcopy``, in C instead of
+    Python's recursive copier."""
+    data = pickle.dumps(tracker, pickle.HIGHEST_PROTOCOL)
+    return [pickle.loads(data) for _ in range(count)]
+
+
 async def _after(action: Any, name: str, tracker: DialogueStateTracker,
                  domain: Domain) -> DialogueStateTracker:
-    """``tracker`` (a copy) after Rasa's processor ran ``action`` on it."""
-    tracker = copy.deepcopy(tracker)
+    """``tracker`` (a copy the caller gives away) after Rasa's processor ran
+    ``action`` on it."""
     nlg = Simulator(domain, tracker.sender_id).nlg
     events = await action.run(CollectingOutputChannel(), nlg, tracker, domain)
     tracker.update(ActionExecuted(name))
@@ -178,14 +213,16 @@ async def action_outputs(tracker: DialogueStateTracker, domain: Domain) -> Dict[
     # Past slot_cap(max_history) slot events before the window, the record
     # lists the last value per slot (docs/contract.md): same values, fewer events.
     out["carried_values"] = {e.key: e.value for e in start if hasattr(e, "key")}
-    for name, action in (("action_back", ActionBack()),
-                         ("action_default_fallback", ActionDefaultFallback()),
-                         ("action_deactivate_loop", ActionDeactivateLoop())):
-        after = await _after(action, name, tracker, domain)
+    actions = (("action_back", ActionBack()),
+               ("action_default_fallback", ActionDefaultFallback()),
+               ("action_deactivate_loop", ActionDeactivateLoop()))
+    for (name, action), copy_ in zip(actions, _copies(tracker, len(actions))):
+        after = await _after(action, name, copy_, domain)
+        state = after.current_state()
         out[name] = {"states(rule_only=False)": after.past_states(domain),
                      "slots": after.current_slot_values(),
-                     "active_loop": after.current_state()["active_loop"],
-                     "latest_message": after.current_state()["latest_message"],
+                     "active_loop": state["active_loop"],
+                     "latest_message": state["latest_message"],
                      "latest_bot_utterance": _bot(after)}
     return out
 
