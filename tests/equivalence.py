@@ -17,6 +17,7 @@ decision of ``MessageProcessor.handle_reminder``, and what Rasa's own actions
 import copy
 import datetime
 import dataclasses
+import io
 import pickle
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -117,30 +118,29 @@ def _bot(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
     return bot.as_dict()
 
 
-class _AppliedOnce:
-    """The two things ``handle_reminder``'s checks read from a tracker, with
-    ``applied_events()`` (a walk over the whole history) computed once and
-    shared by every reminder name instead of once per check."""
-
-    def __init__(self, tracker: DialogueStateTracker) -> None:
-        self.events = tracker.events
-        self._applied = tracker.applied_events()
-
-    def applied_events(self) -> List[Any]:
-        return list(self._applied)
+def _applied_once(tracker: DialogueStateTracker) -> DialogueStateTracker:
+    """A view of ``tracker`` for Rasa's read-only code: a shallow copy (the
+    same events, slots and latest message) whose ``applied_events()`` returns
+    a copy of a list computed once. Both featurizer runs and every reminder
+    check walk the applied events; this walks the history once per snapshot
+    instead of once per call. ``applied_events`` is a pure function of the
+    events, which nothing here changes."""
+    view = copy.copy(tracker)
+    applied = tracker.applied_events()
+    view.applied_events = lambda: list(applied)  # type: ignore[method-assign]
+    return view
 
 
 def _reminders(tracker: DialogueStateTracker) -> Dict[str, bool]:
     """``handle_reminder``'s decision (True: cancel) for each reminder name and
     ``kill_on_user_message``. Both of Rasa's checks read only the reminder's
     name, so each is run once per name and combined for both flags exactly as
-    ``handle_reminder`` combines them."""
-    view = _AppliedOnce(tracker)
+    ``handle_reminder`` combines them (``tracker``: a view from ``_applied_once``)."""
     out = {}
     for name in REMINDER_NAMES:
         reminder = ReminderScheduled("remind", _EPOCH, name=name)
-        after = MessageProcessor._has_message_after_reminder(view, reminder)
-        valid = MessageProcessor._is_reminder_still_valid(view, reminder)
+        after = MessageProcessor._has_message_after_reminder(tracker, reminder)
+        valid = MessageProcessor._is_reminder_still_valid(tracker, reminder)
         for kill in (False, True):
             out[f"{name}/{kill}"] = bool(kill and after or not valid)
     return out
@@ -151,8 +151,9 @@ def snapshot(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
     state = tracker.current_state(EventVerbosity.NONE)
     last_user = tracker.get_last_event_for(UserUttered)
     since_last_user = _since_last_user(tracker)
+    view = _applied_once(tracker)
     out = {
-        **_states(tracker, domain),
+        **_states(view, domain),
         "slots": tracker.current_slot_values(),
         "active_loop": state["active_loop"],
         "latest_action": tracker.latest_action,
@@ -166,7 +167,7 @@ def snapshot(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
             (e["input_channel"] for e in reversed(since_last_user or [])
              if e["event"] == "user"), None),
         "events_since_last_user": since_last_user,
-        "reminders": _reminders(tracker),
+        "reminders": _reminders(view),
     }
     return out
 
@@ -181,12 +182,22 @@ def _copies(tracker: DialogueStateTracker, count: int) -> List[DialogueStateTrac
     return [pickle.loads(data) for _ in range(count)]
 
 
+_NLG: Dict[int, Any] = {}
+
+
+def _nlg(domain: Domain) -> Any:
+    """The templated NLG of ``domain``, built once (it only reads the
+    responses) instead of with a whole ``Simulator`` per action run."""
+    if id(domain) not in _NLG:
+        _NLG[id(domain)] = (domain, Simulator(domain, "nlg").nlg)
+    return _NLG[id(domain)][1]
+
+
 async def _after(action: Any, name: str, tracker: DialogueStateTracker,
                  domain: Domain) -> DialogueStateTracker:
     """``tracker`` (a copy the caller gives away) after Rasa's processor ran
     ``action`` on it."""
-    nlg = Simulator(domain, tracker.sender_id).nlg
-    events = await action.run(CollectingOutputChannel(), nlg, tracker, domain)
+    events = await action.run(CollectingOutputChannel(), _nlg(domain), tracker, domain)
     tracker.update(ActionExecuted(name))
     for event in events:
         tracker.update(event)
@@ -208,7 +219,7 @@ def _plain(events: Sequence[Any]) -> List[Dict[str, Any]]:
 async def action_outputs(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
     """What Rasa's own actions produce when run on ``tracker``."""
     start = await ActionSessionStart().run(
-        CollectingOutputChannel(), Simulator(domain, "x").nlg, tracker, domain)
+        CollectingOutputChannel(), _nlg(domain), tracker, domain)
     out: Dict[str, Any] = {"action_session_start": _plain(start)}
     # Past slot_cap(max_history) slot events before the window, the record
     # lists the last value per slot (docs/contract.md): same values, fewer events.
@@ -263,8 +274,8 @@ class StoreRunner:
         tracker = await store.retrieve(sender_id)
         if tracker is None:
             tracker = DialogueStateTracker(sender_id, domain.slots)
-        for event in copy.deepcopy(events):
-            tracker.update(event)
+        for event in pickle.loads(pickle.dumps(events, pickle.HIGHEST_PROTOCOL)):
+            tracker.update(event)  # a copy each: see _copies
         within = check_within(tracker)
         await store.save(tracker)
         reader = self.stores[self.turn % len(self.stores)]
@@ -337,12 +348,35 @@ async def run_dialogue(turns: Sequence[Turn], runners: List[StoreRunner], domain
     return Result(len(turns), mismatches, sim.reference)
 
 
+class _StringsInFull(pickle.Pickler):
+    """A pickler that writes every string out in full where it occurs.
+
+    Plain pickle writes a string met twice as a reference to the first, so
+    two trackers with the same values differ in bytes when one shares a
+    string object between events and the other does not: a store that parsed
+    all its events from one JSON document (whose decoder shares repeated
+    keys) against one that parsed them one by one. Strings cannot change and
+    Rasa compares them by value, so that sharing changes no field; sharing of
+    anything else (an entity list in two places, say) still shows.
+    """
+
+    def persistent_id(self, obj: Any) -> Optional[str]:
+        # A new string object each time (never one the memo has seen), so it
+        # is written out in full; "" + "" would be the one empty string, but
+        # that is the same in every tracker, at the same place.
+        return "s" + obj if type(obj) is str else None
+
+
 def _pickled(tracker: DialogueStateTracker) -> bytes:
-    """The tracker's whole object graph as bytes, leaving out its sender id
-    (each configuration plays its own conversation id; no field of the
-    contract depends on it) and what the store keeps on it for itself."""
-    return pickle.dumps({name: value for name, value in vars(tracker).items()
-                         if name != "sender_id" and not name.startswith("_rpt")})
+    """The tracker's whole object graph as bytes (strings in full, see
+    ``_StringsInFull``), leaving out its sender id (each configuration plays
+    its own conversation id; no field of the contract depends on it) and what
+    the store keeps on it for itself."""
+    out = io.BytesIO()
+    _StringsInFull(out, pickle.HIGHEST_PROTOCOL).dump(
+        {name: value for name, value in vars(tracker).items()
+         if name != "sender_id" and not name.startswith("_rpt")})
+    return out.getvalue()
 
 
 async def _check_retrieved(checked: Dict[Any, List[str]], got: DialogueStateTracker,
