@@ -361,9 +361,11 @@ class _StringsInFull(pickle.Pickler):
     """
 
     def persistent_id(self, obj: Any) -> Optional[str]:
-        # A new string object each time (never one the memo has seen), so it
-        # is written out in full; "" + "" would be the one empty string, but
-        # that is the same in every tracker, at the same place.
+        # "s" + a non-empty string is a new object each time, which the memo
+        # (it holds what it saw) has not seen: written out in full. For ""
+        # it is the one cached "s", written once and then referenced, at the
+        # same places in any two trackers with the same values. "s" + value
+        # is one-to-one, so different strings never give the same bytes.
         return "s" + obj if type(obj) is str else None
 
 
