@@ -17,6 +17,7 @@ decision of ``MessageProcessor.handle_reminder``, and what Rasa's own actions
 import copy
 import datetime
 import dataclasses
+import io
 import pickle
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -67,20 +68,27 @@ _cache_event_classes()
 _EPOCH = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def _since_last_user(tracker: DialogueStateTracker) -> List[Dict[str, Any]]:
+def _since_last_user(tracker: DialogueStateTracker) -> Optional[List[Dict[str, Any]]]:
     """The events since the last user message, as the action server gets them
-    (rasa_sdk's ``slots_to_validate`` reads the trailing slot events)."""
-    events = tracker.current_state(EventVerbosity.ALL)["events"]
-    starts = [i for i, e in enumerate(events) if e["event"] == "session_started"]
-    events = events[starts[-1]:] if starts else events  # the contract: this session
+    (rasa_sdk's ``slots_to_validate`` reads the trailing slot events).
+
+    ``current_state(EventVerbosity.ALL)["events"]`` is ``e.as_dict()`` of every
+    event; only the events after the session's last user message are read,
+    so only those are serialised (the same dicts, without serialising the
+    whole history of the reference on every turn)."""
+    events = list(tracker.events)
     for i in range(len(events) - 1, -1, -1):
-        if events[i]["event"] == "user":
+        kind = events[i].type_name  # what as_dict() puts under "event"
+        if kind == "session_started":  # the contract: this session
+            return None
+        if kind == "user":
+            user = events[i].as_dict()
             # A user message parsed from its stored form shares its entity list
             # with parse_data, so EntitiesAdded shows there after any store's
             # round trip (Rasa's own stores too); latest_message has the entities.
-            first = {**events[i], "parse_data": {
-                k: v for k, v in events[i]["parse_data"].items() if k != "entities"}}
-            return [first] + events[i + 1:]
+            first = {**user, "parse_data": {
+                k: v for k, v in user["parse_data"].items() if k != "entities"}}
+            return [first] + [e.as_dict() for e in events[i + 1:]]
     return None  # no user message in reach: compared as "absent"
 
 
@@ -110,15 +118,31 @@ def _bot(tracker: DialogueStateTracker) -> Optional[Dict[str, Any]]:
     return bot.as_dict()
 
 
+def _applied_once(tracker: DialogueStateTracker) -> DialogueStateTracker:
+    """A view of ``tracker`` for Rasa's read-only code: a shallow copy (the
+    same events, slots and latest message) whose ``applied_events()`` returns
+    a copy of a list computed once. Both featurizer runs and every reminder
+    check walk the applied events; this walks the history once per snapshot
+    instead of once per call. ``applied_events`` is a pure function of the
+    events, which nothing here changes."""
+    view = copy.copy(tracker)
+    applied = tracker.applied_events()
+    view.applied_events = lambda: list(applied)  # type: ignore[method-assign]
+    return view
+
+
 def _reminders(tracker: DialogueStateTracker) -> Dict[str, bool]:
-    """``handle_reminder``'s decision (True: cancel) for each reminder name."""
+    """``handle_reminder``'s decision (True: cancel) for each reminder name and
+    ``kill_on_user_message``. Both of Rasa's checks read only the reminder's
+    name, so each is run once per name and combined for both flags exactly as
+    ``handle_reminder`` combines them (``tracker``: a view from ``_applied_once``)."""
     out = {}
     for name in REMINDER_NAMES:
+        reminder = ReminderScheduled("remind", _EPOCH, name=name)
+        after = MessageProcessor._has_message_after_reminder(tracker, reminder)
+        valid = MessageProcessor._is_reminder_still_valid(tracker, reminder)
         for kill in (False, True):
-            reminder = ReminderScheduled("remind", _EPOCH, name=name, kill_on_user_message=kill)
-            out[f"{name}/{kill}"] = bool(
-                kill and MessageProcessor._has_message_after_reminder(tracker, reminder)
-                or not MessageProcessor._is_reminder_still_valid(tracker, reminder))
+            out[f"{name}/{kill}"] = bool(kill and after or not valid)
     return out
 
 
@@ -126,8 +150,10 @@ def snapshot(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
     """Everything the contract promises, read from ``tracker``."""
     state = tracker.current_state(EventVerbosity.NONE)
     last_user = tracker.get_last_event_for(UserUttered)
+    since_last_user = _since_last_user(tracker)
+    view = _applied_once(tracker)
     out = {
-        **_states(tracker, domain),
+        **_states(view, domain),
         "slots": tracker.current_slot_values(),
         "active_loop": state["active_loop"],
         "latest_action": tracker.latest_action,
@@ -138,20 +164,40 @@ def snapshot(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
         "latest_bot_utterance": _bot(tracker),
         "latest_event_time": state["latest_event_time"],
         "latest_input_channel": next(
-            (e["input_channel"] for e in reversed(_since_last_user(tracker) or [])
+            (e["input_channel"] for e in reversed(since_last_user or [])
              if e["event"] == "user"), None),
-        "events_since_last_user": _since_last_user(tracker),
-        "reminders": _reminders(tracker),
+        "events_since_last_user": since_last_user,
+        "reminders": _reminders(view),
     }
     return out
 
 
+def _copies(tracker: DialogueStateTracker, count: int) -> List[DialogueStateTracker]:
+    """``count`` independent deep copies of ``tracker``: pickled once, loaded
+    ``count`` times. Neither the tracker nor its events and slots define
+    ``__deepcopy__`` or custom pickling, so this rebuilds the same object
+    graph (shared objects stay shared) as ``copy.deepcopy``, in C instead of
+    Python's recursive copier."""
+    data = pickle.dumps(tracker, pickle.HIGHEST_PROTOCOL)
+    return [pickle.loads(data) for _ in range(count)]
+
+
+_NLG: Dict[int, Any] = {}
+
+
+def _nlg(domain: Domain) -> Any:
+    """The templated NLG of ``domain``, built once (it only reads the
+    responses) instead of with a whole ``Simulator`` per action run."""
+    if id(domain) not in _NLG:
+        _NLG[id(domain)] = (domain, Simulator(domain, "nlg").nlg)
+    return _NLG[id(domain)][1]
+
+
 async def _after(action: Any, name: str, tracker: DialogueStateTracker,
                  domain: Domain) -> DialogueStateTracker:
-    """``tracker`` (a copy) after Rasa's processor ran ``action`` on it."""
-    tracker = copy.deepcopy(tracker)
-    nlg = Simulator(domain, tracker.sender_id).nlg
-    events = await action.run(CollectingOutputChannel(), nlg, tracker, domain)
+    """``tracker`` (a copy the caller gives away) after Rasa's processor ran
+    ``action`` on it."""
+    events = await action.run(CollectingOutputChannel(), _nlg(domain), tracker, domain)
     tracker.update(ActionExecuted(name))
     for event in events:
         tracker.update(event)
@@ -173,19 +219,21 @@ def _plain(events: Sequence[Any]) -> List[Dict[str, Any]]:
 async def action_outputs(tracker: DialogueStateTracker, domain: Domain) -> Dict[str, Any]:
     """What Rasa's own actions produce when run on ``tracker``."""
     start = await ActionSessionStart().run(
-        CollectingOutputChannel(), Simulator(domain, "x").nlg, tracker, domain)
+        CollectingOutputChannel(), _nlg(domain), tracker, domain)
     out: Dict[str, Any] = {"action_session_start": _plain(start)}
     # Past slot_cap(max_history) slot events before the window, the record
     # lists the last value per slot (docs/contract.md): same values, fewer events.
     out["carried_values"] = {e.key: e.value for e in start if hasattr(e, "key")}
-    for name, action in (("action_back", ActionBack()),
-                         ("action_default_fallback", ActionDefaultFallback()),
-                         ("action_deactivate_loop", ActionDeactivateLoop())):
-        after = await _after(action, name, tracker, domain)
+    actions = (("action_back", ActionBack()),
+               ("action_default_fallback", ActionDefaultFallback()),
+               ("action_deactivate_loop", ActionDeactivateLoop()))
+    for (name, action), copy_ in zip(actions, _copies(tracker, len(actions))):
+        after = await _after(action, name, copy_, domain)
+        state = after.current_state()
         out[name] = {"states(rule_only=False)": after.past_states(domain),
                      "slots": after.current_slot_values(),
-                     "active_loop": after.current_state()["active_loop"],
-                     "latest_message": after.current_state()["latest_message"],
+                     "active_loop": state["active_loop"],
+                     "latest_message": state["latest_message"],
                      "latest_bot_utterance": _bot(after)}
     return out
 
@@ -226,8 +274,8 @@ class StoreRunner:
         tracker = await store.retrieve(sender_id)
         if tracker is None:
             tracker = DialogueStateTracker(sender_id, domain.slots)
-        for event in copy.deepcopy(events):
-            tracker.update(event)
+        for event in pickle.loads(pickle.dumps(events, pickle.HIGHEST_PROTOCOL)):
+            tracker.update(event)  # a copy each: see _copies
         within = check_within(tracker)
         await store.save(tracker)
         reader = self.stores[self.turn % len(self.stores)]
@@ -300,12 +348,37 @@ async def run_dialogue(turns: Sequence[Turn], runners: List[StoreRunner], domain
     return Result(len(turns), mismatches, sim.reference)
 
 
+class _StringsInFull(pickle.Pickler):
+    """A pickler that writes every string out in full where it occurs.
+
+    Plain pickle writes a string met twice as a reference to the first, so
+    two trackers with the same values differ in bytes when one shares a
+    string object between events and the other does not: a store that parsed
+    all its events from one JSON document (whose decoder shares repeated
+    keys) against one that parsed them one by one. Strings cannot change and
+    Rasa compares them by value, so that sharing changes no field; sharing of
+    anything else (an entity list in two places, say) still shows.
+    """
+
+    def persistent_id(self, obj: Any) -> Optional[str]:
+        # "s" + a non-empty string is a new object each time, which the memo
+        # (it holds what it saw) has not seen: written out in full. For ""
+        # it is the one cached "s", written once and then referenced, at the
+        # same places in any two trackers with the same values. "s" + value
+        # is one-to-one, so different strings never give the same bytes.
+        return "s" + obj if type(obj) is str else None
+
+
 def _pickled(tracker: DialogueStateTracker) -> bytes:
-    """The tracker's whole object graph as bytes, leaving out its sender id
-    (each configuration plays its own conversation id; no field of the
-    contract depends on it) and what the store keeps on it for itself."""
-    return pickle.dumps({name: value for name, value in vars(tracker).items()
-                         if name != "sender_id" and not name.startswith("_rpt")})
+    """The tracker's whole object graph as bytes (strings in full, see
+    ``_StringsInFull``), leaving out its sender id (each configuration plays
+    its own conversation id; no field of the contract depends on it) and what
+    the store keeps on it for itself."""
+    out = io.BytesIO()
+    _StringsInFull(out, pickle.HIGHEST_PROTOCOL).dump(
+        {name: value for name, value in vars(tracker).items()
+         if name != "sender_id" and not name.startswith("_rpt")})
+    return out.getvalue()
 
 
 async def _check_retrieved(checked: Dict[Any, List[str]], got: DialogueStateTracker,
