@@ -1,4 +1,6 @@
-"""Single events: parsing without Rasa's per-call class walk, and fingerprints."""
+"""Single events: parsing without Rasa's per-call class walk, private copies, and
+fingerprints."""
+import copy
 import hashlib
 import json
 from typing import Any, Dict, Optional
@@ -13,9 +15,17 @@ from rasa_persistent_tracker.security.serde import encode_extra
 EVENT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RasaException)
 
 _EVENT_TYPES: Dict[str, type] = {}
-# Event class -> whether it is a user message (``own_copy``; isinstance on
-# Rasa's ABC-based events costs more than the rest of the copy).
-_USER_TYPES: Dict[type, bool] = {}
+# Event class -> how ``own_copy`` copies it: None (not a user message:
+# shared), "dict" or "slots" (a subclass that keeps attributes in __slots__).
+# Cached: isinstance on Rasa's ABC-based events costs more than the copy.
+_USER_TYPES: Dict[type, Optional[str]] = {}
+
+
+def _user_kind(cls: type) -> Optional[str]:
+    if not issubclass(cls, UserUttered):
+        return None
+    slotted = any(vars(c).get("__slots__") for c in cls.__mro__)  # ABC has empty ones
+    return "slots" if slotted else "dict"
 
 
 def parse_event(event_dict: Dict[str, Any]) -> Optional[Event]:
@@ -48,13 +58,16 @@ def own_copy(event: Event) -> Event:
     parsed again from its stored form, at a fraction of the cost.
     """
     cls = type(event)
-    user = _USER_TYPES.get(cls)
-    if user is None:
-        user = _USER_TYPES[cls] = issubclass(cls, UserUttered)
-    if not user:
+    kind = _USER_TYPES.get(cls)
+    if kind is None:
+        kind = _USER_TYPES[cls] = _user_kind(cls)
+    if kind is None:
         return event
-    copied = object.__new__(type(event))
-    copied.__dict__.update(event.__dict__)
+    if kind == "slots":  # a custom message with __slots__: copy.copy keeps them
+        copied = copy.copy(event)
+    else:
+        copied = object.__new__(cls)
+        copied.__dict__.update(event.__dict__)
     entities = list(event.entities) if event.entities is not None else None
     copied.entities = entities
     if isinstance(event.parse_data, dict):
