@@ -38,8 +38,10 @@ from rasa.shared.core.trackers import DialogueStateTracker
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 REPO = os.path.dirname(HERE)
+# Last, not first: a package on PYTHONPATH (compare_commits.py puts another
+# commit's there) must win over this checkout's.
 if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+    sys.path.append(REPO)
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 DATABASE_URL = os.environ.get(
@@ -400,9 +402,12 @@ def run_header(benchmark: str, quick: bool, started: float,
                load_at_start: Sequence[float]) -> Dict[str, Any]:
     """The fields every result file starts with: which run, when, how long, and
     on what machine (the load averages show competing work)."""
+    import rasa_persistent_tracker
+
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     return {
         "benchmark": benchmark, "quick": quick,
+        "package_file": rasa_persistent_tracker.__file__,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "runtime_s": time.time() - started,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),

@@ -62,8 +62,14 @@ def measure(path: str, stores: List[str], lengths: List[int], output: str) -> Di
     if done.returncode != 0:
         raise SystemExit(f"compare_commits: per_turn.py failed:\n{done.stderr[-3000:]}")
     with open(output) as f:
-        cells = json.load(f)["cells"]
-    return {(c["store"], c["target_events"]): c["turn_ms"] for c in cells}
+        result = json.load(f)
+    # The harness must have measured the extracted package, not this checkout's
+    # (until 2026-11-30, common.py put the checkout first on sys.path, so both
+    # sides of every comparison ran the checkout's code).
+    if not str(result.get("package_file", "")).startswith(path):
+        raise SystemExit(f"compare_commits: per_turn.py measured {result.get('package_file')}, "
+                         f"not the package under {path}")
+    return {(c["store"], c["target_events"]): c["turn_ms"] for c in result["cells"]}
 
 
 def main() -> None:
