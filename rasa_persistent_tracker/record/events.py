@@ -16,7 +16,8 @@ EVENT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, Ras
 
 _EVENT_TYPES: Dict[str, type] = {}
 # Event class -> how ``own_copy`` copies it: None (not a user message:
-# shared), "dict" or "slots" (a subclass that keeps attributes in __slots__).
+# shared), "dict" or "slots" (a subclass that keeps attributes in __slots__);
+# a class not seen yet reads as "?".
 # Cached: isinstance on Rasa's ABC-based events costs more than the copy.
 _USER_TYPES: Dict[type, Optional[str]] = {}
 
@@ -58,8 +59,8 @@ def own_copy(event: Event) -> Event:
     parsed again from its stored form, at a fraction of the cost.
     """
     cls = type(event)
-    kind = _USER_TYPES.get(cls)
-    if kind is None:
+    kind = _USER_TYPES.get(cls, "?")
+    if kind == "?":
         kind = _USER_TYPES[cls] = _user_kind(cls)
     if kind is None:
         return event
