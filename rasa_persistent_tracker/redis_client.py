@@ -19,7 +19,9 @@ setup, uvloop): 71 us per script call through ``eval``, 46 us through
   as it does for every command;
 * ``EVALSHA`` falls back to ``EVAL`` (which loads the script) when Redis does
   not know the script (restarted, ``SCRIPT FLUSH``);
-* errors are redis-py's own, translated by ``redis_calls`` as before.
+* errors are redis-py's own, translated by ``redis_calls`` as before;
+* a URL asking for ``health_check_interval`` keeps redis-py's path, which
+  runs the checks.
 """
 import asyncio
 import hashlib
@@ -59,7 +61,10 @@ class CountingPool(aioredis.BlockingConnectionPool):
             connection = self.pool.get_nowait()
         except asyncio.QueueEmpty:
             return None
-        if connection is None or not connection.is_connected:
+        if connection is None or not connection.is_connected or getattr(
+                connection, "health_check_interval", 0):
+            # Not open yet, or health checks asked for (``health_check_interval``
+            # in the URL): redis-py's own path does those.
             self.pool.put_nowait(connection)  # back on top: get_connection takes it next
             return None
         reader = getattr(connection, "_reader", None)

@@ -242,3 +242,24 @@ async def test_scripts_run_by_sha_and_survive_a_script_flush(throwaway_redis, do
     finally:
         client.close()
         await store.close()
+
+
+@pytest.mark.servers
+async def test_health_checks_asked_for_in_the_url_keep_redis_pys_path(throwaway_redis, domain,
+                                                                       tmp_path):
+    """``health_check_interval`` in the URL: every call takes redis-py's own
+    path (which runs the checks), so scripts go as EVAL, never EVALSHA."""
+    store = PersistentTrackerStore(domain, host=f"{throwaway_redis.url}?health_check_interval=30",
+                                   sql_url=f"sqlite:///{tmp_path}/h.db",
+                                   key_prefix=f"t{uuid.uuid4().hex[:8]}", environ={})
+    client = throwaway_redis.client()
+    try:
+        await run_turns(store, "h", 2)
+        client.config_resetstat()
+        await run_turns(store, "h", 2)
+        stats = client.info("commandstats")
+        assert stats.get("cmdstat_evalsha", {}).get("calls", 0) == 0, stats
+        assert stats["cmdstat_eval"]["calls"] >= 4
+    finally:
+        client.close()
+        await store.close()
