@@ -22,7 +22,7 @@ from rasa_persistent_tracker.errors import (
 )
 from rasa_persistent_tracker.hot.protocol import Erased
 from rasa_persistent_tracker.log import direct, lifecycle
-from rasa_persistent_tracker.record import window
+from rasa_persistent_tracker.record import stored
 from rasa_persistent_tracker.record.turns import TurnEncoder
 from rasa_persistent_tracker.recovery.committing import TurnCommitter
 from rasa_persistent_tracker.recovery.history import History
@@ -290,7 +290,7 @@ class PersistentTrackerStore(TrackerStore):
         returned for this very tracker object, else by merging."""
         loaded = self._records.loaded(tracker)
         if loaded is not None and loaded.sender_id == tracker.sender_id:
-            new = window.new_events_after(list(tracker.events), loaded)
+            new = stored.new_events_after(list(tracker.events), loaded)
             if new is not None:
                 return MergeBase(tracker, new, loaded.version, loaded.next_seq, loaded.forms,
                                  loaded.previous)

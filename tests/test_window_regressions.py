@@ -169,18 +169,18 @@ async def test_a_generated_conversation_begun_without_a_session_start(make_store
 async def test_a_compaction_reusing_the_bases_stored_events_writes_the_same_record(
         make_store, monkeypatch, seed):
     # A compaction takes the stored form of every base event it keeps
-    # (window.base_forms) instead of serialising it again. Played side by
+    # (stored.base_forms) instead of serialising it again. Played side by
     # side with a store that serialises everything afresh, every record
     # written must be the same, event for event, over generated dialogues
     # (forms, reverts, resets, session starts). Shifting the stored forms by
     # one event makes every seed fail.
-    from rasa_persistent_tracker.record import window
+    from rasa_persistent_tracker.record import stored
     from tests.dialogues_gen import Simulator, generate
 
     dom = gen_domain()
     reusing = make_store(domain_override=dom, max_history=3, record_cache_size=32)
     fresh = make_store(domain_override=dom, max_history=3, record_cache_size=32)
-    original = window.base_forms
+    original = stored.base_forms
     reused = []
 
     def base_forms(base, events):
@@ -200,9 +200,9 @@ async def test_a_compaction_reusing_the_bases_stored_events_writes_the_same_reco
     sim = Simulator(dom, "c")
     for turn in generate(seed, 60):
         events = await sim.play(turn)
-        monkeypatch.setattr(window, "base_forms", base_forms)
+        monkeypatch.setattr(stored, "base_forms", base_forms)
         got = await play_turn(reusing, "reusing", events)
-        monkeypatch.setattr(window, "base_forms", lambda base, events: {})
+        monkeypatch.setattr(stored, "base_forms", lambda base, events: {})
         expected = await play_turn(fresh, "fresh", events)
         assert got == expected, turn
     assert sum(reused) > 0  # the reuse ran, and kept events

@@ -31,7 +31,8 @@ from rasa_persistent_tracker.record.events import (
     own_copy,
     parse_event,
 )
-from rasa_persistent_tracker.record.window import SCHEMA_VERSION, StoredForms, RebuiltBase
+from rasa_persistent_tracker.record.stored import RebuiltBase, StoredForms
+from rasa_persistent_tracker.record.window import SCHEMA_VERSION
 
 
 def _require(record: Dict[str, Any], key: str, kinds: Any) -> Any:

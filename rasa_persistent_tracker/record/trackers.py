@@ -3,7 +3,7 @@
 ``Records`` decodes a hot or snapshot payload and rebuilds the tracker from it
 (or from the record this process remembers writing), checks a hot payload
 before it becomes the SQL snapshot, and remembers, per tracker handed out or
-saved, the record version and position it was read at (``window.Loaded``).
+saved, the record version and position it was read at (``stored.Loaded``).
 
 That knowledge is kept here, keyed by the tracker object's identity (held
 weakly), never on Rasa's tracker itself. A copy of a tracker
@@ -22,7 +22,7 @@ from rasa.shared.core.trackers import DialogueStateTracker
 from rasa_persistent_tracker.errors import CorruptRecordError, EncryptionKeyMissing
 from rasa_persistent_tracker.hot.protocol import payload_digest
 from rasa_persistent_tracker.logids import ConversationIds
-from rasa_persistent_tracker.record import replay, window
+from rasa_persistent_tracker.record import replay, stored
 from rasa_persistent_tracker.record.freshness import Freshness
 from rasa_persistent_tracker.record.recent import RecentRecords, Remembered
 from rasa_persistent_tracker.security.codec import Codec
@@ -32,16 +32,16 @@ logger = logging.getLogger("rasa_persistent_tracker.store")
 
 # A decoded record and the tracker rebuilt from it, with the stored forms of
 # its window's events and the base it was rebuilt from.
-Decoded = Tuple[Dict[str, Any], DialogueStateTracker, window.StoredForms, window.RebuiltBase]
+Decoded = Tuple[Dict[str, Any], DialogueStateTracker, stored.StoredForms, stored.RebuiltBase]
 
 
 class LoadedTrackers:
-    """``window.Loaded`` per live tracker object, by identity (see module docstring)."""
+    """``stored.Loaded`` per live tracker object, by identity (see module docstring)."""
 
     def __init__(self) -> None:
-        self._by_id: Dict[int, Tuple["weakref.ref[DialogueStateTracker]", window.Loaded]] = {}
+        self._by_id: Dict[int, Tuple["weakref.ref[DialogueStateTracker]", stored.Loaded]] = {}
 
-    def set(self, tracker: DialogueStateTracker, loaded: window.Loaded) -> None:
+    def set(self, tracker: DialogueStateTracker, loaded: stored.Loaded) -> None:
         key = id(tracker)
         known = self._by_id.get(key)
         if known is not None and known[0]() is tracker:
@@ -54,7 +54,7 @@ class LoadedTrackers:
                 del by_id[key]
         self._by_id[key] = (weakref.ref(tracker, forget), loaded)
 
-    def get(self, tracker: DialogueStateTracker) -> Optional[window.Loaded]:
+    def get(self, tracker: DialogueStateTracker) -> Optional[stored.Loaded]:
         known = self._by_id.get(id(tracker))
         if known is None or known[0]() is not tracker:
             return None
@@ -166,13 +166,13 @@ class Records:
             return None
 
     def mark(self, tracker: DialogueStateTracker, version: int, next_seq: int,
-             known: window.StoredForms, previous: Optional[window.RebuiltBase] = None) -> None:
+             known: stored.StoredForms, previous: Optional[stored.RebuiltBase] = None) -> None:
         """Remember that ``tracker`` stands at record ``version`` / ``next_seq``."""
         last = tracker.events[-1] if tracker.events else None
         self.fresh.saw(tracker.sender_id, next_seq, version)
-        self._loaded.set(tracker, window.Loaded(tracker.sender_id, version, next_seq, last,
+        self._loaded.set(tracker, stored.Loaded(tracker.sender_id, version, next_seq, last,
                                                 known, previous))
 
-    def loaded(self, tracker: DialogueStateTracker) -> Optional[window.Loaded]:
+    def loaded(self, tracker: DialogueStateTracker) -> Optional[stored.Loaded]:
         """What ``mark`` remembered of this very tracker object (None for a copy)."""
         return self._loaded.get(tracker)

@@ -19,7 +19,7 @@ from rasa_persistent_tracker.errors import (
 )
 from rasa_persistent_tracker.hot.protocol import payload_digest
 from rasa_persistent_tracker.log.tables import COLUMN_LIMITS, MAX_ID_LENGTH, LogRow, loggable
-from rasa_persistent_tracker.record import window
+from rasa_persistent_tracker.record import stored, window
 from rasa_persistent_tracker.record.recent import RecentRecords, Remembered
 from rasa_persistent_tracker.security.codec import Codec, Encoded
 
@@ -33,7 +33,7 @@ class TurnEncoder:
         self._max_history = max_history
 
     def rows(self, sender_id: str, events: List[Event], first_seq: int,
-             forms: window.StoredForms) -> List[LogRow]:
+             forms: stored.StoredForms) -> List[LogRow]:
         """The log rows of new ``events``; their stored forms go into ``forms``.
 
         Raises:
@@ -68,8 +68,8 @@ class TurnEncoder:
                 f"of type {exc} that cannot be stored. Nothing was saved.") from None
 
     def build(self, tracker: DialogueStateTracker, slots: Iterable[Slot], next_seq: int,
-              forms: Optional[window.StoredForms] = None,
-              previous: Optional[window.RebuiltBase] = None) -> window.Built:
+              forms: Optional[stored.StoredForms] = None,
+              previous: Optional[stored.RebuiltBase] = None) -> window.Built:
         """``window.build_record`` with this encoder's serialiser and ``max_history``."""
         return window.build_record(
             tracker, slots, self._max_history, next_seq,

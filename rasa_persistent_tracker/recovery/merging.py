@@ -17,7 +17,7 @@ from rasa_persistent_tracker.errors import (
     HotStateUnavailable,
 )
 from rasa_persistent_tracker.hot.protocol import HotEntry, HotState
-from rasa_persistent_tracker.record import window
+from rasa_persistent_tracker.record.stored import RebuiltBase, StoredForms
 from rasa_persistent_tracker.record.events import fingerprint
 from rasa_persistent_tracker.record.trackers import Records
 from rasa_persistent_tracker.recovery.history import History
@@ -30,8 +30,8 @@ class MergeBase(NamedTuple):
     new: List[Event]
     expected_version: int
     next_seq: int
-    known: window.StoredForms
-    previous: Optional[window.RebuiltBase]
+    known: StoredForms
+    previous: Optional[RebuiltBase]
 
 
 class Merger:

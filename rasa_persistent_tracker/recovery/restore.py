@@ -32,7 +32,7 @@ from rasa_persistent_tracker.errors import (
 from rasa_persistent_tracker.hot.protocol import HotEntry, HotState
 from rasa_persistent_tracker.log.tables import LogRow, Snapshot
 from rasa_persistent_tracker.logids import ConversationIds
-from rasa_persistent_tracker.record import window
+from rasa_persistent_tracker.record import stored, window
 from rasa_persistent_tracker.record.freshness import Suspicion
 from rasa_persistent_tracker.record.trackers import Records
 from rasa_persistent_tracker.record.turns import TurnEncoder
@@ -47,9 +47,9 @@ class Resumed(NamedTuple):
     """A conversation rebuilt from SQL, before it is marked and handed out."""
 
     tracker: DialogueStateTracker
-    known: window.StoredForms
+    known: stored.StoredForms
     next_seq: int
-    previous: Optional[window.RebuiltBase]
+    previous: Optional[stored.RebuiltBase]
 
 
 class Recovery:
