@@ -10,6 +10,7 @@ goes on past it.
 """
 import json
 import logging
+import threading
 
 import pytest
 import sqlalchemy as sa
@@ -94,6 +95,56 @@ def test_a_concurrent_delivery_of_the_same_rows_is_retried_not_raised(log, monke
     assert log.append({"c1": rows(1, 4)}, {}) == 0
     assert len(lookups) == 2
     assert logged(log, "c1") == [(1, "a1"), (2, "a2"), (3, "a3"), (4, "a4")]
+
+
+@pytest.mark.parametrize("with_versions", [False, True], ids=["append", "deliver"])
+def test_deliverers_of_one_conversation_take_turns_instead_of_colliding(
+        backend, log, with_versions):
+    # Several processes deliver the same outbox entries (a crashed deliverer's
+    # batch picked up again while it is still running, or two stores in one
+    # process). Each must find the rows the other committed, not race it to
+    # the unique key: after five collisions in a row a batch used to fail
+    # with a traceback (seen in a long run), and each collision costs a
+    # rolled-back transaction.
+    logs = [log] + [SQLEventLog(backend.engine()) for _ in range(3)]
+    collisions = []
+    for each in logs:
+        real = each._append_once
+
+        def counting(*args, _real=real):
+            try:
+                return _real(*args)
+            except sa.exc.IntegrityError:
+                collisions.append(1)
+                raise
+        each._append_once = counting
+    conversations = [f"race{i}" for i in range(4)]
+    steps = 25
+    barrier = threading.Barrier(len(logs))
+    failures = []
+
+    def deliver(each):
+        for step in range(1, steps + 1):
+            # Every deliverer sends what is queued so far, rows 1..3*step.
+            batch = {cid: rows(1, 3 * step, tag=cid) for cid in conversations}
+            versions = {cid: step for cid in conversations} if with_versions else None
+            barrier.wait()
+            try:
+                each.deliver(batch, {}, versions)
+            except Exception as exc:  # the test reports it below
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=deliver, args=(each,)) for each in logs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for each in logs[1:]:
+        each.engine.dispose()
+    assert failures == []
+    assert collisions == []
+    for cid in conversations:
+        assert logged(log, cid) == [(s, f"{cid}{s}") for s in range(1, 3 * steps + 1)]
 
 
 def test_a_failing_statement_does_not_carry_event_data_in_its_message(log):

@@ -10,9 +10,11 @@ versions on from the floor, so its writes pass.
 
 Check and write must not interleave with an erasure: ``ErasureGuard.guard``
 takes a per-conversation lock first in the writing transaction (PostgreSQL:
-a shared transaction-level advisory lock, the erasure takes it exclusively;
-SQLite: the database's write lock, taken by a no-op UPDATE as the first
-statement, so the check reads what the write will follow).
+a transaction-level advisory lock; SQLite: the database's write lock, taken
+by a no-op UPDATE as the first statement, so the check reads what the write
+will follow). Writers take it exclusively too, not only the erasure: two
+deliverers of one conversation's rows then take turns, and the second finds
+the rows the first committed instead of racing it to the unique key.
 """
 import time
 import zlib
@@ -51,19 +53,18 @@ class ErasureGuard:
     def __init__(self, digests: Callable[[str], List[str]] = ErasureIds()) -> None:
         self._digests = digests
 
-    def lock(self, conn: sa.engine.Connection, conversation_ids: Iterable[str],
-             exclusive: bool) -> None:
-        """Take the conversations' erasure locks for the rest of the transaction."""
+    def lock(self, conn: sa.engine.Connection, conversation_ids: Iterable[str]) -> None:
+        """Take the conversations' locks (exclusive) for the rest of the transaction."""
         if conn.dialect.name == "postgresql":
             locks = sorted({_lock_id(cid) for cid in conversation_ids})
             if not locks:
                 return
-            fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
             # One statement for a whole batch, taking the locks in order (no
             # deadlock between two batches that share conversations).
             conn.execute(sa.text(
-                f"SELECT count({fn}(:c, o)) FROM (SELECT o FROM unnest(CAST(:locks AS integer[])) "
-                f"AS o ORDER BY o) AS ordered"), {"c": _LOCK_CLASS, "locks": locks})
+                "SELECT count(pg_advisory_xact_lock(:c, o)) FROM (SELECT o FROM "
+                "unnest(CAST(:locks AS integer[])) AS o ORDER BY o) AS ordered"),
+                {"c": _LOCK_CLASS, "locks": locks})
         elif conn.dialect.name == "sqlite":
             conn.execute(ERASED.update().where(ERASED.c.name == "").values(floor=ERASED.c.floor))
 
@@ -81,9 +82,9 @@ class ErasureGuard:
 
     def guard(self, conn: sa.engine.Connection,
               conversation_ids: Iterable[str]) -> Dict[str, int]:
-        """``lock`` (shared) + ``floors``: call first in a writing transaction."""
+        """``lock`` + ``floors``: call first in a writing transaction."""
         ids = list(conversation_ids)
-        self.lock(conn, ids, exclusive=False)
+        self.lock(conn, ids)
         return self.floors(conn, ids)
 
     def erase(self, conn: sa.engine.Connection, floors: Dict[str, int],
@@ -92,7 +93,7 @@ class ErasureGuard:
         a few statements per ``CHUNK`` ids). Returns conversation -> (log rows
         deleted, snapshot deleted). Call in a transaction of its own."""
         ids = sorted(cid for cid in floors if loggable(cid))
-        self.lock(conn, ids, exclusive=True)
+        self.lock(conn, ids)
         self.tombstone(conn, {cid: floors[cid] for cid in ids}, now)
         removed: Dict[str, "tuple[int, bool]"] = {cid: (0, False) for cid in ids}
         for chunk in _chunks(ids):

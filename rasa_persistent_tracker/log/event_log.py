@@ -150,9 +150,11 @@ class SQLEventLog:
                 repaired, refused = self._append_once(rows, snapshots, versions)
                 break
             except sa_errors.IntegrityError:
-                # Another process delivered the same rows between our read and
-                # our insert; the next attempt sees them as already there. Two
-                # deliverers in step would race again: wait a random moment.
+                # Another writer inserted the same rows between our read and
+                # our insert without taking the conversation's lock (writers
+                # take turns: ``erasure.py``; an older version of this package
+                # in a rolling upgrade does not); the next attempt sees them
+                # as already there. Wait a random moment first.
                 if attempt == 4:
                     raise
                 time.sleep(random.uniform(0.0, 0.01 * (attempt + 1)))
@@ -168,7 +170,10 @@ class SQLEventLog:
         repaired = 0
         refused: Set[str] = set()
         with self.engine.begin() as conn:
-            if versions is not None:
+            if versions is None:
+                # Writers of a conversation take turns (``erasure.py``).
+                self.erasure.lock(conn, set(rows) | set(snapshots))
+            else:
                 floors = self.erasure.guard(conn, sorted(set(rows) | set(snapshots)))
                 refused = {cid for cid, floor in floors.items()
                            if versions.get(cid, 0) <= floor}
