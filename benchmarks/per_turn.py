@@ -38,6 +38,9 @@ STORES = ["InMemoryTrackerStore", "RedisTrackerStore", "SQLTrackerStore",
 OURS = ("ours", "ours+encryption")
 TARGETS = {"vs_redis_at_1k": 30.0, "vs_sql_at_1k": 60.0, "ours_10k_vs_100": 1.25,
            "encryption_overhead": 1.5}
+# Issue 17 (scale and size): the same run, stricter.
+SCALE_TARGETS = {"ours_ms_at_1k": 0.5, "vs_sql_at_1k": 100.0, "vs_redis_at_1k": 150.0,
+                 "redis_bytes": {"ours": 4096, "ours+encryption": 5120}}
 
 
 class Cell:
@@ -279,6 +282,9 @@ def summarise(cells: List[Cell], lengths: List[int]) -> Dict[str, Any]:
         "encryption_over_plain": {n: ratio(med("ours+encryption", n), med("ours", n))
                                   for n in lengths},
         "encryption_over_plain_max": max(enc) if enc else None,
+        "ours_ms_at_mid": None if med("ours", mid) is None else med("ours", mid) * 1000,
+        "redis_bytes": {s: {n: by[(s, n)].redis_bytes for n in lengths if (s, n) in by}
+                        for s in OURS},
     }
     return summary
 
@@ -375,6 +381,27 @@ def print_report(cells: List[Cell], lengths: List[int], summary: Dict[str, Any])
     for n, value in summary["encryption_over_plain"].items():
         line(f"encryption on / off at ~{n:,} events", value, TARGETS["encryption_overhead"], False)
 
+    print("\n### Scale and size targets (issue 17), same run\n")
+    value = summary["ours_ms_at_mid"]
+    if value is None:
+        print(f"SKIP  ours median at ~{mid:,} events: not measured")
+    else:
+        ok = value <= SCALE_TARGETS["ours_ms_at_1k"]
+        print(f"{'PASS' if ok else 'FAIL'}  ours median at ~{mid:,} events: {value:.3f} ms "
+              f"(target <= {SCALE_TARGETS['ours_ms_at_1k']} ms)")
+    line(f"SQLTrackerStore / ours at ~{mid:,} events", summary["sql_over_ours"],
+         SCALE_TARGETS["vs_sql_at_1k"], True)
+    line(f"RedisTrackerStore / ours at ~{mid:,} events", summary["redis_over_ours"],
+         SCALE_TARGETS["vs_redis_at_1k"], True)
+    for store, sizes in summary["redis_bytes"].items():
+        limit = SCALE_TARGETS["redis_bytes"][store]
+        for n, size in sizes.items():
+            if size is None:
+                print(f"SKIP  Redis bytes of {store} at ~{n:,} events: not measured")
+                continue
+            print(f"{'PASS' if size <= limit else 'FAIL'}  Redis bytes of {store} at ~{n:,} "
+                  f"events: {size:,} (target <= {limit:,})")
+
 
 async def main(args: argparse.Namespace) -> Dict[str, Any]:
     domain = common.make_domain()
@@ -454,7 +481,7 @@ async def main(args: argparse.Namespace) -> Dict[str, Any]:
                     "postgresql": common.DATABASE_URL.split("@")[-1]},
         "turn": "retrieve + 5 events (user with 10-intent ranking and an entity, "
                 "utter_x, bot, slot, action_listen) + save",
-        "lengths": lengths, "targets": TARGETS, "summary": summary,
+        "lengths": lengths, "targets": TARGETS, "scale_targets": SCALE_TARGETS, "summary": summary,
         "cells": [c.as_dict() for c in cells],
         "store_notes": notes + [n for c in cells for n in c.extra.get("store_notes", [])],
     })
