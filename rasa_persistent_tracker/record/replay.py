@@ -123,7 +123,9 @@ def rebuild_tracker(
     tracker = DialogueStateTracker(record["sender_id"], slot_list, max_event_history)
     base = record["base"]
     try:
-        if base_events is None or None in base_events:
+        # ``is None``, not ``None in``: that compares every event with ``==``
+        # (Rasa's ``__eq__``, an ABC ``isinstance`` each), a tenth of a rebuild.
+        if base_events is None or any(event is None for event in base_events):
             base_events = _base_events(record, base_events)
         if base and record["schema"] != 1:
             # stamped like the record's first event, not with the time of reading
