@@ -168,3 +168,76 @@ def test_with_a_key_a_compressed_plaintext_record_is_refused_unless_migrating():
         keyed.loads_record(payload, "c1")
     keyed.accept_plaintext = True
     assert keyed.loads_record(payload, "c1") == record(2)
+
+
+# The base segment a record carries (``compressed.SEGMENT_FIELD``): a reader
+# that does not remember the conversation reuses it instead of compressing the
+# base again, and only ever when it checks out.
+
+def test_a_read_record_hands_back_its_base_segment_and_the_same_bytes_follow(codec):
+    rec = record()
+    written = codec.encode_record(rec, [None] * len(rec["events"]))
+    loaded, packed = codec.loads_record_parts(written.payload, "c1")
+    assert loaded == rec  # the field is the codec's, not the record's
+    assert packed == (written.base_json, written.base_segment)
+    # Another process, which never saw this base: the next save of the same
+    # base writes what a codec compressing the base itself writes.
+    forgetful = codecs()["keyed" if codec.encrypting else "plain"]
+    forgetful._deflater._size = 0
+    rec["events"].append(rec["events"][0])
+    loaded["events"].append(loaded["events"][0])
+    reused = forgetful.encode_record(loaded, [None] * len(rec["events"]), packed.text,
+                                     packed.segment)
+    fresh = Codec(JsonSerializer()).encode_record(rec, [None] * len(rec["events"]))
+    opened = forgetful.loads_record_parts(reused.payload, "c1")
+    assert opened[0] == rec and opened[1] == packed
+    if not codec.encrypting:
+        assert reused.payload == fresh.payload
+    assert forgetful._deflater._bases == {}  # nothing was compressed for the base
+
+
+def with_segment_field(value) -> str:
+    """A record's text whose segment field says ``value``, genuinely deflated."""
+    rec = record(3)
+    base_json = json.dumps(rec["base"], separators=(",", ":"))
+    rest = {"events": rec["events"], **{k: v for k, v in rec.items()
+                                        if k not in ("base", "events")}}
+    rest[compressed.SEGMENT_FIELD] = value
+    return base_json, "," + json.dumps(rest, separators=(",", ":"))[1:]
+
+
+def true_length() -> int:
+    base_json, _ = with_segment_field(0)
+    return len(compressed.Deflater(0).segment(base_json))
+
+
+@pytest.mark.parametrize("value", [
+    None, True, 1.5, "12", [1, 2], -1, 0, 3, 4, "true-1", "true+1", "true+4", 10 ** 9])
+def test_a_segment_field_that_does_not_check_out_is_ignored(codec, value):
+    n = true_length()
+    if isinstance(value, str) and value.startswith("true"):
+        value = n + int(value[4:])
+    base_json, rest = with_segment_field(value)
+    payload = framed(compressed.Deflater(0).deflate(base_json, rest), codec)
+    loaded, packed = codec.loads_record_parts(payload, "c1")
+    assert loaded == record(3) and packed is None
+    # Saved again without it: the base is compressed afresh, the record reads back.
+    again = codec.encode_record(loaded, [None] * len(loaded["events"]))
+    assert codec.loads_record(again.payload, "c1") == record(3)
+
+
+def test_the_true_segment_field_checks_out(codec):
+    # The control for the test above: the same construction, the right length.
+    base_json, rest = with_segment_field(true_length())
+    payload = framed(compressed.Deflater(0).deflate(base_json, rest), codec)
+    assert codec.loads_record_parts(payload, "c1")[1] is not None
+
+
+def test_records_without_the_field_and_snapshots_hand_back_no_segment(codec):
+    rec = record()
+    payload = encode(codec, rec)
+    snapshot = codec.reseal_record(payload, "c1", crypto.SNAPSHOT)
+    assert codec.loads_record_parts(snapshot, "c1", crypto.SNAPSHOT) == (rec, None)
+    plain_text = Codec(JsonSerializer(), compress=False).encode_record(
+        rec, [None] * len(rec["events"])).payload
+    assert Codec(JsonSerializer()).loads_record_parts(plain_text, "c1") == (rec, None)

@@ -89,6 +89,32 @@ async def test_remembered_tracker_equals_a_decoded_one(make_store):
     assert len((await reader.retrieve_full_tracker("u4")).events) == 1 + 6 + 5
 
 
+async def test_a_process_that_remembers_nothing_still_reuses_the_stored_base(make_store):
+    # A process serving more conversations than its memories hold (record
+    # memory, recent bases) reads each record afresh. The base's compressed
+    # segment comes with it: the base is compressed again only when a
+    # compaction makes a new one, not on every save.
+    forgetful = make_store(record_cache_size=0)
+    forgetful._codec._deflater._size = 0
+    compressed_bases = []
+    real = forgetful._codec._deflater.segment
+
+    def counting(base_json):
+        if base_json != "{}":  # no base yet (the first turns): nothing to compress
+            compressed_bases.append(base_json)
+        return real(base_json)
+    forgetful._codec._deflater.segment = counting
+    turns = 40
+    tracker = await run_turns(forgetful, "u9", turns)
+    distinct = len(set(compressed_bases))
+    assert len(compressed_bases) == distinct  # never the same base twice
+    assert 3 <= distinct <= turns // 3  # compactions only (every few turns)
+    # What it wrote reads the same in a process with memory, and in itself.
+    other = make_store()
+    assert state(await other.retrieve("u9")) == state(await forgetful.retrieve("u9"))
+    assert (await other.retrieve("u9")).get_slot("name") == tracker.get_slot("name")
+
+
 async def test_editing_a_handed_out_tracker_leaves_the_memory_alone(make_store):
     store = make_store()
     tracker = await store.get_or_create_tracker("u5")

@@ -17,9 +17,10 @@ from typing import Any, Dict, List, Optional
 @dataclasses.dataclass
 class Remembered:
     """A hot record as written: its payload digest, its decoded form, the
-    JSON texts of its events and base (reused when the next record is written)
-    and, once a retrieve parsed them, the base's events and the window's
-    events (``replay.rebuild_tracker``; None where not parsed yet).
+    JSON texts of its events and base and the base's compressed segment
+    (reused when the next record is written) and, once a retrieve parsed
+    them, the base's events and the window's events
+    (``replay.rebuild_tracker``; None where not parsed yet).
 
     The parsed events are never handed out: each rebuilt tracker gets
     ``events.own_copy`` of them, the event itself except for user messages,
@@ -34,12 +35,15 @@ class Remembered:
     base_json: Optional[str] = None
     base_events: Optional[List[Any]] = None
     window_events: Optional[List[Any]] = None
+    base_packed: Optional[bytes] = None
 
     @classmethod
     def of(cls, digest: str, record: Dict[str, Any], event_jsons: List[str],
            base_json: Optional[str] = None, base_events: Optional[List[Any]] = None,
-           window_events: Optional[List[Any]] = None) -> "Remembered":
-        return cls(digest, record, event_jsons, base_json, base_events, window_events)
+           window_events: Optional[List[Any]] = None,
+           base_packed: Optional[bytes] = None) -> "Remembered":
+        return cls(digest, record, event_jsons, base_json, base_events, window_events,
+                   base_packed)
 
 
 class RecentRecords:

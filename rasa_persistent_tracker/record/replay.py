@@ -102,6 +102,7 @@ def rebuild_tracker(
     base_json: Optional[str] = None,
     base_events: Optional[List[Event]] = None,
     window_events: Optional[List[Optional[Event]]] = None,
+    base_packed: Optional[bytes] = None,
 ) -> Tuple[DialogueStateTracker, StoredForms, RebuiltBase, List[Optional[Event]]]:
     """Rebuild a tracker from a validated record.
 
@@ -110,12 +111,13 @@ def rebuild_tracker(
     base's JSON texts if known: ``event_jsons``, ``base_json``) and the window's
     events as parsed, for the next rebuild (``window_events``).
 
-    ``base_events`` are the base's events parsed before
-    (``RebuiltBase.slot_events``) and ``window_events`` (aligned with
-    ``record["events"]``, None: parse it) window events parsed before. They are
-    never handed out themselves: the tracker gets ``own_copy`` of each, which
-    is the event itself except for user messages, the one kind Rasa edits in
-    place. So parsed events can serve every later rebuild.
+    ``base_packed`` is the compressed segment of ``base_json``
+    (``RebuiltBase.packed``). ``base_events`` are the base's events parsed
+    before (``RebuiltBase.slot_events``) and ``window_events`` (aligned with
+    ``record["events"]``, None: parse it) window events parsed before. They
+    are never handed out themselves: the tracker gets ``own_copy`` of each,
+    which is the event itself except for user messages, the one kind Rasa
+    edits in place. So parsed events can serve every later rebuild.
     Raises ``CorruptRecordError`` if an event cannot be parsed or the replayed
     slots disagree with the recorded state.
     """
@@ -138,7 +140,8 @@ def rebuild_tracker(
             tracker.latest_bot_utterance = parse_event(bot) if bot else BotUttered.empty()
         previous = RebuiltBase(base if record["schema"] != 1 else {}, len(tracker.events),
                             tracker.events[0] if tracker.events else None, base_json,
-                            base_events, record.get("base_checked", 0))
+                            base_events, record.get("base_checked", 0),
+                            base_packed if base_json is not None else None)
         forms: StoredForms = {}
         parsed: List[Optional[Event]] = []
         for i, event_dict in enumerate(record["events"]):

@@ -45,7 +45,9 @@ class RebuiltBase:
     """The base a tracker was rebuilt from, how many events it occupies and,
     if known, its JSON text and parsed events (head, summary, applied).
     ``checked``: how many of the raw window's first events the compaction that
-    made the base saw (a revert among them is accounted for in the base)."""
+    made the base saw (a revert among them is accounted for in the base).
+    ``packed``: the compressed segment of exactly ``text``, if known (the
+    codec reuses it instead of compressing the base again)."""
 
     base: Dict[str, Any]
     length: int
@@ -53,6 +55,7 @@ class RebuiltBase:
     text: Optional[str] = None
     slot_events: Optional[List[Event]] = None
     checked: int = 0
+    packed: Optional[bytes] = None
 
     def stored_forms(self) -> "StoredForms":
         """``base_forms`` of this base, made when a compaction first asks."""

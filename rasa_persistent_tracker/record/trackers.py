@@ -105,10 +105,14 @@ class Records:
 
         Raises CorruptRecordError if it cannot be decoded, validated or replayed.
         """
-        record = replay.validate_record(self._codec.loads_record(payload, sender_id, kind),
-                                        sender_id)
+        loaded, packed = self._codec.loads_record_parts(payload, sender_id, kind)
+        record = replay.validate_record(loaded, sender_id)
+        if record["schema"] == 1:
+            packed = None  # its base is rebuilt in another form
         tracker, known, previous, _ = replay.rebuild_tracker(
-            record, self.domain.slots, self.max_event_history)
+            record, self.domain.slots, self.max_event_history,
+            base_json=packed.text if packed else None,
+            base_packed=packed.segment if packed else None)
         return record, tracker, known, previous
 
     def rebuild_remembered(self, sender_id: str, remembered: Remembered) -> Optional[Decoded]:
@@ -118,7 +122,8 @@ class Records:
         try:
             tracker, known, previous, parsed = replay.rebuild_tracker(
                 record, self.domain.slots, self.max_event_history, remembered.event_jsons,
-                remembered.base_json, remembered.base_events, remembered.window_events)
+                remembered.base_json, remembered.base_events, remembered.window_events,
+                remembered.base_packed)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': the record this process remembers does not "
                            "replay (%s); reading the stored one.", self._ids(sender_id), exc)

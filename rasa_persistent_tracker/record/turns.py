@@ -90,7 +90,7 @@ class TurnEncoder:
             for (key, (event, as_dict, _)), text in zip(list(built.forms.items()), event_jsons):
                 built.forms[key] = (event, as_dict, text)
         if built.previous is not None:
-            built.previous.text = encoded.base_json
+            built.previous.text, built.previous.packed = encoded.base_json, encoded.base_segment
         return encoded.payload, self._remembered(built, encoded)
 
     def _encoded(self, built: window.Built) -> Encoded:
@@ -98,7 +98,8 @@ class TurnEncoder:
         stored raises SlotValueError naming its slot, else PersistentTrackerError."""
         record = built.record
         try:
-            return self._codec.encode_record(record, built.event_jsons, built.base_json)
+            return self._codec.encode_record(record, built.event_jsons, built.base_json,
+                                             built.base_packed)
         except (TypeError, CorruptRecordError) as exc:  # not writable, or not read back
             for name, value in record["state"]["slots"].items():
                 try:
@@ -128,7 +129,7 @@ class TurnEncoder:
                 base = [by_form.get(id(d)) for d in new["head"] + new["summary"] + new["applied"]]
         return Remembered.of(
             payload_digest(encoded.payload), encoded.record, encoded.event_jsons,
-            encoded.base_json, base, window)
+            encoded.base_json, base, window, encoded.base_segment)
 
 
 def _parsed_by_form(remembered: Remembered) -> Dict[int, Any]:

@@ -184,7 +184,8 @@ class Built:
     not serialised yet), ``base_json`` that of ``record["base"]`` if known
     (reused unchanged), ``forms`` the stored forms of the events the record holds,
     ``previous`` the base to reuse for this same tracker next time (None after
-    a compaction). ``short``: reverts undid more turns than the tracker holds
+    a compaction), ``base_packed`` the compressed segment of ``base_json`` if
+    known (``RebuiltBase.packed``). ``short``: reverts undid more turns than the tracker holds
     beyond its base (thousands of ``/back``); the record then keeps the old
     summary, and the store rebuilds it from the log (``store.save``).
     """
@@ -195,6 +196,7 @@ class Built:
     previous: Optional[RebuiltBase]
     base_json: Optional[str] = None
     short: bool = False
+    base_packed: Optional[bytes] = None
 
 
 def build_record(
@@ -278,7 +280,8 @@ def build_record(
         "base_checked": checked,
     }
     return Built(record, event_jsons, kept_forms, reused,
-                 reused.text if reused is not None else None, short)
+                 reused.text if reused is not None else None, short,
+                 reused.packed if reused is not None and reused.text is not None else None)
 
 
 def last_session(tracker: DialogueStateTracker) -> DialogueStateTracker:

@@ -27,13 +27,14 @@ def _checksum(text: str) -> str:
 
 class Encoded(NamedTuple):
     """A hot record's payload (its stored bytes), the record exactly as
-    ``Codec.loads_record`` reads it back, and the JSON texts of its events
-    and base."""
+    ``Codec.loads_record`` reads it back, the JSON texts of its events and
+    base, and the base's compressed segment (None if not compressed)."""
 
     payload: Payload
     record: Dict[str, Any]
     event_jsons: List[str]
     base_json: str
+    base_segment: Optional[bytes] = None
 
 
 class Codec:
@@ -82,46 +83,61 @@ class Codec:
         ``sender_id``. A hot record's binary form comes as ``compressed.stored_text``."""
         cid = record.get("sender_id") if isinstance(record, dict) else None
         if kind == crypto.HOT and isinstance(record, dict) and "base" in record:
-            head = self._plain.dumps({k: v for k, v in record.items() if k != "base"})
-            packed = self._pack(self._plain.dumps(record["base"]), f",{head[1:]}", cid)
+            first = {"events": record["events"]} if "events" in record else {}
+            fields = self._plain.dumps({**first, **{k: v for k, v in record.items()
+                                                    if k not in ("base", "events")}})
+            packed = self._pack(self._plain.dumps(record["base"]), fields, cid)[0]
             return packed if isinstance(packed, str) else compressed.stored_text(packed)
         return self._seal_record(self._plain.dumps(record), kind, cid)
 
     def encode_record(self, record: Dict[str, Any], event_texts: List[Optional[str]],
-                      base_json: Optional[str] = None) -> "Encoded":
+                      base_json: Optional[str] = None,
+                      base_segment: Optional[bytes] = None) -> "Encoded":
         """``dumps_record`` for a record whose parts are partly serialised already.
 
         ``event_texts[i]`` is the JSON text of ``record["events"][i]`` and
         ``base_json`` that of ``record["base"]`` (None: serialise it here); only
         the rest is serialised anew. ``record["events"]`` (and ``record["base"]``
         if its text is given) must hold values as they read back from JSON.
-        Raises ``TypeError`` for a value that cannot be written and
-        ``CorruptRecordError`` for one that would not read back as written.
+        ``base_segment``: the compressed segment of exactly ``base_json``, as
+        ``loads_record_parts`` found it (None: compress it, or take it from the
+        recent bases). Raises ``TypeError`` for a value that cannot be written
+        and ``CorruptRecordError`` for one that would not read back as written.
         """
         event_jsons = [text if text is not None else self._plain.dumps(event)
                  for event, text in zip(record["events"], event_texts, strict=True)]
         if base_json is None:  # a new base: serialised once, read back once
-            base_json = self._plain.dumps(record["base"])
+            base_json, base_segment = self._plain.dumps(record["base"]), None
             base = self._plain.loads(base_json)
         else:
             base = record["base"]
-        head = self._plain.dumps({k: v for k, v in record.items() if k not in ("events", "base")})
+        head = self._plain.dumps({k: v for k, v in record.items()
+                                  if k not in ("events", "base", compressed.SEGMENT_FIELD)})
         decoded = self._plain.loads(head)
         decoded["events"] = record["events"]
         decoded["base"] = base
-        payload = self._pack(base_json, f',"events":[{",".join(event_jsons)}],{head[1:]}',
-                             record["sender_id"])
-        return Encoded(payload, decoded, event_jsons, base_json)
+        payload, segment = self._pack(
+            base_json, f'{{"events":[{",".join(event_jsons)}],{head[1:]}',
+            record["sender_id"], base_segment)
+        return Encoded(payload, decoded, event_jsons, base_json, segment)
 
-    def _pack(self, base_json: str, rest: str, conversation_id: Optional[str]) -> Payload:
-        """The stored form of the hot record ``{"base":<base_json><rest>``
-        (bytes; text if compression is off)."""
+    def _pack(self, base_json: str, fields: str, conversation_id: Optional[str],
+              segment: Optional[bytes] = None) -> Tuple[Payload, Optional[bytes]]:
+        """The stored form of the hot record ``{"base":<base_json>, <fields>}``
+        (``fields`` a JSON object's text, ``"events"`` first), as bytes (text
+        if compression is off), and the base's compressed segment."""
+        rest = f",{fields[1:]}" if fields != "{}" else "}"
         if not self._compress:
-            return self._seal_record(f'{{"base":{base_json}{rest}', crypto.HOT, conversation_id)
-        stream = self._deflater.deflate(base_json, rest)
+            return self._seal_record(f'{{"base":{base_json}{rest}', crypto.HOT,
+                                     conversation_id), None
+        if segment is None:
+            segment = self._deflater.segment(base_json)
+        if fields != "{}":  # the segment's length, for the next writer (``packed_base``)
+            rest = f',{fields[1:-1]},"{compressed.SEGMENT_FIELD}":{len(segment)}}}'
+        stream = self._deflater.finish(base_json, segment, rest)
         if self._protected is not None:
-            return self._protected.seal_bytes(stream, crypto.HOT, conversation_id)
-        return compressed.seal_plain(stream)
+            return self._protected.seal_bytes(stream, crypto.HOT, conversation_id), segment
+        return compressed.seal_plain(stream), segment
 
     def _seal_record(self, text: str, kind: str, conversation_id: Optional[str]) -> str:
         if self._protected is not None:
@@ -129,15 +145,22 @@ class Codec:
         return f"{text}{CHECKSUM_MARK}{_checksum(text)}"
 
     def _open_record(self, payload: Payload, conversation_id: str, kind: str) -> str:
+        return self._open_record_stream(payload, conversation_id, kind)[0]
+
+    def _open_record_stream(self, payload: Payload, conversation_id: str, kind: str
+                            ) -> Tuple[str, Optional[bytes]]:
+        """A record's JSON text, and its deflate stream if it was compressed."""
         if compressed.is_compressed(payload):
             self._plaintext_allowed(kind)
-            return compressed.open_plain(payload)
+            stream = compressed.open_plain(payload)
+            return compressed.inflate(stream), stream
         if payload.startswith(crypto.BINARY_PREFIX if isinstance(payload, str)
                               else crypto.BINARY_PREFIX.encode("ascii")):
             if self._protected is None:
                 self._key_missing()
-            return compressed.inflate(self._protected.open_bytes(
-                compressed.stored_bytes(payload), kind, conversation_id))
+            stream = self._protected.open_bytes(compressed.stored_bytes(payload), kind,
+                                                conversation_id)
+            return compressed.inflate(stream), stream
         if isinstance(payload, bytes):
             try:
                 text = payload.decode("utf-8")
@@ -150,15 +173,30 @@ class Codec:
             body, mark, digest = text.rpartition(CHECKSUM_MARK)
             if not mark or _checksum(body) != digest:
                 raise CorruptRecordError("record checksum does not match")
-            return body
+            return body, None
         # Legacy records name their conversation inside (replay.validate_record).
-        return self._open(text, kind, conversation_id, None, legacy=True)
+        return self._open(text, kind, conversation_id, None, legacy=True), None
 
     def loads_record(self, payload: Payload, conversation_id: str,
                      kind: str = crypto.HOT) -> Any:
         """Read a record ``dumps_record`` or ``encode_record`` wrote for this
         conversation and kind (older formats too). Raises CorruptRecordError."""
-        return self._plain.loads(self._open_record(payload, conversation_id, kind))
+        return self.loads_record_parts(payload, conversation_id, kind)[0]
+
+    def loads_record_parts(self, payload: Payload, conversation_id: str,
+                           kind: str = crypto.HOT
+                           ) -> Tuple[Any, Optional[compressed.PackedBase]]:
+        """``loads_record``, and the base's text and compressed segment if the
+        payload holds them checkably (``compressed.packed_base``): a save
+        that keeps the base passes them back to ``encode_record``."""
+        text, stream = self._open_record_stream(payload, conversation_id, kind)
+        record = self._plain.loads(text)
+        packed = None
+        if isinstance(record, dict):
+            length = record.pop(compressed.SEGMENT_FIELD, None)
+            if stream is not None and length is not None:
+                packed = compressed.packed_base(stream, length, text)
+        return record, packed
 
     def record_text(self, payload: Payload, conversation_id: str,
                     kind: str = crypto.HOT) -> str:

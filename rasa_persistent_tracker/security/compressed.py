@@ -13,9 +13,17 @@ dictionary of the words every Rasa record repeats):
 
 The deflate stream is the record's text ``{"base":<base>,"events":[...],...}``
 in two segments: the base (its ``{"base":...`` prefix), compressed once per
-base and remembered (``Deflater``), and the rest, compressed on every save
-with the base as its preset dictionary. A reader inflates the whole stream
-at once; the inflated size is capped (``MAX_RECORD_BYTES``).
+base, and the rest, compressed on every save with the base as its preset
+dictionary. A reader inflates the whole stream at once; the inflated size is
+capped (``MAX_RECORD_BYTES``).
+
+The rest names the base segment's length (``SEGMENT_FIELD``). A reader
+checks it (``packed_base``) and hands the segment on with the base's text,
+so a save that keeps the base reuses its compressed bytes whichever process
+compressed them, even when this process does not remember the conversation
+(more conversations than its memories hold). ``Deflater`` also keeps the
+segments of recent bases. Readers that do not know the field ignore it: the
+stream is the same.
 
 Payloads are text in the hot layers; compressed ones are binary. Stored
 bytes and payload text convert with UTF-8 and ``surrogateescape``
@@ -27,7 +35,7 @@ import collections
 import hashlib
 import threading
 import zlib
-from typing import Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 from rasa_persistent_tracker.errors import CorruptRecordError
 from rasa_persistent_tracker.security.crypto import BINARY_PREFIX
@@ -49,6 +57,13 @@ REST_LEVEL = 3
 # Bases remembered with their compressed segment (per process, any conversation).
 BASE_CACHE_SIZE = 64
 _WINDOW = 32768  # deflate's window: the most of a preset dictionary it uses
+# The record field (top level, in the rest) holding the base segment's length
+# in bytes of the stream; the codec writes it and takes it out on reading.
+SEGMENT_FIELD = "base_segment"
+_HEAD = b'{"base":'
+_REST_STARTS = ',"events":['
+# How a sync flush ends a segment: an empty stored block, on a byte boundary.
+_SYNC_MARK = b"\x00\x00\xff\xff"
 
 # Words every record repeats (event keys, Rasa's NLU and response shapes),
 # so the first event of each kind compresses like the later ones. Part of
@@ -99,6 +114,18 @@ def is_compressed(payload: Payload) -> bool:
     return payload.startswith(PREFIX_BYTES if isinstance(payload, bytes) else PREFIX)
 
 
+class PackedBase(NamedTuple):
+    """A base's JSON text and its compressed segment, as a stored record has them."""
+
+    text: str
+    segment: bytes
+
+
+def _context(base_json: str) -> bytes:
+    """The preset dictionary the rest is compressed with: what precedes it."""
+    return (DICTIONARY + _HEAD + base_json.encode("utf-8"))[-_WINDOW:]
+
+
 class Deflater:
     """Deflates record texts, remembering the compressed segment of recent bases.
 
@@ -107,32 +134,61 @@ class Deflater:
 
     def __init__(self, size: int = BASE_CACHE_SIZE) -> None:
         self._size = size
-        self._bases: "collections.OrderedDict[str, Tuple[bytes, bytes]]" = \
-            collections.OrderedDict()
+        self._bases: "collections.OrderedDict[str, bytes]" = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def deflate(self, base_json: str, rest: str) -> bytes:
-        """The deflate stream of ``'{"base":' + base_json + rest``."""
+    def segment(self, base_json: str) -> bytes:
+        """The compressed segment of ``'{"base":' + base_json``, ending on a
+        byte boundary so that the rest's segment continues the same stream."""
         with self._lock:
             hit = self._bases.get(base_json)
             if hit is not None:
                 self._bases.move_to_end(base_json)
-        if hit is None:
-            head = f'{{"base":{base_json}'.encode("utf-8")
-            squeezer = zlib.compressobj(BASE_LEVEL, zlib.DEFLATED, -15, 9,
-                                        zlib.Z_DEFAULT_STRATEGY, DICTIONARY)
-            # A sync flush ends the segment on a byte boundary: the rest's
-            # segment continues the same stream.
-            segment = squeezer.compress(head) + squeezer.flush(zlib.Z_SYNC_FLUSH)
-            hit = (segment, (DICTIONARY + head)[-_WINDOW:])
-            with self._lock:
-                self._bases[base_json] = hit
-                while len(self._bases) > self._size:
-                    self._bases.popitem(last=False)
-        segment, context = hit
+                return hit
+        squeezer = zlib.compressobj(BASE_LEVEL, zlib.DEFLATED, -15, 9,
+                                    zlib.Z_DEFAULT_STRATEGY, DICTIONARY)
+        segment = (squeezer.compress(_HEAD + base_json.encode("utf-8"))
+                   + squeezer.flush(zlib.Z_SYNC_FLUSH))
+        with self._lock:
+            self._bases[base_json] = segment
+            while len(self._bases) > self._size:
+                self._bases.popitem(last=False)
+        return segment
+
+    @staticmethod
+    def finish(base_json: str, segment: bytes, rest: str) -> bytes:
+        """The deflate stream of ``'{"base":' + base_json + rest``, whose first
+        ``len(segment)`` bytes are ``segment`` (``segment(base_json)``, or
+        the one ``packed_base`` found for this very base text)."""
         squeezer = zlib.compressobj(REST_LEVEL, zlib.DEFLATED, -15, 8,
-                                    zlib.Z_DEFAULT_STRATEGY, context)
+                                    zlib.Z_DEFAULT_STRATEGY, _context(base_json))
         return segment + squeezer.compress(rest.encode("utf-8")) + squeezer.flush()
+
+    def deflate(self, base_json: str, rest: str) -> bytes:
+        """The deflate stream of ``'{"base":' + base_json + rest``."""
+        return self.finish(base_json, self.segment(base_json), rest)
+
+
+def packed_base(stream: bytes, length: Any, text: str) -> Optional[PackedBase]:
+    """The base text and segment of a record read from ``stream`` (inflated to
+    ``text``), if ``length`` (its ``SEGMENT_FIELD``) marks where the base
+    segment ends; None otherwise (older records, or anything that does not
+    check out: the base is then compressed afresh on the next save)."""
+    if type(length) is not int or not len(_SYNC_MARK) <= length < len(stream) or \
+            stream[length - len(_SYNC_MARK):length] != _SYNC_MARK:
+        return None
+    inflater = zlib.decompressobj(-15, zdict=DICTIONARY)
+    try:
+        # A prefix of a stream that inflated whole within the cap: no bomb.
+        head = inflater.decompress(stream[:length])
+        head_text = head.decode("utf-8")
+    except (zlib.error, UnicodeDecodeError):
+        return None
+    if (inflater.eof or not head.startswith(_HEAD)
+            or not text.startswith(head_text)
+            or not text.startswith(_REST_STARTS, len(head_text))):
+        return None
+    return PackedBase(head_text[len(_HEAD):], stream[:length])
 
 
 def seal_plain(stream: bytes) -> bytes:
@@ -140,15 +196,15 @@ def seal_plain(stream: bytes) -> bytes:
     return PREFIX_BYTES + hashlib.blake2b(stream, digest_size=_DIGEST).digest() + stream
 
 
-def open_plain(payload: Payload) -> str:
-    """The record text of an unencrypted compressed payload. Raises
-    CorruptRecordError (any changed byte, truncation, a bomb)."""
+def open_plain(payload: Payload) -> bytes:
+    """The deflate stream of an unencrypted compressed payload, checked.
+    Raises CorruptRecordError (any changed byte or truncation)."""
     data = stored_bytes(payload)
     start = len(PREFIX_BYTES)
     digest, stream = data[start:start + _DIGEST], data[start + _DIGEST:]
     if hashlib.blake2b(stream, digest_size=_DIGEST).digest() != digest:
         raise CorruptRecordError("compressed record checksum does not match")
-    return inflate(stream)
+    return stream
 
 
 def inflate(stream: bytes) -> str:
