@@ -121,7 +121,8 @@ class TurnEncoder:
         if built.previous is not None:
             base = built.previous.slot_events
         if before is not None:
-            by_form = _parsed_by_form(before)
+            # The base kept: only the window's events can move (into the window).
+            by_form = _parsed_by_form(before, with_base=base is None)
             if len(built.forms) == len(encoded.event_jsons):
                 window = [by_form.get(id(d)) for _, d, _ in built.forms.values()]
             if base is None and built.record["base"].get("head") is not None:
@@ -132,12 +133,13 @@ class TurnEncoder:
             encoded.base_json, base, window, encoded.base_segment)
 
 
-def _parsed_by_form(remembered: Remembered) -> Dict[int, Any]:
+def _parsed_by_form(remembered: Remembered, with_base: bool = True) -> Dict[int, Any]:
     """``id(stored dict) -> parsed event`` for the events of a remembered
-    record parsed so far (window and base; their dicts are alive in it)."""
+    record parsed so far (window, and base if ``with_base``; their dicts are
+    alive in it)."""
     pairs = list(zip(remembered.record["events"], remembered.window_events or ()))
     base = remembered.record["base"]
-    if remembered.base_events is not None and base.get("head") is not None:
+    if with_base and remembered.base_events is not None and base.get("head") is not None:
         pairs += zip(base["head"] + base["summary"] + base["applied"], remembered.base_events)
     return {id(d): e for d, e in pairs if e is not None}
 
