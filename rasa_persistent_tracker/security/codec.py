@@ -187,16 +187,38 @@ class Codec:
                            kind: str = crypto.HOT
                            ) -> Tuple[Any, Optional[compressed.PackedBase]]:
         """``loads_record``, and the base's text and compressed segment if the
-        payload holds them checkably (``compressed.packed_base``): a save
-        that keeps the base passes them back to ``encode_record``."""
+        payload holds them checkably: a save that keeps the base passes them
+        back to ``encode_record``. Raises CorruptRecordError."""
         text, stream = self._open_record_stream(payload, conversation_id, kind)
+        if stream is not None:
+            parts = self._parts(stream, text)
+            if parts is not None:
+                return parts
         record = self._plain.loads(text)
-        packed = None
         if isinstance(record, dict):
-            length = record.pop(compressed.SEGMENT_FIELD, None)
-            if stream is not None and length is not None:
-                packed = compressed.packed_base(stream, length, text)
-        return record, packed
+            record.pop(compressed.SEGMENT_FIELD, None)
+        return record, None
+
+    def _parts(self, stream: bytes, text: str
+               ) -> Optional[Tuple[Dict[str, Any], compressed.PackedBase]]:
+        """The record parsed as the base its segment holds and the rest, or
+        None: then the segment is not exactly the base (the base text does
+        not parse alone, or the rest does not, or names a base again; only a
+        forged record does that) and the caller parses the text whole. The
+        same values as one parse, for the same work."""
+        packed = compressed.packed_base(stream, compressed.segment_length(text), text)
+        if packed is None:
+            return None
+        try:
+            base = self._plain.loads(packed.text)
+            # text = '{"base":' + base + ',' + the rest's members + '}'
+            rest = self._plain.loads("{" + text[len(packed.text) + 9:])
+        except CorruptRecordError:
+            return None
+        if not isinstance(rest, dict) or "base" in rest:
+            return None
+        rest.pop(compressed.SEGMENT_FIELD, None)
+        return {"base": base, **rest}, packed
 
     def record_text(self, payload: Payload, conversation_id: str,
                     kind: str = crypto.HOT) -> str:

@@ -33,6 +33,7 @@ state, so nothing converts on a turn.
 """
 import collections
 import hashlib
+import re
 import threading
 import zlib
 from typing import Any, NamedTuple, Optional, Tuple, Union
@@ -64,6 +65,8 @@ _HEAD = b'{"base":'
 _REST_STARTS = ',"events":['
 # How a sync flush ends a segment: an empty stored block, on a byte boundary.
 _SYNC_MARK = b"\x00\x00\xff\xff"
+# The writer puts the field last in the record text.
+_SEGMENT_TAIL = re.compile(r',"' + SEGMENT_FIELD + r'":([1-9][0-9]{0,9})\}\Z')
 
 # Words every record repeats (event keys, Rasa's NLU and response shapes),
 # so the first event of each kind compresses like the later ones. Part of
@@ -169,11 +172,20 @@ class Deflater:
         return self.finish(base_json, self.segment(base_json), rest)
 
 
-def packed_base(stream: bytes, length: Any, text: str) -> Optional[PackedBase]:
+def segment_length(text: str) -> Optional[int]:
+    """The base segment's length a record text names in its last field, if any."""
+    found = _SEGMENT_TAIL.search(text, max(0, len(text) - 40))
+    return int(found.group(1)) if found else None
+
+
+def packed_base(stream: bytes, length: Optional[int], text: str) -> Optional[PackedBase]:
     """The base text and segment of a record read from ``stream`` (inflated to
-    ``text``), if ``length`` (its ``SEGMENT_FIELD``) marks where the base
-    segment ends; None otherwise (older records, or anything that does not
-    check out: the base is then compressed afresh on the next save)."""
+    ``text``), if ``length`` (``segment_length``) marks where a segment ends
+    that inflates to ``'{"base":'`` + some text followed in ``text`` by the
+    events; None otherwise (older records, anything that does not check out:
+    the base is then compressed afresh on the next save). That the base text
+    is the whole base, and the record's only one, is for the caller to check
+    (``Codec.loads_record_parts`` parses the record in these two parts)."""
     if type(length) is not int or not len(_SYNC_MARK) <= length < len(stream) or \
             stream[length - len(_SYNC_MARK):length] != _SYNC_MARK:
         return None
