@@ -21,14 +21,19 @@ setup, uvloop): 71 us per script call through ``eval``, 46 us through
   not know the script (restarted, ``SCRIPT FLUSH``);
 * errors are redis-py's own, translated by ``redis_calls`` as before;
 * a URL asking for ``health_check_interval`` keeps redis-py's path, which
-  runs the checks.
+  runs the checks;
+* the command is written without ``asyncio.wait_for`` (``_send``), which on
+  Python 3.10 can lose the calling task's cancellation.
 """
 import asyncio
 import hashlib
 from typing import Any, Dict, Optional
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import async_timeout
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rasa_persistent_tracker import metrics
 
@@ -91,12 +96,35 @@ class PooledRedis(aioredis.Redis):
         if connection is None:
             return await self.eval(script, numkeys, *args)
         try:
-            await connection.send_packed_command(
-                connection.pack_command("EVALSHA", script_sha(script), numkeys, *args),
-                check_health=False)
+            await _send(connection,
+                        connection.pack_command("EVALSHA", script_sha(script), numkeys, *args))
             return await connection.read_response()
         except NoScriptError:
             pass  # the connection is fine; Redis lost its script cache
         finally:
             await pool.release(connection)
         return await self.eval(script, numkeys, *args)
+
+
+async def _send(connection: Any, packed: Any) -> None:
+    """``connection.send_packed_command`` without ``asyncio.wait_for``: on
+    Python 3.10 ``wait_for`` loses a cancellation that arrives as the write
+    completes (bpo-42130), and a task that ignores its cancellation keeps
+    ``asyncio.run`` from ever returning. The write is buffered at once; only
+    a full buffer is waited for, within the socket timeout. Failures
+    disconnect and raise as redis-py's own send does."""
+    writer = connection._writer
+    try:
+        writer.writelines(packed)
+        if writer.transport.get_write_buffer_size():
+            async with async_timeout(connection.socket_timeout):
+                await writer.drain()
+    except asyncio.TimeoutError:
+        await connection.disconnect(nowait=True)
+        raise RedisTimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        await connection.disconnect(nowait=True)
+        raise RedisConnectionError(f"Error while writing to socket: {exc}.") from exc
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise

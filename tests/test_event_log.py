@@ -343,3 +343,4 @@ async def test_a_user_typed_intent_name_too_long_for_its_column_is_cut_there_onl
     assert intent == "i" * 255
     full = await store.retrieve_full_tracker("i1")
     assert [e.intent_name for e in full.events if isinstance(e, UserUttered)] == [long_intent]
+

@@ -440,3 +440,70 @@ async def test_a_restore_that_loses_the_race_to_a_newer_write_reads_that_write(m
     turn(got, "after")
     await a.save(got)  # read after the race: no conflict
     assert (await b.retrieve("restore-race")).get_slot("name") == "after"
+
+
+# A script that leaves its store open (Rasa never closes a tracker store
+# either) while the SQL log is gone. asyncio.run cancels the delivery task
+# once at its end and waits for it. Through redis-py's send, which uses
+# asyncio.wait_for, Python 3.10 lost that cancellation (bpo-42130): the task
+# retried on and the process never exited (2 of 2 runs before the fix).
+_LEFT_OPEN = """
+import asyncio, os, sys
+import sqlalchemy as sa
+import uvloop
+from rasa.shared.core.domain import Domain
+from rasa.shared.core.events import ActionExecuted, UserUttered
+from rasa_persistent_tracker import PersistentTrackerStore
+
+prefix, db = sys.argv[1], sys.argv[2]
+admin_url = sa.engine.make_url(os.environ["DATABASE_URL"])
+admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+with admin.connect() as conn:
+    conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
+
+
+async def main():
+    store = PersistentTrackerStore(
+        Domain.from_yaml("version: '3.1'\\nintents: [greet]\\n"), host=os.environ["REDIS_URL"],
+        key_prefix=prefix, sql_url=admin_url.set(database=db).render_as_string(False))
+    tracker = await store.get_or_create_tracker("left-open")
+    for i in range(50):
+        tracker = await store.retrieve("left-open")
+        tracker.update(UserUttered(f"hi {i}", {"name": "greet", "confidence": 1.0}))
+        tracker.update(ActionExecuted("action_listen"))
+        await store.save(tracker)
+    with admin.connect() as conn:  # the log goes away under the running delivery
+        conn.execute(sa.text(f'DROP DATABASE "{db}" WITH (FORCE)'))
+
+uvloop.install()
+asyncio.run(main())
+print("asyncio.run returned", flush=True)
+"""
+
+
+@pytest.mark.real
+def test_a_script_that_leaves_its_store_open_exits_while_the_log_is_down(tmp_path):
+    import subprocess
+    import sys
+
+    urls = real_urls()
+    script = tmp_path / "left_open.py"
+    script.write_text(_LEFT_OPEN)
+    tag = uuid.uuid4().hex[:10]
+    env = {**__import__("os").environ, "REDIS_URL": urls["redis"], "DATABASE_URL": urls["sql"]}
+    try:
+        done = subprocess.run([sys.executable, str(script), f"t{tag}", f"t{tag}"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit: its delivery task ignored asyncio.run's "
+                    "cancellation")
+    finally:
+        client = __import__("redis").Redis.from_url(urls["redis"])
+        for key in client.scan_iter(match=f"t{tag}:*"):
+            client.delete(key)
+        admin = sa.create_engine(urls["sql"], isolation_level="AUTOCOMMIT",
+                                 poolclass=sa.pool.NullPool)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "t{tag}" WITH (FORCE)'))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "asyncio.run returned" in done.stdout
