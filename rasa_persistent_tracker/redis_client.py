@@ -23,11 +23,17 @@ setup, uvloop): 71 us per script call through ``eval``, 46 us through
 * a URL asking for ``health_check_interval`` keeps redis-py's path, which
   runs the checks;
 * the command is written without ``asyncio.wait_for`` (``_send``), which on
-  Python 3.10 can lose the calling task's cancellation.
+  Python 3.10 can lose the calling task's cancellation;
+* the command is packed by ``pack_script_call``: the same RESP bytes as
+  redis-py's ``pack_command``, with its encoder for anything but bytes,
+  text and integers (a bool or None is refused as redis-py refuses it).
+
+Replies are parsed by redis-py's parser: hiredis's when it is installed (a
+dependency of this package), which reads an array reply in one call.
 """
 import asyncio
 import hashlib
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import async_timeout
@@ -96,14 +102,38 @@ class PooledRedis(aioredis.Redis):
         if connection is None:
             return await self.eval(script, numkeys, *args)
         try:
-            await _send(connection,
-                        connection.pack_command("EVALSHA", script_sha(script), numkeys, *args))
+            await _send(connection, [pack_script_call(connection.encoder, script_sha(script),
+                                                      numkeys, args)])
             return await connection.read_response()
         except NoScriptError:
             pass  # the connection is fine; Redis lost its script cache
         finally:
             await pool.release(connection)
         return await self.eval(script, numkeys, *args)
+
+
+def pack_script_call(encoder: Any, sha: str, numkeys: int, args: Sequence[Any]) -> bytes:
+    """``EVALSHA sha numkeys *args`` as RESP bytes, as ``pack_command`` packs
+    it: text in the connection's encoding, integers in decimal, anything else
+    as the connection's ``encoder`` has it (which refuses what Redis cannot
+    take, e.g. a bool)."""
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (len(args) + 3, sha.encode("ascii")),
+             b"$%d\r\n%d\r\n" % (len(str(numkeys)), numkeys)]
+    encoding, errors = encoder.encoding, encoder.encoding_errors
+    for arg in args:
+        kind = type(arg)
+        if kind is bytes:
+            data = arg
+        elif kind is str:
+            data = arg.encode(encoding, errors)
+        elif kind is int:
+            data = b"%d" % arg
+        else:
+            data = encoder.encode(arg)
+        parts.append(b"$%d\r\n" % len(data))
+        parts.append(data)
+        parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 async def _send(connection: Any, packed: Any) -> None:

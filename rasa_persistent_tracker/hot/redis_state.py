@@ -16,9 +16,9 @@ cluster slot:
 """
 import asyncio
 import logging
+import os
 import time
-import uuid
-from typing import AsyncIterator, Callable, List, Optional, Sequence
+from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple
 
 from rasa_persistent_tracker.errors import ConcurrentSaveError
 from rasa_persistent_tracker.hot import redis_scripts as scripts
@@ -41,6 +41,8 @@ logger = logging.getLogger("rasa_persistent_tracker.hot_state")
 
 # Pauses before retrying a commit whose connection failed (see ``commit``).
 COMMIT_RETRY_DELAYS = (0.0, 0.05, 0.25)
+# Conversations whose key names (with their tombstones' digests) are kept.
+KEY_CACHE_SIZE = 1024
 
 
 def _decode(value: object) -> Optional[str]:
@@ -72,9 +74,25 @@ class RedisHotState:
         self._clients: dict = {}
         self._redis = RedisCaller(self._client, description, busy_wait)
         self._digests: Callable[[str], List[str]] = ErasureIds()
+        # conversation id -> [record, outbox] and its tombstone keys: names a
+        # turn needs twice, one a digest per key (``_conversation_keys``).
+        self._key_cache: Dict[str, Tuple[List[str], List[str]]] = {}
 
     def bind_erasure(self, digests: Callable[[str], List[str]]) -> None:
         self._digests = digests
+        self._key_cache.clear()
+
+    def _conversation_keys(self, conversation_id: str) -> Tuple[List[str], List[str]]:
+        """``_keys`` and ``_tombstones`` of a conversation, remembered for the
+        last ``KEY_CACHE_SIZE`` conversations (copies: callers extend them)."""
+        names = self._key_cache.get(conversation_id)
+        if names is None:
+            if len(self._key_cache) >= KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            names = self._key_cache[conversation_id] = (
+                [self._names.record(conversation_id), self._names.outbox(conversation_id)],
+                self._tombstones(conversation_id))
+        return names
 
     def _tombstones(self, conversation_id: str) -> List[str]:
         return [self._names.tombstone(conversation_id, d)
@@ -93,7 +111,7 @@ class RedisHotState:
         return client
 
     def _keys(self, conversation_id: str) -> List[str]:
-        return [self._names.record(conversation_id), self._names.outbox(conversation_id)]
+        return list(self._conversation_keys(conversation_id)[0])
 
     async def _call(self, script: str, keys: List[str], *args: object):
         return await self._redis.eval(script, keys, *args)
@@ -126,9 +144,9 @@ class RedisHotState:
         # Redis fail on first use) is retried on a fresh one. The token makes
         # that safe: if the first attempt ran and only its reply was lost, the
         # script finds its token on the record and reports it as applied.
-        token = uuid.uuid4().hex
-        keys = (self._keys(conversation_id) + [self._quarantine_key(conversation_id)]
-                + self._tombstones(conversation_id))
+        token = os.urandom(16).hex()
+        hot, tombstones = self._conversation_keys(conversation_id)
+        keys = hot + [self._quarantine_key(conversation_id)] + tombstones
         args = ("" if expected_version is None else expected_version,
                 stored_bytes(payload),
                 max(1, int(ttl * 1000)), outbox_entry or "", self._outbox_ttl_ms, token,
@@ -168,7 +186,7 @@ class RedisHotState:
         return target
 
     def _quarantine_key(self, conversation_id: str) -> str:
-        stamp = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:6]}"
+        stamp = f"{int(time.time() * 1000)}-{os.urandom(3).hex()}"
         return self._names.quarantine(conversation_id, stamp)
 
     async def pending(self, conversation_id: str, limit: int) -> Pending:
