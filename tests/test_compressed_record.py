@@ -241,3 +241,19 @@ def test_records_without_the_field_and_snapshots_hand_back_no_segment(codec):
     plain_text = Codec(JsonSerializer(), compress=False).encode_record(
         rec, [None] * len(rec["events"])).payload
     assert Codec(JsonSerializer()).loads_record_parts(plain_text, "c1") == (rec, None)
+
+
+@pytest.mark.parametrize("stale", [0, 7, 10 ** 9])
+def test_dumps_record_writes_its_own_segment_field_only(codec, stale):
+    # A record dict that still carries a segment field (from a caller that
+    # did not take it out) is written with the true one, once: the read-back
+    # finds the segment and nothing of the stale value.
+    rec = record()
+    written = codec.dumps_record({**rec, compressed.SEGMENT_FIELD: stale})
+    stream = (compressed.open_plain(written) if not codec.encrypting
+              else codec._protected.open_bytes(compressed.stored_bytes(written),
+                                               crypto.HOT, "c1"))
+    text = compressed.inflate(stream)
+    assert text.count(f'"{compressed.SEGMENT_FIELD}"') == 1
+    loaded, packed = codec.loads_record_parts(written, "c1")
+    assert loaded == rec and packed is not None

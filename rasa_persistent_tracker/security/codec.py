@@ -84,8 +84,9 @@ class Codec:
         cid = record.get("sender_id") if isinstance(record, dict) else None
         if kind == crypto.HOT and isinstance(record, dict) and "base" in record:
             first = {"events": record["events"]} if "events" in record else {}
-            fields = self._plain.dumps({**first, **{k: v for k, v in record.items()
-                                                    if k not in ("base", "events")}})
+            fields = self._plain.dumps({**first, **{
+                k: v for k, v in record.items()
+                if k not in ("base", "events", compressed.SEGMENT_FIELD)}})
             packed = self._pack(self._plain.dumps(record["base"]), fields, cid)[0]
             return packed if isinstance(packed, str) else compressed.stored_text(packed)
         return self._seal_record(self._plain.dumps(record), kind, cid)
