@@ -17,6 +17,7 @@ The line is written after the clock stops, with one ``os.write`` on an
 import contextvars
 import functools
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -68,3 +69,65 @@ def _timed_class(base: type) -> type:
 TimedPersistentTrackerStore = _timed_class(PersistentTrackerStore)
 TimedRedisTrackerStore = _timed_class(RedisTrackerStore)
 TimedSQLTrackerStore = _timed_class(SQLTrackerStore)
+
+
+STAGES_FILE_ENV = "E2E_STAGES_FILE"
+
+
+def _time_stages(path: str) -> None:
+    """With ``E2E_STAGES_FILE`` set, also time our store's own steps inside the
+    server (the stages ``stages.py`` times; lines ``stage\\t<sender or ->\\t<seconds>``
+    appended to that file), to see where a turn's store time goes in ``rasa run``."""
+    import inspect
+
+    from rasa_persistent_tracker.hot.redis_state import RedisHotState
+    from rasa_persistent_tracker.log.entries import Entries
+    from rasa_persistent_tracker.log.event_log import AsyncEventLog
+    from rasa_persistent_tracker.record import window
+    from rasa_persistent_tracker.record.trackers import Records
+    from rasa_persistent_tracker.record.turns import TurnEncoder
+    from rasa_persistent_tracker.redis_client import PooledRedis
+    from rasa_persistent_tracker.security.codec import Codec
+
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        call = getattr(owner, name)
+        if inspect.iscoroutinefunction(call):
+            @functools.wraps(call)
+            async def timed(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                caller = sys._getframe(1).f_code.co_name
+                try:
+                    return await call(*args, **kwargs)
+                finally:
+                    os.write(fd, f"{label}\t{time.perf_counter() - started:.9f}\t{caller}\n"
+                             .encode())
+        else:
+            @functools.wraps(call)
+            def timed(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+                started = time.perf_counter()
+                caller = sys._getframe(1).f_code.co_name
+                try:
+                    return call(*args, **kwargs)
+                finally:
+                    os.write(fd, f"{label}\t{time.perf_counter() - started:.9f}\t{caller}\n"
+                             .encode())
+        setattr(owner, name, timed)
+
+    for owner, name, label in (
+            (RedisHotState, "load", "redis load"), (RedisHotState, "commit", "redis commit"),
+            (Records, "rebuild_remembered", "rebuild (remembered)"),
+            (Records, "decode", "decode (stored record)"),
+            (TurnEncoder, "rows", "log rows"), (TurnEncoder, "build", "build record"),
+            (TurnEncoder, "encode", "encode record"), (Entries, "make", "outbox entry"),
+            (window, "_compact", "compaction (in build)"),
+            (AsyncEventLog, "run", "SQL call (write-through or delivery)"),
+            (PooledRedis, "run_script", "  run_script"), (PooledRedis, "eval", "  redis-py eval"),
+            (TurnEncoder, "_remembered", "  _remembered"), (Codec, "_pack", "  codec _pack"),
+            (Codec, "encode_record", "  codec encode_record")):
+        wrap(owner, name, label)
+
+
+if os.environ.get(STAGES_FILE_ENV):
+    _time_stages(os.environ[STAGES_FILE_ENV])
