@@ -36,6 +36,8 @@ class Remembered:
     base_events: Optional[List[Any]] = None
     window_events: Optional[List[Any]] = None
     base_packed: Optional[bytes] = None
+    # ``base_state.BaseState`` of the base, once a rebuild captured it.
+    base_state: Optional[Any] = None
 
     @classmethod
     def of(cls, digest: str, record: Dict[str, Any], event_jsons: List[str],

@@ -23,6 +23,7 @@ from rasa.shared.core.slots import Slot
 from rasa.shared.core.trackers import DialogueStateTracker
 
 from rasa_persistent_tracker.record import applied
+from rasa_persistent_tracker.record.base_state import BaseState, capture
 
 from rasa_persistent_tracker.errors import CorruptRecordError
 from rasa_persistent_tracker.record.events import (
@@ -103,7 +104,9 @@ def rebuild_tracker(
     base_events: Optional[List[Event]] = None,
     window_events: Optional[List[Optional[Event]]] = None,
     base_packed: Optional[bytes] = None,
-) -> Tuple[DialogueStateTracker, StoredForms, RebuiltBase, List[Optional[Event]]]:
+    base_state: Optional[BaseState] = None,
+) -> Tuple[DialogueStateTracker, StoredForms, RebuiltBase, List[Optional[Event]],
+           Optional[BaseState]]:
     """Rebuild a tracker from a validated record.
 
     Returns the tracker, the stored forms of its window events, the
@@ -118,26 +121,27 @@ def rebuild_tracker(
     are never handed out themselves: the tracker gets ``own_copy`` of each,
     which is the event itself except for user messages, the one kind Rasa
     edits in place. So parsed events can serve every later rebuild.
+    ``base_state``: the state a rebuild of this record's base left before
+    (``base_state.capture``), copied instead of replaying the base if it
+    ``fits``. The last value returned is the base state for the next rebuild.
+
     Raises ``CorruptRecordError`` if an event cannot be parsed or the replayed
     slots disagree with the recorded state.
     """
     slot_list = list(slots)
-    tracker = DialogueStateTracker(record["sender_id"], slot_list, max_event_history)
     base = record["base"]
+    stamp = record["events"][0].get("timestamp")
     try:
         # ``is None``, not ``None in``: that compares every event with ``==``
         # (Rasa's ``__eq__``, an ABC ``isinstance`` each), a tenth of a rebuild.
         if base_events is None or any(event is None for event in base_events):
             base_events = _base_events(record, base_events)
-        if base and record["schema"] != 1:
-            # stamped like the record's first event, not with the time of reading
-            for event in applied.markers(base["loops"], record["events"][0].get("timestamp")):
-                tracker.update(event)
-        for event in base_events:
-            _apply(tracker, own_copy(event))
-        if base and record["schema"] != 1:
-            bot = base.get("latest_bot")
-            tracker.latest_bot_utterance = parse_event(bot) if bot else BotUttered.empty()
+        if base_state is not None and base_state.fits(base, base_events, stamp, slot_list,
+                                                      max_event_history):
+            tracker = base_state.clone(record["sender_id"])
+        else:
+            tracker, base_state = _replay_base(record, base_events, stamp, slot_list,
+                                               max_event_history)
         previous = RebuiltBase(base if record["schema"] != 1 else {}, len(tracker.events),
                             tracker.events[0] if tracker.events else None, base_json,
                             base_events, record.get("base_checked", 0),
@@ -161,7 +165,31 @@ def rebuild_tracker(
     actual = {n: s.value for n, s in tracker.slots.items() if s.value != s.initial_value}
     if expected != actual:
         raise CorruptRecordError("replayed slots do not match the recorded state")
-    return tracker, forms, previous, parsed
+    return tracker, forms, previous, parsed, base_state
+
+
+def _replay_base(record: Dict[str, Any], base_events: List[Event], stamp: Any,
+                 slot_list: List[Slot], max_event_history: Optional[int]
+                 ) -> Tuple[DialogueStateTracker, Optional[BaseState]]:
+    """A fresh tracker with the record's base replayed into it, and its state
+    to copy next time (None if it cannot be copied, or there is no base)."""
+    tracker = DialogueStateTracker(record["sender_id"], slot_list, max_event_history)
+    base = record["base"]
+    if not base or record["schema"] == 1:
+        for event in base_events:
+            _apply(tracker, own_copy(event))
+        return tracker, None
+    # stamped like the record's first event, not with the time of reading
+    markers = applied.markers(base["loops"], stamp)
+    for event in markers:
+        tracker.update(event)
+    for event in base_events:
+        _apply(tracker, own_copy(event))
+    stored_bot = base.get("latest_bot")
+    tracker.latest_bot_utterance = parse_event(stored_bot) if stored_bot else BotUttered.empty()
+    return tracker, capture(tracker, markers + list(base_events), base, base_events, stamp,
+                            slot_list, max_event_history,
+                            tracker.latest_bot_utterance if stored_bot else None)
 
 
 def _apply(tracker: DialogueStateTracker, event: Event) -> None:

@@ -109,7 +109,7 @@ class Records:
         record = replay.validate_record(loaded, sender_id)
         if record["schema"] == 1:
             packed = None  # its base is rebuilt in another form
-        tracker, known, previous, _ = replay.rebuild_tracker(
+        tracker, known, previous, _, _ = replay.rebuild_tracker(
             record, self.domain.slots, self.max_event_history,
             base_json=packed.text if packed else None,
             base_packed=packed.segment if packed else None)
@@ -120,10 +120,10 @@ class Records:
         memory forgotten) if it does not replay, which would be a bug."""
         record = remembered.record
         try:
-            tracker, known, previous, parsed = replay.rebuild_tracker(
+            tracker, known, previous, parsed, base_state = replay.rebuild_tracker(
                 record, self.domain.slots, self.max_event_history, remembered.event_jsons,
                 remembered.base_json, remembered.base_events, remembered.window_events,
-                remembered.base_packed)
+                remembered.base_packed, remembered.base_state)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': the record this process remembers does not "
                            "replay (%s); reading the stored one.", self._ids(sender_id), exc)
@@ -131,6 +131,7 @@ class Records:
             return None
         remembered.base_events = previous.slot_events
         remembered.window_events = parsed
+        remembered.base_state = base_state
         return record, tracker, known, previous
 
     def snapshot_payload(self, sender_id: str, payload: str, next_seq: int) -> Optional[str]:

@@ -128,9 +128,13 @@ class TurnEncoder:
             if base is None and built.record["base"].get("head") is not None:
                 new = built.record["base"]
                 base = [by_form.get(id(d)) for d in new["head"] + new["summary"] + new["applied"]]
-        return Remembered.of(
+        remembered = Remembered.of(
             payload_digest(encoded.payload), encoded.record, encoded.event_jsons,
             encoded.base_json, base, window, encoded.base_segment)
+        if before is not None and base is not None and base is before.base_events:
+            # The same base: its state stays good (``BaseState.fits`` checks).
+            remembered.base_state = before.base_state
+        return remembered
 
 
 def _parsed_by_form(remembered: Remembered, with_base: bool = True) -> Dict[int, Any]:
