@@ -13,7 +13,8 @@ on later rebuilds, copies the state it left instead:
 * each slot as a copy;
 * the tracker's attributes with the identities the replay gives them: the
   latest message is the new tracker's copy of that event, the active loop's
-  trigger message is that copy's ``parse_data``.
+  trigger message is that copy's ``parse_data``; the latest bot message is a
+  copy of the one parsed from the base.
 
 Only a state whose every attribute is one of those is kept (``capture``
 returns None otherwise: an event type that sets anything else is replayed
@@ -65,7 +66,9 @@ class BaseState:
                                  else None)
         if self.latest_message is not None:  # else the new tracker's own empty one
             tracker.latest_message = copies[self.latest_message]
-        tracker.latest_bot_utterance = self.bot if self.bot is not None else BotUttered.empty()
+        # Its own object, as a replay parses one (nested values shared, as then).
+        tracker.latest_bot_utterance = (copy.copy(self.bot) if self.bot is not None
+                                        else BotUttered.empty())
         if self.active_loop is not None:
             loop = copy.copy(self.active_loop)
             if self.trigger is not None:
@@ -90,8 +93,8 @@ def capture(tracker: DialogueStateTracker, replayed: List[Event], base: Dict[str
     """The state of ``tracker`` right after replaying ``replayed`` (the events
     as given to the replay) from a fresh tracker, or None
     if it cannot be copied faithfully (module docstring). ``bot``: the latest
-    bot message parsed from the base, shared by every copy as the window's
-    events are (None: the base has none, each copy gets an empty one)."""
+    bot message parsed from the base, of which each copy gets its own (None:
+    the base has none, each copy gets an empty one)."""
     if (set(vars(tracker)) != _ATTRIBUTES or tracker.model_id or tracker.assistant_id
             or tracker.sender_source is not None or tracker.is_rule_tracker
             or type(tracker.slots) is not dict):
