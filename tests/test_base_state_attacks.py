@@ -17,9 +17,11 @@ time (checked by forcing ``BaseState.fits`` to False); they are strict
   such code needs ``0``): test_latest_bot_utterance_nested_data_edited,
   test_slot_list_value_edited_in_place_hidden_by_a_later_slot_set,
   test_slot_value_edited_in_place_to_an_equal_value;
-* with ``max_event_history``, the raw events of a remembering process can
-  differ from a decoding one's (applied events, slots and state agree):
-  test_raw_events_with_max_event_history.
+* with ``max_event_history`` set (only custom code does: Rasa's processor
+  passes None), a record compacted from a capped tracker can fail its replay
+  check and is restored from SQL; the raw events then differ between the two
+  processes (applied events, slots and state agree):
+  test_raw_events_with_max_event_history (open, docs/contract.md).
 """
 import asyncio
 import datetime
@@ -56,8 +58,8 @@ NESTED_EDITS = pytest.mark.xfail(strict=True, reason=(
 SLOT_EDITS = pytest.mark.xfail(strict=True, reason=(
     "documented: in-place edits of a slot value need record_cache_size: 0"))
 RAW_EVENTS_OPEN = pytest.mark.xfail(strict=True, reason=(
-    "open: raw events under max_event_history differ between a remembering and a "
-    "decoding process (applied events and state agree)"))
+    "open: records compacted from a tracker capped by max_event_history can fail their "
+    "replay check and are restored from SQL (docs/contract.md)"))
 
 
 @pytest.fixture
