@@ -105,6 +105,7 @@ def rebuild_tracker(
     window_events: Optional[List[Optional[Event]]] = None,
     base_packed: Optional[bytes] = None,
     base_state: Optional[BaseState] = None,
+    keep_state: bool = False,
 ) -> Tuple[DialogueStateTracker, StoredForms, RebuiltBase, List[Optional[Event]],
            Optional[BaseState]]:
     """Rebuild a tracker from a validated record.
@@ -123,7 +124,9 @@ def rebuild_tracker(
     edits in place. So parsed events can serve every later rebuild.
     ``base_state``: the state a rebuild of this record's base left before
     (``base_state.capture``), copied instead of replaying the base if it
-    ``fits``. The last value returned is the base state for the next rebuild.
+    ``fits``. The last value returned is the base state for the next rebuild
+    (a replay captures one only if ``keep_state``: a record nobody remembers
+    would not use it).
 
     Raises ``CorruptRecordError`` if an event cannot be parsed or the replayed
     slots disagree with the recorded state.
@@ -141,7 +144,7 @@ def rebuild_tracker(
             tracker = base_state.clone(record["sender_id"])
         else:
             tracker, base_state = _replay_base(record, base_events, stamp, slot_list,
-                                               max_event_history)
+                                               max_event_history, keep_state)
         previous = RebuiltBase(base if record["schema"] != 1 else {}, len(tracker.events),
                             tracker.events[0] if tracker.events else None, base_json,
                             base_events, record.get("base_checked", 0),
@@ -169,7 +172,7 @@ def rebuild_tracker(
 
 
 def _replay_base(record: Dict[str, Any], base_events: List[Event], stamp: Any,
-                 slot_list: List[Slot], max_event_history: Optional[int]
+                 slot_list: List[Slot], max_event_history: Optional[int], keep_state: bool
                  ) -> Tuple[DialogueStateTracker, Optional[BaseState]]:
     """A fresh tracker with the record's base replayed into it, and its state
     to copy next time (None if it cannot be copied, or there is no base)."""
@@ -187,6 +190,8 @@ def _replay_base(record: Dict[str, Any], base_events: List[Event], stamp: Any,
         _apply(tracker, own_copy(event))
     stored_bot = base.get("latest_bot")
     tracker.latest_bot_utterance = parse_event(stored_bot) if stored_bot else BotUttered.empty()
+    if not keep_state:
+        return tracker, None
     return tracker, capture(tracker, markers + list(base_events), base, base_events, stamp,
                             slot_list, max_event_history,
                             tracker.latest_bot_utterance if stored_bot else None)

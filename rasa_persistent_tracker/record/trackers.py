@@ -123,7 +123,7 @@ class Records:
             tracker, known, previous, parsed, base_state = replay.rebuild_tracker(
                 record, self.domain.slots, self.max_event_history, remembered.event_jsons,
                 remembered.base_json, remembered.base_events, remembered.window_events,
-                remembered.base_packed, remembered.base_state)
+                remembered.base_packed, remembered.base_state, keep_state=True)
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': the record this process remembers does not "
                            "replay (%s); reading the stored one.", self._ids(sender_id), exc)
