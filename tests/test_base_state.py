@@ -56,6 +56,23 @@ def rasa_edits(tracker):
         next(iter(tracker.slots.values())).value = "edited in place"
 
 
+async def play_turn(store, sim, sender, turn, n, policy_events, flag=False):
+    """One generated turn as Rasa's processor takes it (retrieve, the turn's
+    events, save). With ``policy_events``, each user message is followed by
+    what policies' predictions log after it (``flag`` for the featurisation):
+    both edit the message in place when replayed, so a base holding them must
+    keep that."""
+    events = await sim.play(turn)
+    tracker = await store.retrieve(sender) or store.init_tracker(sender)
+    for event in events:
+        tracker.update(event)
+        if policy_events and isinstance(event, UserUttered):
+            tracker.update(DefinePrevUserUtteredFeaturization(flag))
+            tracker.update(EntitiesAdded([{"entity": "size", "value": f"v{n}",
+                                           "start": 0, "end": 1}]))
+    await store.save(tracker)
+
+
 @pytest.fixture
 def clones(monkeypatch):
     counted = []
@@ -79,17 +96,7 @@ async def test_copied_base_reads_like_a_decoded_record(make_store, clones, seed,
     sender = f"bs{seed}-{max_history}"
     sim = dialogues_gen.Simulator(dom, sender)
     for n, t in enumerate(dialogues_gen.generate(seed, 90)[:70]):
-        events = await sim.play(t)
-        tracker = await store.retrieve(sender) or store.init_tracker(sender)
-        for event in events:
-            tracker.update(event)
-            if isinstance(event, UserUttered) and n % 2:
-                # what policies' predictions log after a message: both edit it
-                # in place when replayed, so a base holding them must keep that
-                tracker.update(DefinePrevUserUtteredFeaturization(n % 4 == 1))
-                tracker.update(EntitiesAdded([{"entity": "size", "value": f"v{n}",
-                                               "start": 0, "end": 1}]))
-        await store.save(tracker)
+        await play_turn(store, sim, sender, t, n, n % 2, n % 4 == 1)
         first = await store.retrieve(sender)
         theirs = full_view(await fresh.retrieve(sender))
         assert full_view(first) == theirs, (n, t)

@@ -47,10 +47,9 @@ from rasa.shared.core.events import (
 )
 from rasa.shared.core.slots import TextSlot
 
-from rasa_persistent_tracker.record import base_state
 from tests import dialogues_gen
 from tests.conftest import DOMAIN_YAML
-from tests.test_base_state import full_view
+from tests.test_base_state import clones, full_view, play_turn  # noqa: F401 (fixture)
 
 REAL = pytest.mark.parametrize("backend", ["real"], indirect=True)
 NESTED_EDITS = pytest.mark.xfail(strict=True, reason=(
@@ -60,18 +59,6 @@ SLOT_EDITS = pytest.mark.xfail(strict=True, reason=(
 RAW_EVENTS_OPEN = pytest.mark.xfail(strict=True, reason=(
     "open: records compacted from a tracker capped by max_event_history can fail their "
     "replay check and are restored from SQL (docs/contract.md)"))
-
-
-@pytest.fixture
-def clones(monkeypatch):
-    counted = []
-    clone = base_state.BaseState.clone
-
-    def counting(self, sender_id):
-        counted.append(sender_id)
-        return clone(self, sender_id)
-    monkeypatch.setattr(base_state.BaseState, "clone", counting)
-    return counted
 
 
 def view(tracker):
@@ -302,15 +289,7 @@ async def test_generated_dialogues_with_heavy_edits(make_store, clones, seed, ma
     sender = f"heavy{seed}-{max_history}-{max_event_history}"
     sim = dialogues_gen.Simulator(dom, sender)
     for n, t in enumerate(dialogues_gen.generate(seed, 60)[:45]):
-        events = await sim.play(t)
-        tracker = await store.retrieve(sender) or store.init_tracker(sender)
-        for event in events:
-            tracker.update(event)
-            if isinstance(event, UserUttered) and n % 3:
-                tracker.update(DefinePrevUserUtteredFeaturization(n % 2 == 1))
-                tracker.update(EntitiesAdded([{"entity": "size", "value": f"v{n}",
-                                               "start": 0, "end": 1}]))
-        await store.save(tracker)
+        await play_turn(store, sim, sender, t, n, n % 3, n % 2 == 1)
         theirs = view(await fresh.retrieve(sender))
         if max_event_history is not None:
             # raw events differ there, before 61d6428 too: see
@@ -331,11 +310,11 @@ async def test_generated_dialogues_with_heavy_edits(make_store, clones, seed, ma
 @RAW_EVENTS_OPEN
 @REAL
 async def test_raw_events_with_max_event_history(make_store, clones):
-    """BUG (also before 61d6428: not from the base copy; applied events,
-    slots and state agree): with ``max_event_history`` 40, generated dialogue
-    22 at turn 29 (two-stage fallback) is served by the remembering process
-    with 34 raw events (its deque starting at a ``session_started``), while a
-    process remembering nothing decodes 40 (starting at a ``rewind``)."""
+    """Open (also before 61d6428: not from the base copy): with
+    ``max_event_history`` 40, generated dialogue 22 at turn 29 (two-stage
+    fallback). A record compacted from the capped tracker fails its replay
+    check, is quarantined and resumed from SQL; the two processes then hand
+    out 34 and 40 raw events. Applied events, slots and state agree."""
     dom = dialogues_gen.domain()
     store = make_store(dom, max_history=1)
     fresh = make_store(dom, max_history=1, record_cache_size=0)
@@ -343,15 +322,7 @@ async def test_raw_events_with_max_event_history(make_store, clones):
     sender = "meh"
     sim = dialogues_gen.Simulator(dom, sender)
     for n, t in enumerate(dialogues_gen.generate(22, 60)[:31]):
-        events = await sim.play(t)
-        tracker = await store.retrieve(sender) or store.init_tracker(sender)
-        for event in events:
-            tracker.update(event)
-            if isinstance(event, UserUttered) and n % 3:
-                tracker.update(DefinePrevUserUtteredFeaturization(n % 2 == 1))
-                tracker.update(EntitiesAdded([{"entity": "size", "value": f"v{n}",
-                                               "start": 0, "end": 1}]))
-        await store.save(tracker)
+        await play_turn(store, sim, sender, t, n, n % 3, n % 2 == 1)
         theirs = [e.as_dict() for e in (await fresh.retrieve(sender)).events]
         mine = [e.as_dict() for e in (await store.retrieve(sender)).events]
         assert (len(mine), mine) == (len(theirs), theirs), n
