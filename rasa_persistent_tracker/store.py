@@ -5,8 +5,9 @@ record format and trackers are in ``record/``, the hot state in ``hot/``, the
 SQL log and delivery to it in ``log/``, encoding and encryption in
 ``security/``, everything off the happy path in ``recovery/``.
 """
+import asyncio
 import logging
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from rasa.core.brokers.broker import EventBroker
 from rasa.core.tracker_store import TrackerStore
@@ -20,9 +21,11 @@ from rasa_persistent_tracker.errors import (
     CorruptRecordError,
     HotStateBusy,
 )
-from rasa_persistent_tracker.hot.protocol import Erased
+from rasa_persistent_tracker.hot.protocol import Erased, HotEntry
 from rasa_persistent_tracker.log import direct, lifecycle
 from rasa_persistent_tracker.record import stored
+from rasa_persistent_tracker.record.recent import Remembered
+from rasa_persistent_tracker.record.trackers import Decoded
 from rasa_persistent_tracker.record.turns import TurnEncoder
 from rasa_persistent_tracker.recovery.committing import TurnCommitter
 from rasa_persistent_tracker.recovery.history import History
@@ -172,14 +175,17 @@ class PersistentTrackerStore(TrackerStore):
 
     async def _read(self, sender_id: str) -> Optional[DialogueStateTracker]:
         remembered = self._recent.get(sender_id)
-        hot = await self._recovery.load(sender_id, remembered.digest if remembered else None)
+        if remembered is None:
+            hot, rebuilt = await self._recovery.load(sender_id), None
+        else:
+            hot, rebuilt = await self._load_and_rebuild(sender_id, remembered)
         if hot is None:  # hot state down: degraded read from the snapshot
             return await self._recovery.read_while_down(sender_id)
         if hot.problem:
             return await self._recovery.resume_after_quarantine(sender_id, hot.problem)
-        if hot.unchanged and remembered is not None:
+        if hot.unchanged and rebuilt is not None:
             # The record this process wrote last is still current: no decoding.
-            decoded = self._records.rebuild_remembered(sender_id, remembered)
+            decoded = rebuilt.result()
             if decoded is None:
                 return await self._read(sender_id)  # forgotten: read the stored one
         elif hot.payload is None:
@@ -201,6 +207,21 @@ class PersistentTrackerStore(TrackerStore):
                 return newer
         self._records.mark(tracker, hot.version, record["next_seq"], known, previous)
         return tracker
+
+    async def _load_and_rebuild(self, sender_id: str, remembered: Remembered
+                                ) -> Tuple[Optional[HotEntry], "_Rebuilt"]:
+        """The hot entry, and the tracker rebuilt from the remembered record
+        meanwhile: the load's request is sent first and its round trip spent
+        rebuilding, which is wasted only if the record changed (another
+        process wrote). Its errors count only if it is used (``_Rebuilt``)."""
+        loading = asyncio.ensure_future(self._recovery.load(sender_id, remembered.digest))
+        try:
+            await asyncio.sleep(0)  # the load runs up to awaiting its reply
+            rebuilt = _Rebuilt(lambda: self._records.rebuild_remembered(sender_id, remembered))
+            return await loading, rebuilt
+        except BaseException:
+            loading.cancel()  # (done already: no-op) never left running on its own
+            raise
 
     async def retrieve_full_tracker(self, conversation_id: str) -> Optional[DialogueStateTracker]:
         """Every event of every session, from the SQL log (plus undelivered ones).
@@ -311,3 +332,23 @@ class PersistentTrackerStore(TrackerStore):
             await self._outbox.stop()
             await self._hot.close()
             self._log.close()
+
+
+class _Rebuilt:
+    """A rebuild run ahead of knowing whether it is needed: its result, or
+    the exception it raised, given by ``result()`` (raised only then)."""
+
+    __slots__ = ("_value", "_error")
+
+    def __init__(self, rebuild: Callable[[], Optional[Decoded]]) -> None:
+        self._value: Optional[Decoded] = None
+        self._error: Optional[BaseException] = None
+        try:
+            self._value = rebuild()
+        except Exception as exc:  # raised where the rebuild would have run
+            self._error = exc
+
+    def result(self) -> Optional[Decoded]:
+        if self._error is not None:
+            raise self._error
+        return self._value
