@@ -1,0 +1,136 @@
+"""``retrieve`` rebuilds a remembered record while the load's reply is in flight.
+
+The rebuild runs before the store knows whether the record it remembers is
+still the stored one. Whatever it does must count only when it is used: a
+record another process replaced is read afresh even if the remembered one
+fails to rebuild, an error of a rebuild that is used surfaces as before, and
+a cancelled retrieve leaves no load running on its own.
+"""
+import asyncio
+import gc
+
+import pytest
+
+from rasa_persistent_tracker import PersistentTrackerStore
+from tests.dialogue import run_turns, turn
+
+
+def _remembering(store, sender):
+    assert store._recent.get(sender) is not None
+
+
+def _reports_unchanged(backend):
+    """fakeredis' Lua lacks redis.sha1hex: there every load sends the record."""
+    return backend.kind != "fake"
+
+
+@pytest.fixture(params=["pair", "embedded"])
+async def stores(request, backend, tmp_path, domain):
+    """``(make_store, reports_unchanged)``: the backend pair, or the embedded
+    hot state (which ignores the pair)."""
+    if request.param == "pair":
+        yield (lambda: backend.make_store(domain)), _reports_unchanged(backend)
+        return
+    made = []
+
+    def make():
+        made.append(PersistentTrackerStore(
+            domain, embedded_path=str(tmp_path / "hot.sqlite3"),
+            sql_url=f"sqlite:///{tmp_path}/events.sqlite3", environ={}))
+        return made[-1]
+    yield make, True
+    for store in made:
+        await store.close()
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _failing_rebuild(store, calls):
+    def rebuild(sender_id, remembered):
+        calls.append(sender_id)
+        raise _Boom("rebuild failed")
+    store._records.rebuild_remembered = rebuild
+
+
+async def test_rebuild_error_of_a_replaced_record_is_not_raised(stores):
+    make_store, _ = stores
+    mine, other = make_store(), make_store()
+    await run_turns(mine, "o1", 3)
+    _remembering(mine, "o1")
+    tracker = await other.retrieve("o1")
+    turn(tracker, 9)
+    await other.save(tracker)  # the record mine remembers is no longer the stored one
+    calls = []
+    _failing_rebuild(mine, calls)
+    seen = await mine.retrieve("o1")
+    assert calls == ["o1"]  # it ran ahead, and its failure did not count
+    assert mine._recent.get("o1") is not None
+    assert seen.get_slot("name") == "bob 9"
+    assert len(seen.events) == len((await other.retrieve("o1")).events)
+
+
+async def test_rebuild_error_of_the_current_record_is_raised(stores):
+    make_store, unchanged = stores
+    store = make_store()
+    await run_turns(store, "o2", 3)
+    _remembering(store, "o2")
+    calls = []
+    _failing_rebuild(store, calls)
+    if unchanged:  # the rebuild is used: its error is the retrieve's, as before
+        with pytest.raises(_Boom):
+            await store.retrieve("o2")
+    else:  # the record came with the reply: decoded, the rebuild's error unused
+        assert (await store.retrieve("o2")).get_slot("name") == "bob 2"
+    assert calls == ["o2"]
+
+
+async def test_unchanged_record_is_rebuilt_once_per_retrieve(stores):
+    make_store, _ = stores
+    store = make_store()
+    await run_turns(store, "o3", 3)
+    _remembering(store, "o3")
+    real, calls = store._records.rebuild_remembered, []
+
+    def counting(sender_id, remembered):
+        calls.append(sender_id)
+        return real(sender_id, remembered)
+    store._records.rebuild_remembered = counting
+    tracker = await store.retrieve("o3")
+    assert calls == ["o3"]
+    assert tracker.get_slot("name") == "bob 2"
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3])
+async def test_cancelled_retrieve_leaves_no_load_behind(stores, steps):
+    make_store, _ = stores
+    store = make_store()
+    await run_turns(store, "o4", 2)
+    _remembering(store, "o4")
+    real_load = store._hot.load
+
+    async def slow_load(*args, **kwargs):  # a reply long in flight
+        await asyncio.sleep(0.5)
+        return await real_load(*args, **kwargs)
+    store._hot.load = slow_load
+    started = {t for t in asyncio.all_tasks()}
+    retrieving = asyncio.ensure_future(store.retrieve("o4"))
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    retrieving.cancel()
+    try:
+        await retrieving
+    except asyncio.CancelledError:
+        pass
+    for _ in range(5):
+        await asyncio.sleep(0)
+    left = {t for t in asyncio.all_tasks() if t not in started and not t.done()}
+    assert not [t for t in left if "load" in repr(t.get_coro())]
+    store._hot.load = real_load
+    # The pool got its connection back, the conversation reads and saves on.
+    tracker = await store.retrieve("o4")
+    turn(tracker, 5)
+    await store.save(tracker)
+    assert (await store.retrieve("o4")).get_slot("name") == "bob 5"
+    gc.collect()
