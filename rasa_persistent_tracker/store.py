@@ -283,17 +283,26 @@ class PersistentTrackerStore(TrackerStore):
             if base.expected_version:
                 await self._hot.touch(sender_id, self.config.record_exp)
             return
-        rows, state, built, payload, remembered = await self._committer.encode_turn(
+        rows, state, built, payload, remember = await self._committer.encode_turn(
             sender_id, base, self.domain.slots)
+        committing = asyncio.ensure_future(
+            self._committer.commit_turn(sender_id, base, payload, rows))
         try:
-            version, queued, rows = await self._committer.commit_turn(sender_id, base, payload,
-                                                                      rows)
+            await asyncio.sleep(0)  # the commit runs up to awaiting its reply
+            remembered = self._remembering(sender_id, remember)  # meanwhile
+            version, queued, rows = await committing
         except Erased:  # never resurrect; Rasa saves after every turn, so no error
             metrics.ERASED_WRITES.labels("save").inc()
             logger.warning("Conversation '%s' was erased after this tracker was read: its "
                            "turn is not saved.", self._ids(sender_id))
             return
-        self._recent.put(sender_id, remembered)
+        except BaseException:
+            committing.cancel()  # (done already: no-op) never left running on its own
+            raise
+        if remembered is not None:
+            self._recent.put(sender_id, remembered)
+        else:
+            self._recent.forget(sender_id)
         self._records.mark(tracker, version, base.next_seq + len(base.new), built.forms,
                            built.previous if state is tracker else None)
         if queued:  # else it is in SQL already
@@ -305,6 +314,18 @@ class PersistentTrackerStore(TrackerStore):
                     lambda: self._committer.unlogged_rows(sender_id, base, rows[0].seq))
         if self.event_broker is not None:
             await self._stream_new_events(self.event_broker, base.new, sender_id)
+
+    def _remembering(self, sender_id: str, remember: Callable[[], Remembered]
+                     ) -> Optional[Remembered]:
+        """``remember()``; if that fails (a bug), the turn is saved all the
+        same and the conversation is read from its stored record next time."""
+        try:
+            return remember()
+        except Exception:
+            logger.exception("Conversation '%s': the record just written could not be kept "
+                             "in memory; the next retrieve decodes the stored one.",
+                             self._ids(sender_id))
+            return None
 
     async def _base_of(self, tracker: DialogueStateTracker) -> MergeBase:
         """Where the tracker's new events start: after the last event this store

@@ -6,7 +6,7 @@ already serialised, and returns the record as it reads back, for the
 per-process memory (``recent``). Values that cannot be stored faithfully are
 refused here, naming the slot, before anything is written.
 """
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from rasa.shared.core.events import ActionExecuted, Event, SlotSet, UserUttered
 from rasa.shared.core.slots import Slot
@@ -83,6 +83,14 @@ class TurnEncoder:
             SlotValueError: a slot value cannot be stored (names the slot).
             PersistentTrackerError: another value cannot be stored.
         """
+        payload, remember = self.encode_parts(built)
+        return payload, remember()
+
+    def encode_parts(self, built: window.Built) -> Tuple[bytes, Callable[[], Remembered]]:
+        """``encode``, with the record as it reads back made only when
+        ``remember()`` is called (the store calls it while the payload's
+        commit is in flight; before the memory of this conversation changes).
+        Raises as ``encode``."""
         encoded = self._encoded(built)
         event_jsons = encoded.event_jsons
         if None in built.event_jsons and len(built.forms) == len(event_jsons):
@@ -91,7 +99,7 @@ class TurnEncoder:
                 built.forms[key] = (event, as_dict, text)
         if built.previous is not None:
             built.previous.text, built.previous.packed = encoded.base_json, encoded.base_segment
-        return encoded.payload, self._remembered(built, encoded)
+        return encoded.payload, lambda: self._remembered(built, encoded)
 
     def _encoded(self, built: window.Built) -> Encoded:
         """``Codec.encode_record`` of the built record; a value that cannot be

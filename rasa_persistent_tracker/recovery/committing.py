@@ -70,9 +70,10 @@ class TurnCommitter:
 
     async def encode_turn(self, sender_id: str, base: MergeBase, slots: Iterable[Slot]
                           ) -> Tuple[List[LogRow], DialogueStateTracker, window.Built, bytes,
-                                     Remembered]:
+                                     Callable[[], Remembered]]:
         """The turn's log rows, the tracker the record is built from, the
-        record and its payload. Raises SlotValueError (nothing written)."""
+        record, its payload and what makes the record as it reads back
+        (``TurnEncoder.encode_parts``). Raises SlotValueError (nothing written)."""
         state, new, next_seq = base.state, base.new, base.next_seq
         slots = list(slots)
         try:
@@ -84,12 +85,12 @@ class TurnCommitter:
                 if full is not None:  # reverts reached past the record: rebuild it from the log
                     state = full
                     built = self._turns.build(full, slots, next_seq + len(new), base.known)
-            payload, remembered = self._turns.encode(built)
+            payload, remember = self._turns.encode_parts(built)
         except PersistentTrackerError:
             raise
         except ENCODING_ERRORS as exc:
             raise unstorable(new, exc) from None
-        return rows, state, built, payload, remembered
+        return rows, state, built, payload, remember
 
     def writes_through(self, new: List[Event]) -> bool:
         """Whether the turn goes to SQL before ``save`` returns: ``sync_log``,
