@@ -1,10 +1,12 @@
-"""``retrieve`` rebuilds a remembered record while the load's reply is in flight.
+"""Work done while a Redis reply is in flight.
 
-The rebuild runs before the store knows whether the record it remembers is
-still the stored one. Whatever it does must count only when it is used: a
-record another process replaced is read afresh even if the remembered one
-fails to rebuild, an error of a rebuild that is used surfaces as before, and
-a cancelled retrieve leaves no load running on its own.
+``retrieve`` rebuilds a remembered record before the load says whether it is
+still the stored one; ``save`` makes the record it will remember before the
+commit's reply says it was written. Whatever runs ahead must count only when
+it is used: a record another process replaced is read afresh even if the
+remembered one fails to rebuild, an error of a rebuild that is used surfaces
+as before, a failing memory never fails a saved turn, and a cancelled
+retrieve or save leaves no load or commit running on its own.
 """
 import asyncio
 import gc
@@ -134,3 +136,60 @@ async def test_cancelled_retrieve_leaves_no_load_behind(stores, steps):
     await store.save(tracker)
     assert (await store.retrieve("o4")).get_slot("name") == "bob 5"
     gc.collect()
+
+
+# ``save`` makes the remembered record while the commit's reply is in flight.
+
+async def test_a_failing_memory_does_not_fail_the_turn(stores, caplog):
+    make_store, _ = stores
+    store, reader = make_store(), make_store()
+    await run_turns(store, "o5", 3)
+    real = store._turns._remembered
+
+    def broken(*args):
+        raise _Boom("memory failed")
+    store._turns._remembered = broken
+    tracker = await store.retrieve("o5")
+    turn(tracker, 7)
+    await store.save(tracker)  # saved, though it cannot be remembered
+    assert "could not be kept in memory" in caplog.text
+    assert store._recent.get("o5") is None
+    store._turns._remembered = real
+    assert (await store.retrieve("o5")).get_slot("name") == "bob 7"
+    assert (await reader.retrieve("o5")).get_slot("name") == "bob 7"
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3])
+async def test_cancelled_save_leaves_no_commit_behind(stores, steps):
+    make_store, _ = stores
+    store, reader = make_store(), make_store()
+    await run_turns(store, "o6", 2)
+    real_commit = store._hot.commit
+
+    async def slow_commit(*args, **kwargs):  # a reply long in flight
+        await asyncio.sleep(0.5)
+        return await real_commit(*args, **kwargs)
+    store._hot.commit = slow_commit
+    tracker = await store.retrieve("o6")
+    turn(tracker, 8)
+    started = {t for t in asyncio.all_tasks()}
+    saving = asyncio.ensure_future(store.save(tracker))
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    saving.cancel()
+    try:
+        await saving
+    except asyncio.CancelledError:
+        pass
+    for _ in range(5):
+        await asyncio.sleep(0)
+    left = {t for t in asyncio.all_tasks() if t not in started and not t.done()}
+    assert not [t for t in left if "commit" in repr(t.get_coro())]
+    store._hot.commit = real_commit
+    # Not saved (the commit never ran), and the conversation goes on.
+    assert (await reader.retrieve("o6")).get_slot("name") == "bob 1"
+    tracker = await store.retrieve("o6")
+    assert tracker.get_slot("name") == "bob 1"
+    turn(tracker, 9)
+    await store.save(tracker)
+    assert (await reader.retrieve("o6")).get_slot("name") == "bob 9"
