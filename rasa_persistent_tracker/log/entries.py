@@ -13,7 +13,7 @@ from rasa_persistent_tracker.errors import CorruptRecordError
 from rasa_persistent_tracker.hot.entry_header import make_header, split
 from rasa_persistent_tracker.log.tables import COLUMN_LIMITS, ROW_FIELDS, LogRow, RowDict
 from rasa_persistent_tracker.security.codec import Codec
-from rasa_persistent_tracker.security.serde import JsonSerializer
+from rasa_persistent_tracker.security.serde import JsonSerializer, compact_json
 
 
 # What each field of an entry row must hold, within the SQL columns' limits
@@ -33,7 +33,7 @@ class Entries:
     def make(self, conversation_id: str, rows: List[LogRow], saved_at: float) -> str:
         """Serialise one turn's rows into an outbox entry."""
         header = make_header(rows[-1].seq, saved_at)
-        body = json.dumps([r.as_dict() for r in rows], separators=(",", ":"))
+        body = compact_json([r.as_dict() for r in rows])
         return f"{header}|{self._codec.seal_entry(body, conversation_id, header)}"
 
     def parse(self, conversation_id: str, entry: str) -> Tuple[float, List[LogRow]]:

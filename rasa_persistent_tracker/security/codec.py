@@ -12,7 +12,7 @@ import hashlib
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from rasa_persistent_tracker.errors import CorruptRecordError, EncryptionKeyMissing
-from rasa_persistent_tracker.security import compressed, crypto
+from rasa_persistent_tracker.security import compressed, crypto, serde
 from rasa_persistent_tracker.security.compressed import Payload
 from rasa_persistent_tracker.security.serde import Serializer
 
@@ -108,13 +108,13 @@ class Codec:
         event_jsons = [text if text is not None else self._plain.dumps(event)
                  for event, text in zip(record["events"], event_texts, strict=True)]
         if base_json is None:  # a new base: serialised once, read back once
-            base_json, base_segment = self._plain.dumps(record["base"]), None
-            base = self._plain.loads(base_json)
+            (base_json, base), base_segment = serde.dumps_read_back(
+                self._plain, record["base"]), None
         else:
             base = record["base"]
-        head = self._plain.dumps({k: v for k, v in record.items()
-                                  if k not in ("events", "base", compressed.SEGMENT_FIELD)})
-        decoded = self._plain.loads(head)
+        head, decoded = serde.dumps_read_back(
+            self._plain, {k: v for k, v in record.items()
+                          if k not in ("events", "base", compressed.SEGMENT_FIELD)})
         decoded["events"] = record["events"]
         decoded["base"] = base
         payload, segment = self._pack(
@@ -240,8 +240,7 @@ class Codec:
         """An event's JSON text and the event as it reads back from it.
         Raises ``TypeError`` for a value that cannot be written and
         ``CorruptRecordError`` for one that would not read back as written."""
-        text = self._plain.dumps(event)
-        return text, self._plain.loads(text)
+        return serde.dumps_read_back(self._plain, event)
 
     def protect_event(self, event: Dict[str, Any], text: str, conversation_id: str,
                       seq: int) -> str:
