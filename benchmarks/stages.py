@@ -3,7 +3,10 @@
 The stages are the store's own steps, timed by wrapping them (the product
 code is unchanged): the hot state's ``load`` and ``commit`` (each one Lua
 call), the rebuild from the remembered record or the decode of a stored
-one, the log rows, building the record, encoding it and the outbox entry.
+one, the log rows, building the record, encoding it, the outbox entry, and
+the record kept in memory. The rebuild runs while the load's reply is in
+flight and the record to remember while the commit's is, so the load and
+the commit include them (``retrieve`` and ``save`` do not add them twice).
 ``--no-memory`` turns off both per-process memories (``record_cache_size:
 0`` and the recent compressed bases), as in a process serving more
 conversations than they hold: every turn decodes its record.
@@ -61,7 +64,8 @@ for owner, method, stage in (
         (Records, "decode", "decode (stored record)"),
         (TurnEncoder, "rows", "log rows"),
         (TurnEncoder, "build", "build record"),
-        (TurnEncoder, "encode", "encode record"),
+        (TurnEncoder, "encode_parts", "encode record"),
+        (TurnEncoder, "_remembered", "record to remember (during the commit)"),
         (Entries, "make", "outbox entry"),
         (RedisHotState, "commit", "redis commit (one Lua call)")):
     _timed(owner, method, stage)
