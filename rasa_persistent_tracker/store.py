@@ -317,10 +317,13 @@ class PersistentTrackerStore(TrackerStore):
 
     def _remembering(self, sender_id: str, remember: Callable[[], Remembered]
                      ) -> Optional[Remembered]:
-        """``remember()``; if that fails (a bug), the turn is saved all the
+        """``remember()``, with the next rebuild's work prepared
+        (``Records.prepare``); if that fails (a bug), the turn is saved all the
         same and the conversation is read from its stored record next time."""
         try:
-            return remember()
+            remembered = remember()
+            self._records.prepare(remembered)
+            return remembered
         except Exception:
             logger.exception("Conversation '%s': the record just written could not be kept "
                              "in memory; the next retrieve decodes the stored one.",

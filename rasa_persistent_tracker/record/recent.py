@@ -38,6 +38,16 @@ class Remembered:
     base_packed: Optional[bytes] = None
     # ``base_state.BaseState`` of the base, once a rebuild captured it.
     base_state: Optional[Any] = None
+    # ``(base_state, tracker)``: a tracker cloned from that state ahead of the
+    # next rebuild (``Records.prepare``), for one rebuild only (``take_ready``).
+    ready: List[Any] = dataclasses.field(default_factory=list)
+
+    def take_ready(self) -> Optional[Any]:
+        """The ``(base_state, tracker)`` cloned ahead, once (thread-safe)."""
+        try:
+            return self.ready.pop()
+        except IndexError:
+            return None
 
     @classmethod
     def of(cls, digest: str, record: Dict[str, Any], event_jsons: List[str],

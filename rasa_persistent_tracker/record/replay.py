@@ -106,6 +106,7 @@ def rebuild_tracker(
     base_packed: Optional[bytes] = None,
     base_state: Optional[BaseState] = None,
     keep_state: bool = False,
+    ready: Optional[Tuple[BaseState, DialogueStateTracker]] = None,
 ) -> Tuple[DialogueStateTracker, StoredForms, RebuiltBase, List[Optional[Event]],
            Optional[BaseState]]:
     """Rebuild a tracker from a validated record.
@@ -126,7 +127,9 @@ def rebuild_tracker(
     (``base_state.capture``), copied instead of replaying the base if it
     ``fits``. The last value returned is the base state for the next rebuild
     (a replay captures one only if ``keep_state``: a record nobody remembers
-    would not use it).
+    would not use it). ``ready``: a tracker ``base_state.clone`` made ahead
+    (``Records.prepare``), used instead of cloning now if it is of this very
+    state and the state fits.
 
     Raises ``CorruptRecordError`` if an event cannot be parsed or the replayed
     slots disagree with the recorded state.
@@ -141,7 +144,8 @@ def rebuild_tracker(
             base_events = _base_events(record, base_events)
         if base_state is not None and base_state.fits(base, base_events, stamp, slot_list,
                                                       max_event_history):
-            tracker = base_state.clone(record["sender_id"])
+            tracker = (ready[1] if ready is not None and ready[0] is base_state
+                       else base_state.clone(record["sender_id"]))
         else:
             tracker, base_state = _replay_base(record, base_events, stamp, slot_list,
                                                max_event_history, keep_state)

@@ -23,6 +23,7 @@ from rasa_persistent_tracker.errors import CorruptRecordError, EncryptionKeyMiss
 from rasa_persistent_tracker.hot.protocol import payload_digest
 from rasa_persistent_tracker.logids import ConversationIds
 from rasa_persistent_tracker.record import replay, stored
+from rasa_persistent_tracker.record.events import EVENT_ERRORS, parse_event
 from rasa_persistent_tracker.record.freshness import Freshness
 from rasa_persistent_tracker.record.recent import RecentRecords, Remembered
 from rasa_persistent_tracker.security.codec import Codec
@@ -123,7 +124,8 @@ class Records:
             tracker, known, previous, parsed, base_state = replay.rebuild_tracker(
                 record, self.domain.slots, self.max_event_history, remembered.event_jsons,
                 remembered.base_json, remembered.base_events, remembered.window_events,
-                remembered.base_packed, remembered.base_state, keep_state=True)
+                remembered.base_packed, remembered.base_state, keep_state=True,
+                ready=remembered.take_ready())
         except CorruptRecordError as exc:
             logger.warning("Conversation '%s': the record this process remembers does not "
                            "replay (%s); reading the stored one.", self._ids(sender_id), exc)
@@ -133,6 +135,27 @@ class Records:
         remembered.window_events = parsed
         remembered.base_state = base_state
         return record, tracker, known, previous
+
+    def prepare(self, remembered: Remembered) -> None:
+        """Work of the next ``rebuild_remembered`` done ahead (the store calls
+        this while a commit's reply is in flight): the window's new events
+        parsed, and a tracker cloned from the base's state if it fits this
+        record. Nothing of it is handed out before that rebuild checks it."""
+        record = remembered.record
+        window = remembered.window_events
+        if window is not None and len(window) == len(record["events"]):
+            for i, event in enumerate(window):
+                if event is None:
+                    try:
+                        window[i] = parse_event(record["events"][i])
+                    except EVENT_ERRORS:
+                        return  # the rebuild reports it
+        state = remembered.base_state
+        if state is None or self.domain is None or remembered.ready:
+            return
+        if state.fits(record["base"], remembered.base_events, record["events"][0].get(
+                "timestamp"), self.domain.slots, self.max_event_history):
+            remembered.ready.append((state, state.clone(record["sender_id"])))
 
     def snapshot_payload(self, sender_id: str, payload: str, next_seq: int) -> Optional[str]:
         """A hot payload as the SQL snapshot at ``next_seq``, or None: it must
