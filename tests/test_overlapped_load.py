@@ -9,12 +9,22 @@ as before, a failing memory never fails a saved turn, and a cancelled
 retrieve or save leaves no load or commit running on its own.
 """
 import asyncio
+import copy
 import gc
 
 import pytest
 
+from rasa.shared.core.domain import Domain
+from rasa.shared.core.events import SlotSet
+from rasa.shared.core.trackers import EventVerbosity
+
 from rasa_persistent_tracker import PersistentTrackerStore
+from tests.conftest import DOMAIN_YAML
 from tests.dialogue import run_turns, turn
+
+
+def state(tracker):
+    return tracker.current_state(EventVerbosity.ALL)
 
 
 def _remembering(store, sender):
@@ -193,3 +203,81 @@ async def test_cancelled_save_leaves_no_commit_behind(stores, steps):
     turn(tracker, 9)
     await store.save(tracker)
     assert (await reader.retrieve("o6")).get_slot("name") == "bob 9"
+
+
+# ``save`` also clones the base's state for the next rebuild during the commit.
+
+async def _with_prepared_clone(store, sender):
+    """A conversation with a base, whose remembered record has a clone ready."""
+    await run_turns(store, sender, 14)  # compacted: the record has a base
+    for i in range(12):  # a rebuild captures the base's state; the next save prepares
+        tracker = await store.retrieve(sender)
+        turn(tracker, 20 + i)
+        await store.save(tracker)
+        remembered = store._recent.get(sender)
+        if remembered.ready:
+            assert remembered.record["base"]
+            return remembered, f"bob {20 + i}"
+    return None, f"bob {20 + i}"  # fakeredis: nothing rebuilt from memory, nothing prepared
+
+
+async def test_a_prepared_clone_is_handed_out_once(stores):
+    make_store, unchanged = stores
+    store, reader = make_store(), make_store()
+    remembered, name = await _with_prepared_clone(store, "o7")
+    assert (remembered is not None) is unchanged
+    if remembered is not None:
+        assert len(remembered.ready) == 1
+    first = await store.retrieve("o7")
+    second = await store.retrieve("o7")  # nothing ready now: cloned anew
+    assert first is not second
+    assert remembered is None or not remembered.ready
+    first.update(SlotSet("name", "changed"))
+    first.slots["size"].value = "huge"
+    # In place, as Rasa edits the latest user message (nested values of it
+    # are shared: editing those needs record_cache_size 0, docs/configuration.md).
+    first.latest_message.parse_data["text"] = "edited"
+    first.latest_message.entities.append({"entity": "size", "value": "huge"})
+    assert second.get_slot("name") == name and second.get_slot("size") is None
+    fresh = await reader.retrieve("o7")  # another process decodes the stored record
+    for tracker in (second, await store.retrieve("o7")):
+        assert state(tracker) == state(fresh)
+
+
+async def test_concurrent_retrieves_get_their_own_trackers(stores):
+    make_store, _ = stores
+    store, reader = make_store(), make_store()
+    await _with_prepared_clone(store, "o8")
+    trackers = await asyncio.gather(*(store.retrieve("o8") for _ in range(4)))
+    assert len({id(t) for t in trackers}) == 4
+    assert len({id(t.slots["name"]) for t in trackers}) == 4
+    fresh = state(await reader.retrieve("o8"))
+    assert all(state(t) == fresh for t in trackers)
+
+
+async def test_a_clone_prepared_for_another_domain_is_not_used(stores):
+    make_store, unchanged = stores
+    store = make_store()
+    remembered, name = await _with_prepared_clone(store, "o9")
+    assert (remembered is not None) is unchanged
+    # A new model with another slot set is loaded before the next turn.
+    store.domain = Domain.from_yaml(DOMAIN_YAML.replace(
+        "slots:\n", "slots:\n  extra:\n    type: text\n    mappings: [{type: custom}]\n"))
+    tracker = await store.retrieve("o9")
+    assert "extra" in tracker.slots and tracker.get_slot("name") == name
+    assert {s.name for s in tracker.slots.values()} == {s.name for s in store.domain.slots}
+
+
+async def test_a_clone_of_another_state_is_not_used(stores):
+    make_store, unchanged = stores
+    store = make_store()
+    remembered, _ = await _with_prepared_clone(store, "o10")
+    if remembered is None:
+        return  # fakeredis: nothing prepared (see above)
+    state_, clone = remembered.take_ready()
+    stranger = copy.copy(state_)  # equal in every field, but not the state in use
+    remembered.ready.append((stranger, clone))
+    tracker = store._records.rebuild_remembered("o10", remembered)[1]
+    assert tracker is not clone
+    remembered.ready.append((remembered.base_state, clone))
+    assert store._records.rebuild_remembered("o10", remembered)[1] is clone
