@@ -6,6 +6,7 @@ typo without a hint, a store switched from ``type: redis`` that silently lost
 history, settings that silently disagree with the domain or the policies,
 rows that waited for the next user message after a restart or a shutdown.
 """
+import asyncio
 import logging
 import os
 import subprocess
@@ -94,6 +95,7 @@ def test_start_up_warns_when_redis_holds_rasas_own_trackers(tmp_path, caplog):
     finally:
         client.delete(rasa_key)
         client.close()
+        asyncio.run(pair.cleanup())  # its key prefix and PostgreSQL schema
 
 
 def test_no_warning_when_redis_holds_only_our_keys(tmp_path, caplog, monkeypatch):
