@@ -5,7 +5,6 @@ record format and trackers are in ``record/``, the hot state in ``hot/``, the
 SQL log and delivery to it in ``log/``, encoding and encryption in
 ``security/``, everything off the happy path in ``recovery/``.
 """
-import asyncio
 import logging
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
@@ -14,18 +13,17 @@ from rasa.core.tracker_store import TrackerStore
 from rasa.shared.core.domain import Domain
 from rasa.shared.core.trackers import DialogueStateTracker
 
-from rasa_persistent_tracker import metrics, startup
+from rasa_persistent_tracker import inflight, metrics, startup
 from rasa_persistent_tracker.backends import Backends, open_backends
 from rasa_persistent_tracker.errors import (
     ConcurrentSaveError,
     CorruptRecordError,
     HotStateBusy,
 )
-from rasa_persistent_tracker.hot.protocol import Erased, HotEntry
+from rasa_persistent_tracker.hot.protocol import Erased
 from rasa_persistent_tracker.log import direct, lifecycle
 from rasa_persistent_tracker.record import stored
 from rasa_persistent_tracker.record.recent import Remembered
-from rasa_persistent_tracker.record.trackers import Decoded
 from rasa_persistent_tracker.record.turns import TurnEncoder
 from rasa_persistent_tracker.recovery.committing import TurnCommitter
 from rasa_persistent_tracker.recovery.history import History
@@ -178,7 +176,11 @@ class PersistentTrackerStore(TrackerStore):
         if remembered is None:
             hot, rebuilt = await self._recovery.load(sender_id), None
         else:
-            hot, rebuilt = await self._load_and_rebuild(sender_id, remembered)
+            # The load's round trip is spent rebuilding from the remembered
+            # record: used only if the reply says it is unchanged.
+            hot, rebuilt = await inflight.meanwhile(
+                self._recovery.load(sender_id, remembered.digest),
+                lambda: self._records.rebuild_remembered(sender_id, remembered))
         if hot is None:  # hot state down: degraded read from the snapshot
             return await self._recovery.read_while_down(sender_id)
         if hot.problem:
@@ -207,21 +209,6 @@ class PersistentTrackerStore(TrackerStore):
                 return newer
         self._records.mark(tracker, hot.version, record["next_seq"], known, previous)
         return tracker
-
-    async def _load_and_rebuild(self, sender_id: str, remembered: Remembered
-                                ) -> Tuple[Optional[HotEntry], "_Rebuilt"]:
-        """The hot entry, and the tracker rebuilt from the remembered record
-        meanwhile: the load's request is sent first and its round trip spent
-        rebuilding, which is wasted only if the record changed (another
-        process wrote). Its errors count only if it is used (``_Rebuilt``)."""
-        loading = asyncio.ensure_future(self._recovery.load(sender_id, remembered.digest))
-        try:
-            await asyncio.sleep(0)  # the load runs up to awaiting its reply
-            rebuilt = _Rebuilt(lambda: self._records.rebuild_remembered(sender_id, remembered))
-            return await loading, rebuilt
-        except BaseException:
-            loading.cancel()  # (done already: no-op) never left running on its own
-            raise
 
     async def retrieve_full_tracker(self, conversation_id: str) -> Optional[DialogueStateTracker]:
         """Every event of every session, from the SQL log (plus undelivered ones).
@@ -285,20 +272,16 @@ class PersistentTrackerStore(TrackerStore):
             return
         rows, state, built, payload, remember = await self._committer.encode_turn(
             sender_id, base, self.domain.slots)
-        committing = asyncio.ensure_future(
-            self._committer.commit_turn(sender_id, base, payload, rows))
-        try:
-            await asyncio.sleep(0)  # the commit runs up to awaiting its reply
-            remembered = self._remembering(sender_id, remember)  # meanwhile
-            version, queued, rows = await committing
+        try:  # the commit's round trip is spent on the memory
+            (version, queued, rows), kept = await inflight.meanwhile(
+                self._committer.commit_turn(sender_id, base, payload, rows),
+                lambda: self._remembering(sender_id, remember))
         except Erased:  # never resurrect; Rasa saves after every turn, so no error
             metrics.ERASED_WRITES.labels("save").inc()
             logger.warning("Conversation '%s' was erased after this tracker was read: its "
                            "turn is not saved.", self._ids(sender_id))
             return
-        except BaseException:
-            committing.cancel()  # (done already: no-op) never left running on its own
-            raise
+        remembered = kept.result()
         if remembered is not None:
             self._recent.put(sender_id, remembered)
         else:
@@ -357,22 +340,3 @@ class PersistentTrackerStore(TrackerStore):
             await self._hot.close()
             self._log.close()
 
-
-class _Rebuilt:
-    """A rebuild run ahead of knowing whether it is needed: its result, or
-    the exception it raised, given by ``result()`` (raised only then)."""
-
-    __slots__ = ("_value", "_error")
-
-    def __init__(self, rebuild: Callable[[], Optional[Decoded]]) -> None:
-        self._value: Optional[Decoded] = None
-        self._error: Optional[BaseException] = None
-        try:
-            self._value = rebuild()
-        except Exception as exc:  # raised where the rebuild would have run
-            self._error = exc
-
-    def result(self) -> Optional[Decoded]:
-        if self._error is not None:
-            raise self._error
-        return self._value

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(rasa_persistent_tracker.__file__).parent
 LAYERS: List[List[str]] = [
     ["errors"],
     ["config"],
-    ["files", "values", "logids", "metrics", "redis_client", "connect"],
+    ["files", "values", "logids", "metrics", "redis_client", "connect", "inflight"],
     ["security"],  # serde, crypto, codec, rekey
     ["hot"],  # protocol, entry header, Redis backend and its Lua, embedded SQLite
     ["log"],  # tables, migrations, bulk, event log, outbox entries and delivery
