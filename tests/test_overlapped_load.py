@@ -114,30 +114,42 @@ async def test_unchanged_record_is_rebuilt_once_per_retrieve(stores):
     assert tracker.get_slot("name") == "bob 2"
 
 
+def _slowed(hot, name):
+    """Make ``hot.<name>`` a call whose reply is long in flight; return the real one."""
+    real = getattr(hot, name)
+
+    async def slow(*args, **kwargs):
+        await asyncio.sleep(0.5)
+        return await real(*args, **kwargs)
+    setattr(hot, name, slow)
+    return real
+
+
+async def _cancelled_after(call, steps):
+    """Run ``call``, cancel it after ``steps`` loop turns, let the loop settle;
+    the tasks started meanwhile that are still running."""
+    started = set(asyncio.all_tasks())
+    running = asyncio.ensure_future(call)
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    running.cancel()
+    try:
+        await running
+    except asyncio.CancelledError:
+        pass
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return {t for t in asyncio.all_tasks() if t not in started and not t.done()}
+
+
 @pytest.mark.parametrize("steps", [0, 1, 2, 3])
 async def test_cancelled_retrieve_leaves_no_load_behind(stores, steps):
     make_store, _ = stores
     store = make_store()
     await run_turns(store, "o4", 2)
     _remembering(store, "o4")
-    real_load = store._hot.load
-
-    async def slow_load(*args, **kwargs):  # a reply long in flight
-        await asyncio.sleep(0.5)
-        return await real_load(*args, **kwargs)
-    store._hot.load = slow_load
-    started = {t for t in asyncio.all_tasks()}
-    retrieving = asyncio.ensure_future(store.retrieve("o4"))
-    for _ in range(steps):
-        await asyncio.sleep(0)
-    retrieving.cancel()
-    try:
-        await retrieving
-    except asyncio.CancelledError:
-        pass
-    for _ in range(5):
-        await asyncio.sleep(0)
-    left = {t for t in asyncio.all_tasks() if t not in started and not t.done()}
+    real_load = _slowed(store._hot, "load")
+    left = await _cancelled_after(store.retrieve("o4"), steps)
     assert not [t for t in left if "load" in repr(t.get_coro())]
     store._hot.load = real_load
     # The pool got its connection back, the conversation reads and saves on.
@@ -174,26 +186,10 @@ async def test_cancelled_save_leaves_no_commit_behind(stores, steps):
     make_store, _ = stores
     store, reader = make_store(), make_store()
     await run_turns(store, "o6", 2)
-    real_commit = store._hot.commit
-
-    async def slow_commit(*args, **kwargs):  # a reply long in flight
-        await asyncio.sleep(0.5)
-        return await real_commit(*args, **kwargs)
-    store._hot.commit = slow_commit
+    real_commit = _slowed(store._hot, "commit")
     tracker = await store.retrieve("o6")
     turn(tracker, 8)
-    started = {t for t in asyncio.all_tasks()}
-    saving = asyncio.ensure_future(store.save(tracker))
-    for _ in range(steps):
-        await asyncio.sleep(0)
-    saving.cancel()
-    try:
-        await saving
-    except asyncio.CancelledError:
-        pass
-    for _ in range(5):
-        await asyncio.sleep(0)
-    left = {t for t in asyncio.all_tasks() if t not in started and not t.done()}
+    left = await _cancelled_after(store.save(tracker), steps)
     assert not [t for t in left if "commit" in repr(t.get_coro())]
     store._hot.commit = real_commit
     # Not saved (the commit never ran), and the conversation goes on.

@@ -126,9 +126,8 @@ _ENCODER = json.JSONEncoder(default=encode_extra, separators=(",", ":"))
 # so whatever it writes differently (non-ASCII unescaped, NaN as null, a
 # UUID as a plain string, an Enum as its value, a tuple) or refuses (integers
 # past 64 bits, non-string keys, lone surrogates, the extra types above) goes
-# through json as before. Reading
-# stays json's: orjson reads integers past 64 bits as floats, and finding
-# them in the text first costs what it saves.
+# through json as before. Reading stays json's: orjson reads integers past
+# 64 bits as floats, and finding them in the text first costs what it saves.
 if orjson is not None:
     _ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
     _ORJSON_ERRORS = (TypeError, ValueError, orjson.JSONEncodeError, orjson.JSONDecodeError)
@@ -165,6 +164,12 @@ def compact_json(value: Any) -> str:
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
+def _untagged_by_orjson(value: Any) -> Optional[Tuple[str, Any]]:
+    """``_by_orjson``, unless the text holds the tag (which json escapes)."""
+    fast = _by_orjson(value)
+    return fast if fast is not None and TYPE_TAG not in fast[0] else None
+
+
 def _json_text(value: Any) -> str:
     text = _ENCODER.encode(value)
     if TYPE_TAG in text:  # a tag of ours, or a user's key that looks like one
@@ -187,16 +192,14 @@ class JsonSerializer:
 
     def dumps(self, value: Any) -> str:
         """Serialise ``value`` to compact JSON text (tag-like keys escaped)."""
-        fast = _by_orjson(value)
-        if fast is not None and TYPE_TAG not in fast[0]:
-            return fast[0]
-        return _json_text(value)
+        fast = _untagged_by_orjson(value)
+        return fast[0] if fast is not None else _json_text(value)
 
     def dumps_read_back(self, value: Any) -> Tuple[str, Any]:
         """``dumps(value)``, and the value as ``loads`` reads that text back
         (a new object). Raises as ``dumps`` and ``loads``."""
-        fast = _by_orjson(value)
-        if fast is not None and TYPE_TAG not in fast[0]:
+        fast = _untagged_by_orjson(value)
+        if fast is not None:
             return fast
         text = _json_text(value)
         return text, self.loads(text)
