@@ -166,15 +166,20 @@ async def prepare(cell: Cell, store: Any, domain: Any, servers: common.Servers) 
 async def turns(cell: Cell, store: Any, count: int, measured: bool,
                 servers: common.Servers) -> None:
     sample = None
+    raw: List[Optional[bytes]] = []
     if measured and cell.store in OURS:
         key = redis_key(cell.store, store, cell.sid)
 
         def sample() -> None:
-            cell.extra.setdefault("replayed_events", []).append(
-                record_shape(store, servers, key))
+            # Only the stored bytes between turns; decoding them here would
+            # leave garbage and cold caches in the next timed turn.
+            raw.append(servers.redis.hget(key, "d"))
 
     done = await run_turns(store, cell.sid, cell if measured else None, count, float("inf"),
                            count, cell.rng, cell.next_turn, sample)
+    if raw:
+        cell.extra.setdefault("replayed_events", []).extend(
+            record_shape(store, key, text) for text in raw)
     cell.next_turn += done
     if not measured:
         cell.events_before += done * common.EVENTS_PER_TURN
@@ -199,12 +204,12 @@ async def finish_ours(cells: List[Cell], store: Any, servers: common.Servers) ->
             f"{prefix}:o:{{{cell.sid}}}")
 
 
-def record_shape(store: Any, servers: common.Servers, key: str) -> Optional[Dict[str, int]]:
-    """How many events our hot record replays on retrieve: the base's slot events
-    plus the verbatim window. Decoded with the store's own codec (a private
-    attribute: best effort, None if that moved)."""
+def record_shape(store: Any, key: str, text: Optional[bytes]) -> Optional[Dict[str, int]]:
+    """How many events the hot record ``text`` (the stored bytes of ``key``)
+    replays on retrieve: the base's slot events plus the verbatim window.
+    Decoded with the store's own codec (a private attribute: best effort,
+    None if that moved)."""
     try:
-        text = servers.redis.hget(key, "d")  # bytes: compressed records are binary
         cid = key.split(":h:{", 1)[1][:-1]  # <prefix>:h:{<id>}: records are bound to it
         record = store._codec.loads_record(text, cid)
         base = record["base"]
@@ -456,7 +461,8 @@ async def main(args: argparse.Namespace) -> Dict[str, Any]:
             elif key:
                 cell.redis_bytes = servers.memory_usage(key)
             if cell.store in OURS:
-                cell.extra["hot_record"] = record_shape(stores[cell.store], servers, key)
+                cell.extra["hot_record"] = record_shape(stores[cell.store], key,
+                                                         servers.redis.hget(key, "d"))
         for store in stores.values():
             await common.close_store(store, notes)
         stores.clear()
