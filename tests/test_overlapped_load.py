@@ -203,24 +203,25 @@ async def test_cancelled_save_leaves_no_commit_behind(stores, steps):
 
 # ``save`` also clones the base's state for the next rebuild during the commit.
 
-async def _with_prepared_clone(store, sender):
-    """A conversation with a base, whose remembered record has a clone ready."""
+async def _with_prepared_clone(store, sender, unchanged=True):
+    """A conversation with a base, whose remembered record has a clone ready
+    (None with fakeredis: ``unchanged`` False, nothing is rebuilt from memory)."""
     await run_turns(store, sender, 14)  # compacted: the record has a base
     for i in range(12):  # a rebuild captures the base's state; the next save prepares
         tracker = await store.retrieve(sender)
         turn(tracker, 20 + i)
         await store.save(tracker)
         remembered = store._recent.get(sender)
-        if remembered.ready:
+        if remembered.ready and unchanged:
             assert remembered.record["base"]
             return remembered, f"bob {20 + i}"
-    return None, f"bob {20 + i}"  # fakeredis: nothing rebuilt from memory, nothing prepared
+    return None, f"bob {20 + i}"
 
 
 async def test_a_prepared_clone_is_handed_out_once(stores):
     make_store, unchanged = stores
     store, reader = make_store(), make_store()
-    remembered, name = await _with_prepared_clone(store, "o7")
+    remembered, name = await _with_prepared_clone(store, "o7", unchanged)
     assert (remembered is not None) is unchanged
     if remembered is not None:
         assert len(remembered.ready) == 1
@@ -254,7 +255,7 @@ async def test_concurrent_retrieves_get_their_own_trackers(stores):
 async def test_a_clone_prepared_for_another_domain_is_not_used(stores):
     make_store, unchanged = stores
     store = make_store()
-    remembered, name = await _with_prepared_clone(store, "o9")
+    remembered, name = await _with_prepared_clone(store, "o9", unchanged)
     assert (remembered is not None) is unchanged
     # A new model with another slot set is loaded before the next turn.
     store.domain = Domain.from_yaml(DOMAIN_YAML.replace(
@@ -267,7 +268,7 @@ async def test_a_clone_prepared_for_another_domain_is_not_used(stores):
 async def test_a_clone_of_another_state_is_not_used(stores):
     make_store, unchanged = stores
     store = make_store()
-    remembered, _ = await _with_prepared_clone(store, "o10")
+    remembered, _ = await _with_prepared_clone(store, "o10", unchanged)
     if remembered is None:
         return  # fakeredis: nothing prepared (see above)
     state_, clone = remembered.take_ready()
@@ -277,3 +278,72 @@ async def test_a_clone_of_another_state_is_not_used(stores):
     assert tracker is not clone
     remembered.ready.append((remembered.base_state, clone))
     assert store._records.rebuild_remembered("o10", remembered)[1] is clone
+
+
+# A save that compacts replays the new base during the commit, so the next
+# retrieve (whose load round trip is too short to hide a base replay) does not.
+
+async def _compacting_save(store, sender):
+    """Turns until a save makes a new base; that save's remembered record."""
+    for i in range(30):
+        tracker = await store.retrieve(sender)
+        turn(tracker, 40 + i)
+        await store.save(tracker)
+        remembered = store._recent.get(sender)
+        if remembered is not None and remembered.new_base and remembered.record["base"]:
+            return remembered, f"bob {40 + i}"
+    raise AssertionError("no save compacted in 30 turns")
+
+
+async def test_a_new_base_is_replayed_during_the_commit(stores):
+    make_store, unchanged = stores
+    store, reader = make_store(), make_store()
+    await run_turns(store, "o11", 3)
+    remembered, name = await _compacting_save(store, "o11")
+    assert remembered.base_state is not None and remembered.base_state.base is (
+        remembered.record["base"])
+    assert len(remembered.ready) == 1
+    prepared = remembered.ready[0][1]
+    tracker = await store.retrieve("o11")
+    assert (tracker is prepared) is unchanged
+    assert tracker.get_slot("name") == name
+    assert state(tracker) == state(await reader.retrieve("o11"))
+    # The conversation goes on from it, and its next compaction too.
+    await _compacting_save(store, "o11")
+    assert state(await store.retrieve("o11")) == state(await reader.retrieve("o11"))
+
+
+async def test_a_failing_replay_ahead_is_left_to_the_rebuild(stores, caplog, monkeypatch):
+    make_store, _ = stores
+    store, reader = make_store(), make_store()
+    await run_turns(store, "o12", 3)
+    from rasa_persistent_tracker.errors import CorruptRecordError
+    from rasa_persistent_tracker.record import replay
+
+    def broken(*args, **kwargs):
+        raise CorruptRecordError("base does not replay")
+    monkeypatch.setattr(replay, "base_ahead", broken)
+    remembered, name = await _compacting_save(store, "o12")
+    assert not remembered.ready and "could not be kept" not in caplog.text
+    monkeypatch.undo()
+    tracker = await store.retrieve("o12")  # rebuilt (or decoded) as before
+    assert tracker.get_slot("name") == name
+    assert state(tracker) == state(await reader.retrieve("o12"))
+
+
+async def test_a_kept_base_without_a_state_is_not_replayed_ahead(stores):
+    """A record saved from a decoded tracker (another process wrote last)
+    keeps its base: nothing is replayed during that commit."""
+    make_store, _ = stores
+    store, other = make_store(), make_store()
+    await run_turns(store, "o13", 3)
+    await _compacting_save(store, "o13")
+    tracker = await other.retrieve("o13")
+    turn(tracker, 90)
+    await other.save(tracker)  # store's memory is stale now
+    tracker = await store.retrieve("o13")  # decoded: no base state
+    turn(tracker, 91)
+    await store.save(tracker)
+    remembered = store._recent.get("o13")
+    assert remembered is not None and not remembered.new_base
+    assert remembered.base_state is None and not remembered.ready

@@ -41,6 +41,9 @@ class Remembered:
     # ``(base_state, tracker)``: a tracker cloned from that state ahead of the
     # next rebuild (``Records.prepare``), for one rebuild only (``take_ready``).
     ready: List[Any] = dataclasses.field(default_factory=list)
+    # Whether the save that wrote it made a new base (compacted): its state
+    # is then replayed ahead (``Records.prepare``).
+    new_base: bool = False
 
     def take_ready(self) -> Optional[Any]:
         """The ``(base_state, tracker)`` cloned ahead, once (thread-safe)."""

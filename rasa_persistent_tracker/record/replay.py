@@ -175,6 +175,25 @@ def rebuild_tracker(
     return tracker, forms, previous, parsed, base_state
 
 
+def base_ahead(record: Dict[str, Any], slots: Iterable[Slot],
+               max_event_history: Optional[int],
+               known: Optional[List[Optional[Event]]] = None
+               ) -> Optional[Tuple[List[Event], BaseState, DialogueStateTracker]]:
+    """The base of a (schema 2) record replayed ahead of its rebuild: its
+    events (``known``: those parsed before, as in ``_base_events``), the
+    state to copy and a fresh tracker in that state, which is exactly what
+    ``rebuild_tracker`` would replay for this record. None if the record has
+    no base or its state cannot be copied. Raises ``CorruptRecordError`` (or
+    one of ``EVENT_ERRORS``) as the rebuild would."""
+    if not record["base"] or record["schema"] == 1:
+        return None
+    slot_list = list(slots)
+    base_events = _base_events(record, known)
+    tracker, state = _replay_base(record, base_events, record["events"][0].get("timestamp"),
+                                  slot_list, max_event_history, keep_state=True)
+    return None if state is None else (base_events, state, tracker)
+
+
 def _replay_base(record: Dict[str, Any], base_events: List[Event], stamp: Any,
                  slot_list: List[Slot], max_event_history: Optional[int], keep_state: bool
                  ) -> Tuple[DialogueStateTracker, Optional[BaseState]]:

@@ -140,7 +140,9 @@ class Records:
         """Work of the next ``rebuild_remembered`` done ahead (the store calls
         this while a commit's reply is in flight): the window's new events
         parsed, and a tracker cloned from the base's state if it fits this
-        record. Nothing of it is handed out before that rebuild checks it."""
+        record, or, for a new base, the base replayed (its events parsed and
+        its state captured). Nothing of it is handed out before that rebuild
+        checks it."""
         record = remembered.record
         window = remembered.window_events
         if window is not None and len(window) == len(record["events"]):
@@ -151,11 +153,25 @@ class Records:
                     except EVENT_ERRORS:
                         return  # the rebuild reports it
         state = remembered.base_state
-        if state is None or self.domain is None or remembered.ready:
+        if self.domain is None or remembered.ready:
             return
-        if state.fits(record["base"], remembered.base_events, record["events"][0].get(
-                "timestamp"), self.domain.slots, self.max_event_history):
+        if state is not None and state.fits(
+                record["base"], remembered.base_events, record["events"][0].get("timestamp"),
+                self.domain.slots, self.max_event_history):
             remembered.ready.append((state, state.clone(record["sender_id"])))
+            return
+        if not remembered.new_base:
+            return  # its state is captured by the next rebuild from memory
+        # A new base (this save compacted): replayed now, not by the next
+        # retrieve, whose load round trip is too short to hide it.
+        try:
+            ahead = replay.base_ahead(record, self.domain.slots, self.max_event_history,
+                                      remembered.base_events)
+        except (CorruptRecordError, *EVENT_ERRORS):
+            return  # the rebuild reports it
+        if ahead is not None:
+            remembered.base_events, remembered.base_state, tracker = ahead
+            remembered.ready.append((remembered.base_state, tracker))
 
     def snapshot_payload(self, sender_id: str, payload: str, next_seq: int) -> Optional[str]:
         """A hot payload as the SQL snapshot at ``next_seq``, or None: it must

@@ -139,6 +139,7 @@ class TurnEncoder:
         remembered = Remembered.of(
             payload_digest(encoded.payload), encoded.record, encoded.event_jsons,
             encoded.base_json, base, window, encoded.base_segment)
+        remembered.new_base = built.previous is None
         if before is not None and base is not None and base is before.base_events:
             # The same base: its state stays good (``BaseState.fits`` checks).
             remembered.base_state = before.base_state
