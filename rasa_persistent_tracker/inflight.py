@@ -1,13 +1,19 @@
 """Work done while an awaited call waits for its reply (a Redis round trip).
 
-``meanwhile(call, work)`` starts ``call`` as a task, lets it run up to its
-first wait (for a script call: the request is sent, the reply awaited), runs
-``work`` synchronously, then awaits the call. The work's result or exception
-is kept (``Outcome``) and counts only where the caller uses it. The call is
-never left running on its own: if the caller is cancelled or fails in
-between, the task is cancelled too.
+``meanwhile(call, work)`` awaits ``call`` and runs ``work`` once the call's
+request is on its way: the Redis client says so by calling ``sent()`` right
+after writing a request, before it awaits the reply, and ``work`` then runs
+there, synchronously, in the caller's task. A call that never says so (the
+embedded hot state, a client without that fast path, a failover to SQL)
+runs first and the work after it. The work's result or exception is kept
+(``Outcome``) and counts only where the caller uses it; it runs at most once,
+even if the call sends several requests (a retry).
+
+The call is awaited in the caller's own task (no task is started): a
+cancelled caller cancels the call as any await does, and nothing is left
+running on its own.
 """
-import asyncio
+import contextvars
 from typing import Any, Awaitable, Callable, Generic, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
@@ -32,13 +38,39 @@ class Outcome(Generic[T]):
         return self._value  # type: ignore[return-value]
 
 
+class _Pending:
+    """The work of one ``meanwhile``, run once (``run``)."""
+
+    __slots__ = ("work", "outcome")
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self.work = work
+        self.outcome: Optional[Outcome[Any]] = None
+
+    def run(self) -> None:
+        if self.outcome is None:
+            self.outcome = Outcome(self.work)
+
+
+_PENDING: "contextvars.ContextVar[Optional[_Pending]]" = contextvars.ContextVar(
+    "rpt_inflight_pending", default=None)
+
+
+def sent() -> None:
+    """A request is written and its reply not awaited yet: run the work of the
+    enclosing ``meanwhile`` now, if it has not run. Called by the Redis client."""
+    pending = _PENDING.get()
+    if pending is not None:
+        pending.run()
+
+
 async def meanwhile(call: Awaitable[Any], work: Callable[[], T]) -> Tuple[Any, Outcome[T]]:
     """``(await call, Outcome(work))``, the work done while the call waits."""
-    task = asyncio.ensure_future(call)
+    pending = _Pending(work)
+    token = _PENDING.set(pending)
     try:
-        await asyncio.sleep(0)  # the call runs up to awaiting its reply
-        done = Outcome(work)
-        return await task, done
-    except BaseException:
-        task.cancel()  # (done already: no-op) never left running on its own
-        raise
+        result = await call
+    finally:
+        _PENDING.reset(token)
+    pending.run()  # (no-op if it ran during the call)
+    return result, pending.outcome  # type: ignore[return-value]

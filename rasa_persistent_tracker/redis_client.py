@@ -24,6 +24,10 @@ setup, uvloop): 71 us per script call through ``eval``, 46 us through
   runs the checks;
 * the command is written without ``asyncio.wait_for`` (``_send``), which on
   Python 3.10 can lose the calling task's cancellation;
+* once the request is written, the work of the caller's
+  ``inflight.meanwhile`` runs (``inflight.sent``) before the reply is
+  awaited; should it raise anything but an ``Exception`` (which it keeps),
+  the connection is disconnected, as its reply is never read;
 * the command is packed by ``pack_script_call``: the same RESP bytes as
   redis-py's ``pack_command``, with its encoder for anything but bytes,
   text and integers (a bool or None is refused as redis-py refuses it).
@@ -41,7 +45,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from rasa_persistent_tracker import metrics
+from rasa_persistent_tracker import inflight, metrics
 
 _SHAS: Dict[str, str] = {}
 
@@ -104,6 +108,11 @@ class PooledRedis(aioredis.Redis):
         try:
             await _send(connection, [pack_script_call(connection.encoder, script_sha(script),
                                                       numkeys, args)])
+            try:
+                inflight.sent()  # work of the caller's ``meanwhile``, during the round trip
+            except BaseException:
+                await connection.disconnect(nowait=True)  # its reply is never read
+                raise
             return await connection.read_response()
         except NoScriptError:
             pass  # the connection is fine; Redis lost its script cache
